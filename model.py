@@ -1,0 +1,253 @@
+"""
+A small Llama-style decoder (the pico-decoder family of the paper): RMSNorm, rotary position
+embeddings, grouped-query attention through scaled_dot_product_attention, SwiGLU, no biases,
+untied input embedding and output projection. Close to llama2.c's model.py, plus the extras the
+rest of nanoMAML reads: final hidden states (meta head, NER heads), per-block outputs and explicit
+attention probabilities (learning-dynamics analysis), FLOPs per token and MFU.
+"""
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 96
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int = 4
+    vocab_size: int = 50304  # GPT-2's 50257 + [MASK] (id 50257), padded to a multiple of 64
+    hidden_dim: int = 0  # SwiGLU hidden size; 0 means 4 * dim (the paper's models)
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_seq_len: int = 512
+
+    def __post_init__(self):
+        if self.hidden_dim == 0:
+            self.hidden_dim = 4 * self.dim
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"dim {self.dim} must divide into n_heads {self.n_heads}, and n_heads "
+                             f"into n_kv_heads {self.n_kv_heads}")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # in fp32: under bf16 autocast the mean of squares loses too many bits
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).type_as(x)
+
+
+def precompute_rope(head_dim, end, theta):
+    """cos, sin tables (end, head_dim // 2): position m rotates pair i by m * theta^(-2i/head_dim)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = torch.outer(torch.arange(end).float(), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x (B, T, H, D) with D viewed as D/2 pairs (real, imag); rotate each pair by its angle
+    xr, xi = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
+    out = torch.stack([xr * cos - xi * sin, xr * sin + xi * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def repeat_kv(x, n_rep):
+    """(B, T, n_kv, D) -> (B, T, n_kv * n_rep, D): each kv head serves n_rep query heads."""
+    if n_rep == 1:
+        return x
+    B, T, n_kv, D = x.shape
+    return x[:, :, :, None, :].expand(B, T, n_kv, n_rep, D).reshape(B, T, n_kv * n_rep, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads
+        self.head_dim = args.dim // args.n_heads
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, return_attn=False):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rep = self.n_heads // self.n_kv_heads
+        q = q.transpose(1, 2)  # (B, H, T, D)
+        k = repeat_kv(k, rep).transpose(1, 2)
+        v = repeat_kv(v, rep).transpose(1, 2)
+        att = None
+        if return_attn:
+            # explicit softmax(QK^T / sqrt(d)) for analysis only; SDPA never materialises it
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            att = scores.float().masked_fill(~causal, float("-inf")).softmax(-1)
+            y = att.type_as(v) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H * D)
+        return self.wo(y), att
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, return_attn=False):
+        a, att = self.attention(self.attention_norm(x), cos, sin, return_attn)
+        h = x + a
+        return h + self.feed_forward(self.ffn_norm(h)), att
+
+
+class Llama(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        cos, sin = precompute_rope(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
+        # not persistent: derived from args, so checkpoints hold only learned weights
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2 style: each residual branch adds to the stream 2 * n_layers times, so its output
+        # projection starts smaller to keep the stream's variance independent of depth
+        for name, p in self.named_parameters():
+            if name.endswith("wo.weight") or name.endswith("w2.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, return_hidden=False, return_blocks=False,
+                return_attn=False):
+        """idx (B, T) token ids -> (logits (B, T, V), loss). loss is the next-token cross-entropy
+        when targets (B, T) are given (-1 marks padding), else None.
+        Any return_* flag adds a third value, a dict with the requested extras:
+          hidden (B, T, C) final hidden states after the last norm,
+          blocks [n_layers x (B, T, C)] every block's output,
+          attn   [n_layers x (B, H, T, T)] attention probabilities (the slow explicit path).
+        return_hidden without targets skips the vocabulary projection (logits is None): the meta
+        and NER heads read hidden states only, and in the small models the projection is a large
+        share of the FLOPs."""
+        B, T = idx.shape
+        if T > self.args.max_seq_len:
+            raise ValueError(f"sequence length {T} > max_seq_len {self.args.max_seq_len}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        h = self.tok_embeddings(idx)  # (B, T, C)
+        blocks, attn = [], []
+        for layer in self.layers:
+            h, att = layer(h, cos, sin, return_attn)
+            if return_blocks:
+                blocks.append(h)
+            if return_attn:
+                attn.append(att)
+        h = self.norm(h)
+        logits = loss = None
+        if targets is not None or not return_hidden:
+            logits = self.output(h).float()  # fp32 logits: the loss over 50k classes needs it
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
+        if not (return_hidden or return_blocks or return_attn):
+            return logits, loss
+        extras = {"hidden": h if return_hidden else None, "blocks": blocks or None,
+                  "attn": attn or None}
+        return logits, loss, extras
+
+    def num_params(self, embedding=True):
+        """All parameters; embedding=False drops the input embedding table (a lookup, no FLOPs)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n if embedding else n - self.tok_embeddings.weight.numel()
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs (forward + backward) per token: 6 N for the matmuls, where N counts every
+        parameter except the input embedding (the output projection is a matmul, so it counts),
+        plus 12 * n_layers * dim * T for QK^T and AV (as in the PaLM paper; causal masking is not
+        discounted, which is the convention MFU numbers are quoted in)."""
+        a = self.args
+        return 6 * self.num_params(embedding=False) + 12 * a.n_layers * a.dim * seq_len
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Sample continuations of idx (B, T); recomputes the full prefix each step (no KV cache),
+        which is fine for the sanity samples this is for."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.args.max_seq_len:])
+            logits = logits[:, -1, :] / max(temperature, 1e-8)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, device="cpu"):
+        """Build the model from a checkpoint written by meta_train.py (a path or the loaded dict)."""
+        if not isinstance(ckpt, dict):
+            ckpt = torch.load(ckpt, map_location=device, weights_only=False)
+        model = cls(ModelArgs(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+        return model.to(device)
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) from vendor datasheets, matched on the device name, most
+# specific first. A device not listed gets no MFU: a guessed peak would give a wrong number.
+PEAK_FLOPS = [
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+    ("H800", 989e12), ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12),
+    ("L40S", 362e12), ("L4", 121e12), ("MI300X", 1307e12),
+]
+
+
+def peak_flops(device):
+    """Peak bf16 FLOP/s of a CUDA device, or None when unknown (CPU, unlisted GPUs)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((p for key, p in PEAK_FLOPS if key in name), None)
+
+
+def estimate_mfu(flops_per_second, peak):
+    """Model FLOPs utilisation in [0, 1], or None when the peak is unknown."""
+    return None if not peak else flops_per_second / peak
+
+
+def model_summary(model):
+    a = model.args
+    return (f"{model.num_params():,} parameters ({model.num_params(embedding=False):,} without the "
+            f"input embedding) | {a.n_layers} layers, dim {a.dim}, {a.n_heads} heads, "
+            f"{a.n_kv_heads} kv heads, ffn {a.hidden_dim}, vocab {a.vocab_size}")
