@@ -1,0 +1,278 @@
+import json
+import math
+import sys
+import types
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import tiktoken
+import torch
+
+import analyze
+from model import Llama, ModelArgs, apply_rope
+
+ARGS = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, max_seq_len=32)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return Llama(ModelArgs(**ARGS))
+
+
+def with_singular_values(s, rows, cols, seed=0):
+    """A rows x cols matrix U diag(s) V^T (s padded with zeros), U and V random orthonormal."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(rows, rows, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(cols, cols, generator=g, dtype=torch.float64))
+    d = torch.zeros(rows, cols, dtype=torch.float64)
+    d[range(len(s)), range(len(s))] = torch.tensor(s, dtype=torch.float64)
+    return u @ d @ v.T
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_effective_rank_of_k_equal_singular_values_is_k(k):
+    m = with_singular_values([2.5] * k, 9, 6)
+    (er, per), = analyze.erank_per([m])
+    assert er == pytest.approx(k, abs=1e-9)
+    assert per == pytest.approx(k / 6, abs=1e-9)
+    # unequal values give less than the count of non-zero values
+    (er, _), = analyze.erank_per([with_singular_values([3.0, 1.0, 0.1], 9, 6)])
+    assert 1 < er < 3
+
+
+def test_effective_rank_of_rank_one_matrix_is_one():
+    g = torch.Generator().manual_seed(0)
+    m = torch.outer(torch.randn(40, generator=g), torch.randn(24, generator=g))  # float32
+    (er, _), = analyze.erank_per([m])
+    assert er == pytest.approx(1.0, abs=1e-5)
+
+
+def test_per_of_identity_is_one_and_divides_by_the_smaller_side():
+    (er, per), = analyze.erank_per([torch.eye(7)])
+    assert (er, per) == (pytest.approx(7), pytest.approx(1.0))
+    tall = torch.cat([torch.eye(7), torch.zeros(5, 7)])  # 12 x 7: 7 singular values
+    wide = tall.T
+    assert [p for _, p in analyze.erank_per([tall, wide])] == [pytest.approx(1.0)] * 2
+
+
+def test_batched_svd_keeps_each_matrix_its_own_values():
+    # matrices of the same (transposed) shape share one batched SVD; results must not mix up
+    mats = [with_singular_values([1.0] * k, 10, 4, seed=k) for k in (1, 2, 3, 4)]
+    mats[1] = mats[1].T
+    assert [er for er, _ in analyze.erank_per(mats)] == pytest.approx([1, 2, 3, 4])
+
+
+@pytest.mark.parametrize("t", [1, 2, 5, 64])
+def test_entropy_of_uniform_row_is_log_t_and_of_one_hot_is_zero(t):
+    uniform = torch.full((t,), 1.0 / t)
+    assert analyze.row_entropy(uniform).item() == pytest.approx(math.log(t), abs=1e-6)
+    one_hot = torch.zeros(t)
+    one_hot[t // 2] = 1.0
+    assert analyze.row_entropy(one_hot).item() == 0.0
+
+
+def test_head_entropy_of_uniform_and_one_hot_causal_attention():
+    T, H = 12, 3
+    uniform = torch.ones(T, T).tril()
+    uniform = (uniform / uniform.sum(-1, keepdim=True)).expand(2, H, T, T)
+    raw, norm = analyze.head_entropy(uniform)
+    # query i sees i + 1 keys; position 0 (one key) is left out of the mean
+    expected = sum(math.log(i + 1) for i in range(1, T)) / (T - 1)
+    torch.testing.assert_close(raw, torch.full((H,), expected), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(norm, torch.ones(H), rtol=1e-6, atol=1e-6)
+    self_only = torch.eye(T).expand(2, H, T, T)
+    raw, norm = analyze.head_entropy(self_only)
+    assert raw.abs().max() == 0 and norm.abs().max() == 0
+
+
+def naive_attention_probs(attn, x, cos, sin):
+    """softmax(q k^T / sqrt(d)) per head, causal mask, RoPE on q and k, kv head h // group."""
+    B, T, _ = x.shape
+    H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    q = apply_rope((x @ attn.wq.weight.T).view(B, T, H, D), cos, sin)
+    k = apply_rope((x @ attn.wk.weight.T).view(B, T, Hkv, D), cos, sin)
+    probs = torch.zeros(B, H, T, T)
+    for h in range(H):
+        kv = h // (H // Hkv)
+        scores = q[:, :, h] @ k[:, :, kv].transpose(1, 2) / math.sqrt(D)  # (B, T, T)
+        scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+        probs[:, h] = torch.softmax(scores, dim=-1)
+    return probs
+
+
+def test_probe_pass_attention_and_gradients_match_references():
+    model = tiny_model()
+    idx = torch.randint(0, ARGS["vocab_size"], (2, 17), generator=torch.Generator().manual_seed(1))
+    x, y = idx[:, :-1], idx[:, 1:]
+    loss, blocks, attn, weights, grads = analyze.probe_pass(model, x, y)
+    T = x.shape[1]
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    with torch.no_grad():
+        h = model.tok_embeddings(x)
+        for i, layer in enumerate(model.layers):
+            ref = naive_attention_probs(layer.attention, layer.attention_norm(h), cos, sin)
+            torch.testing.assert_close(attn[i], ref, rtol=1e-5, atol=1e-6)
+            h = layer(h, cos, sin)[0]
+            torch.testing.assert_close(blocks[i], h.reshape(-1, ARGS["dim"]))
+    # gradients: those of the plain (SDPA) forward pass's next-token loss
+    ref_model = tiny_model()
+    _, ref_loss = ref_model(x, y)
+    ref_loss.backward()
+    assert loss == pytest.approx(ref_loss.item(), rel=1e-6)
+    for (i, name), g in grads.items():
+        ref_w = ref_model.layers[i].get_submodule(analyze.MATRICES[name]).weight
+        torch.testing.assert_close(weights[i, name], ref_w.detach())
+        torch.testing.assert_close(g, ref_w.grad, rtol=1e-4, atol=1e-7)
+    assert len(grads) == 7 * ARGS["n_layers"]
+
+
+def test_peak_rises_then_falls_only_with_an_interior_peak_beyond_tol():
+    s = [0, 10, 20, 30]
+    assert analyze.peak(s, [0.5, 0.8, 0.9, 0.7], 0.01) == (20, 0.9, True)
+    assert analyze.peak(s, [0.5, 0.6, 0.7, 0.8], 0.01)[2] is False  # still rising
+    assert analyze.peak(s, [0.9, 0.8, 0.7, 0.6], 0.01)[2] is False  # only falling
+    assert analyze.peak(s, [0.5, 0.9, 0.9, 0.895], 0.01)[2] is False  # fall within tolerance
+
+
+def test_probe_windows_are_evenly_spaced_and_fixed():
+    w = analyze.probe_windows(np.arange(100, dtype=np.uint16), 3, 9, "x")
+    assert w.shape == (3, 10) and w.dtype == torch.int64
+    assert w[:, 0].tolist() == [0, 45, 90] and w[2, -1] == 99
+    with pytest.raises(ValueError, match="short.txt has 5 tokens"):
+        analyze.probe_windows(np.arange(5), 2, 9, "short.txt")
+
+
+def write_log(run_dir, steps, loss, tokens, flops, time_s, meta_tokens_null=False):
+    """A log.jsonl with a training line before every eval line, fixed keys, nulls where unused."""
+    keys = ["step", "lr", "ar_loss", "meta_loss", "support_acc", "query_acc", "val_loss",
+            "val_query_acc", "ar_tokens", "meta_tokens", "flops", "time", "tok_per_s", "mfu"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "log.jsonl", "w") as f:
+        for s, l, t, fl, ti in zip(steps, loss, tokens, flops, time_s):
+            s, l, t, fl, ti = int(s), float(l), float(t), float(fl), float(ti)
+            rec = dict.fromkeys(keys)
+            meta = None if meta_tokens_null else t / 2
+            rec.update(step=s, lr=3e-4, ar_loss=l + 0.1, ar_tokens=t - (meta or 0),
+                       meta_tokens=meta, flops=fl, time=ti)
+            f.write(json.dumps(rec) + "\n")
+            rec.update(val_loss=l)
+            f.write(json.dumps(rec) + "\n")
+
+
+def test_speedup_of_curves_with_a_known_ratio(tmp_path, capsys):
+    steps = np.arange(0, 1001, 100)
+    # A: loss falls linearly to 3.0 at step 1000. B falls 1.6x faster per step, but each step costs
+    # 1.25x the FLOPs and 1.2x the time: it reaches 3.0 at step 625 = 0.625 of A's steps,
+    # 0.78125 of A's FLOPs, 0.75 of A's time, 0.625 of A's tokens (same tokens per step)
+    write_log(tmp_path / "a", steps, 5 - 0.002 * steps, 1000 * steps, 1e12 * steps, 0.5 * steps,
+              meta_tokens_null=True)
+    write_log(tmp_path / "b", steps, 5 - 0.0032 * steps, 1000 * steps, 1.25e12 * steps, 0.6 * steps)
+    a, b = analyze.read_log(tmp_path / "a"), analyze.read_log(tmp_path / "b")
+    assert len(a["step"]) == len(steps)  # eval lines only
+    sp = analyze.speedup(a, b)
+    assert sp == pytest.approx({"step": 0.625, "tokens": 0.625, "flops": 0.78125, "time": 0.75})
+    assert analyze.speedup(a, a) == pytest.approx({ax: 1.0 for ax in analyze.AXES})
+
+    analyze.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    out = capsys.readouterr().out
+    assert "0.62 (1.60x)" in out and "0.78 (1.28x)" in out and "0.75 (1.33x)" in out
+    assert (tmp_path / "a" / "analysis" / "compare.txt").read_text() in out
+    assert (tmp_path / "a" / "analysis" / "compare.png").stat().st_size > 0
+
+
+def test_speedup_not_reached_and_resumed_log(tmp_path, capsys):
+    steps = np.arange(0, 1001, 100)
+    write_log(tmp_path / "a", steps, 5 - 0.002 * steps, steps, steps, steps)
+    write_log(tmp_path / "b", steps, 5 - 0.001 * steps, steps, steps, steps)  # ends at 4.0 > 3.0
+    a, b = analyze.read_log(tmp_path / "a"), analyze.read_log(tmp_path / "b")
+    assert analyze.speedup(a, b) == {ax: None for ax in analyze.AXES}
+    analyze.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert capsys.readouterr().out.count("not reached") == 4
+    # a resumed run logs some steps again; the later line wins
+    with open(tmp_path / "b" / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 1000, "val_loss": 2.0, "ar_tokens": 1000, "meta_tokens": None,
+                            "flops": 1000, "time": 1000}) + "\n")
+    b = analyze.read_log(tmp_path / "b")
+    assert b["val_loss"][-1] == 2.0 and len(b["step"]) == len(steps)
+    # 4.1 at step 900, 2.0 at step 1000: 3.0 lies 1.1 / 2.1 of the way
+    assert analyze.speedup(a, b)["step"] == pytest.approx((900 + 100 * 1.1 / 2.1) / 1000)
+
+
+def test_no_checkpoints_is_a_clear_error(tmp_path, capsys):
+    run = tmp_path / "empty_run"
+    run.mkdir()
+    torch.save({"step": 5}, run / "ckpt.pt")  # the latest-only copy is not enough
+    with pytest.raises(FileNotFoundError, match="no numbered checkpoints.*empty_run"):
+        analyze.list_checkpoints(str(run))
+    with pytest.raises(FileNotFoundError, match="missing_run does not exist"):
+        analyze.list_checkpoints(str(tmp_path / "missing_run"))
+    with pytest.raises(SystemExit):
+        analyze.main([str(run)])
+    assert "no numbered checkpoints" in capsys.readouterr().err
+    assert not (run / "analysis").exists()
+
+
+def make_run(run_dir, steps, tokenizer="tiny", data_dir="unused"):
+    run_dir.mkdir()
+    for i, step in enumerate(steps):
+        model = tiny_model(seed=i)
+        ckpt = {"model_args": asdict(model.args), "model": model.state_dict(), "head": None,
+                "tokenizer": tokenizer, "step": step, "optimizer": {},
+                "config": {"data_dir": data_dir, "seq_len": 16, "batch_size": 2, "seed": 0}}
+        torch.save(ckpt, run_dir / f"ckpt_{step:06d}.pt")
+    torch.save(ckpt, run_dir / "ckpt.pt")
+
+
+def test_end_to_end_cli_writes_csv_summary_and_plots(tmp_path, monkeypatch, tiny_enc, capsys):
+    # the checkpoints name the tokenizer "tiny"; register the offline fixture under that name
+    monkeypatch.setitem(tiktoken.registry.ENCODINGS, "tiny", tiny_enc)
+    steps = [0, 50, 100]
+    make_run(tmp_path / "run", steps)
+    text = tmp_path / "probe.txt"
+    text.write_text(" ".join(["the cat and the dog", "a green tree by the river"] * 20))
+    analyze.main([str(tmp_path / "run"), "--probe_text", str(text), "--probe_batch", "3",
+                  "--probe_len", "12"])
+    out = tmp_path / "run" / "analysis"
+    lines = (out / "metrics.csv").read_text().splitlines()
+    assert lines[0] == "step,layer,component,metric,value"
+    L, H = ARGS["n_layers"], ARGS["n_heads"]
+    per_ckpt = L * (7 * 2 * 2 + 2) + L * H * 2  # weights and grads x (erank, per), act, heads
+    assert len(lines) - 1 == len(steps) * per_ckpt
+    rows = [l.split(",") for l in lines[1:]]
+    assert sorted({int(r[0]) for r in rows}) == steps
+    assert {r[3] for r in rows} == set(analyze.METRICS)
+    assert all(math.isfinite(float(r[4])) for r in rows)
+    summary = (out / "summary.txt").read_text()
+    assert "3 windows x 12 tokens from" in summary and "probe.txt" in summary
+    for metric in analyze.SUMMARY_METRICS:
+        assert sum(l.startswith(metric) for l in summary.splitlines()) == L
+    assert summary in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{m}.png" for m in analyze.METRICS)
+    with pytest.raises(SystemExit):  # longer than the model's context: a clear error, not a crash
+        analyze.main([str(tmp_path / "run"), "--probe_text", str(text), "--probe_len", "64"])
+    assert "probe_len 64 > the model's max_seq_len 32" in capsys.readouterr().err
+
+
+def test_without_matplotlib_plots_are_skipped(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    rows = [(0, 0, "wq", "weight_per", 0.5), (10, 0, "wq", "weight_per", 0.6)]
+    assert analyze.plot_metrics(rows, str(tmp_path)) is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_probe_from_the_runs_first_val_shard(tmp_path, monkeypatch):
+    # the shard reader is data.py's; a stand-in with its two functions checks the wiring
+    shards = {"d": {"val": ["d/val_000000.bin", "d/val_000001.bin"]}}
+    fake = types.SimpleNamespace(list_shards=lambda data_dir, split: shards[data_dir][split],
+                                 load_shard=lambda path: np.arange(1000, dtype=np.uint16)
+                                 + (0 if path.endswith("0.bin") else 1))
+    monkeypatch.setitem(sys.modules, "data", fake)
+    ckpt = {"config": {"data_dir": "d", "seq_len": 16}, "model_args": {"max_seq_len": 32}}
+    probe, desc = analyze.load_probe(ckpt, batch=4)
+    assert probe.shape == (4, 17) and probe[0, 0] == 0 and probe[-1, -1] == 999
+    assert desc == "4 windows x 16 tokens from d/val_000000.bin"
+    shards["elsewhere"] = {"val": ["elsewhere/val_000000.bin"]}
+    assert analyze.load_probe(ckpt, data_dir="elsewhere")[1].endswith("elsewhere/val_000000.bin")
+    with pytest.raises(ValueError, match="max_seq_len 32"):
+        analyze.load_probe(ckpt, seq_len=64)
