@@ -1,0 +1,291 @@
+import json
+import random
+import time
+from argparse import Namespace
+
+import pytest
+import torch
+
+import ner_eval
+from model import Llama, ModelArgs
+from ner_eval import IGNORE, LABEL_ID, encode_sentence, get_spans, read_iob2, span_f1
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# Parsing: every trap of the real files in one small file
+TRAPS = (
+    "# newdoc id =set.hr.1\n"  # no space after '=' (Croatian/Serbian)
+    "# sent_id = s1\n"
+    "# text = s k Ivo u Zagrebu\n"
+    "1\ts k\tO\t-\t-\n"  # a token with a space inside: split on TAB only
+    "2\tIvo\tB-PER\tB-PER#O\ts\n"  # junk bookkeeping columns 4-5 (Danish style)
+    "3\tu\tO\tO\t-\n"
+    "4\tZagrebu\tB-OTH\tB-LOC\t-\n"  # OTH is read as O
+    "\n"
+    "\n"  # two blank lines do not make an empty sentence
+    "#sent_id = s2\n"  # '#' alone starts a comment
+    "1\t#\tO\t-\t-\n"  # a '#' token is not a comment: only lines starting with '#' are
+    "2\tVlada\tI-ORG\t-\t-\n"  # stray I- is kept as written (the metric reads it as B-)
+    "3\tRH\tI-OTH\t-\t-"  # and the file need not end with a newline or a blank line
+)
+
+
+def test_read_iob2_traps(tmp_path):
+    sents = read_iob2(write(tmp_path / "x-ud-test.iob2", TRAPS))
+    assert sents == [(["s k", "Ivo", "u", "Zagrebu"], ["O", "B-PER", "O", "O"]),
+                     (["#", "Vlada", "RH"], ["O", "I-ORG", "O"])]
+
+
+def test_read_iob2_crlf(tmp_path):
+    sents = read_iob2(write(tmp_path / "x.iob2", "1\tcat\tB-PER\t-\t-\r\n2\tdog\tO\t-\t-\r\n\r\n"))
+    assert sents == [(["cat", "dog"], ["B-PER", "O"])]
+
+
+@pytest.mark.parametrize("bad", [
+    "2 dog O - -",  # spaces instead of tabs
+    "2\tdog",  # no tag column
+    "x\tdog\tO\t-\t-",  # no position: probably another column layout
+    "2\tdog\tB-MISC\t-\t-",  # a type UNER does not have
+    "2\tdog\tPER\t-\t-",  # no IOB prefix
+    "2\t\tO\t-\t-",  # empty token
+])
+def test_read_iob2_bad_line_names_file_and_line(tmp_path, bad):
+    path = write(tmp_path / "bad.iob2", f"# text = cat dog\n1\tcat\tO\t-\t-\n{bad}\n\n")
+    with pytest.raises(ValueError, match=rf"{path}:3: "):
+        read_iob2(path)
+
+
+# Metric: spans and F1 worked out by hand
+
+def test_spans_by_hand():
+    assert get_spans(["B-PER", "I-PER", "O", "B-LOC"]) == [("PER", 0, 2), ("LOC", 3, 4)]
+    assert get_spans(["O", "I-PER", "I-PER", "O"]) == [("PER", 1, 3)]  # I- without B- starts a span
+    assert get_spans(["B-PER", "I-LOC", "I-LOC"]) == [("PER", 0, 1), ("LOC", 1, 3)]  # type change
+    assert get_spans(["B-ORG", "B-ORG", "I-ORG"]) == [("ORG", 0, 1), ("ORG", 1, 3)]
+    assert get_spans(["O", "B-LOC", "I-LOC"]) == [("LOC", 1, 3)]  # span at the sentence end
+    assert get_spans(["O", "O"]) == [] and get_spans([]) == []
+
+
+def test_span_f1_by_hand():
+    gold = [["B-PER", "I-PER", "O", "B-LOC"],  # PER(0,2) LOC(3,4)
+            ["O", "B-ORG", "I-ORG", "I-ORG"],  # ORG(1,4), at the sentence end
+            ["B-PER", "O"]]                    # PER(0,1)
+    pred = [["I-PER", "I-PER", "O", "O"],      # PER(0,2) right (stray I- read as B-); LOC missed
+            ["O", "B-ORG", "I-ORG", "O"],      # ORG(1,3): wrong end
+            ["B-PER", "B-LOC"]]                # PER(0,1) right; LOC(1,2) spurious
+    m = span_f1(gold, pred)
+    assert (m["correct"], m["predicted"], m["gold"]) == (2, 4, 4)
+    assert m["precision"] == pytest.approx(0.5) and m["recall"] == pytest.approx(0.5)
+    assert m["f1"] == pytest.approx(0.5)
+    per = m["per_type"]
+    assert per["PER"]["f1"] == pytest.approx(1.0)
+    assert (per["LOC"]["correct"], per["LOC"]["predicted"], per["LOC"]["gold"]) == (0, 1, 1)
+    assert per["LOC"]["f1"] == 0.0
+    assert (per["ORG"]["precision"], per["ORG"]["recall"]) == (0.0, 0.0)
+
+
+def test_span_f1_type_change_inside_span():
+    # gold is one LOC span; B-LOC I-PER predicts LOC(0,1) and PER(1,2): both wrong
+    m = span_f1([["B-LOC", "I-LOC"]], [["B-LOC", "I-PER"]])
+    assert (m["correct"], m["predicted"], m["gold"]) == (0, 2, 1) and m["f1"] == 0.0
+
+
+def test_span_f1_no_entities():
+    none = [["O", "O", "O"]]
+    some = [["B-PER", "O", "O"]]
+    m = span_f1(none, some)  # nothing to find, one false alarm
+    assert (m["precision"], m["recall"], m["f1"], m["predicted"], m["gold"]) == (0, 0, 0, 1, 0)
+    m = span_f1(some, none)  # one entity, nothing predicted
+    assert (m["precision"], m["recall"], m["f1"], m["predicted"], m["gold"]) == (0, 0, 0, 0, 1)
+    m = span_f1(none, none)  # nothing anywhere: 0, as seqeval reports it
+    assert (m["f1"], m["per_type"]) == (0.0, {})
+    with pytest.raises(ValueError):
+        span_f1([["O", "O"]], [["O"]])
+
+
+# Tokenization and first-sub-token alignment
+
+def test_first_subtoken_alignment(tiny_enc):
+    e = encode_sentence(["cat", "dogs", "tree"], ["B-PER", "O", "B-LOC"], tiny_enc, 128)
+    dog, s = tiny_enc.encode_ordinary(" dog"), tiny_enc.encode_ordinary("s")
+    assert e["ids"] == tiny_enc.encode_ordinary(" cat") + dog + s + tiny_enc.encode_ordinary(" tree")
+    assert len(dog) == len(s) == 1
+    assert e["labels"] == [LABEL_ID["B-PER"], LABEL_ID["O"], IGNORE, LABEL_ID["B-LOC"]]
+    assert e["n_words"] == 3 and not e["cut"]
+
+
+def test_chinese_has_no_spaces(tiny_enc):
+    assert not ner_eval.uses_spaces("zh_gsd") and not ner_eval.uses_spaces("zh_pud")
+    assert ner_eval.uses_spaces("en_ewt") and ner_eval.uses_spaces("sv_talbanken")
+    words, tags = ["北京", "是", "cat"], ["B-LOC", "O", "B-PER"]
+    e = encode_sentence(words, tags, tiny_enc, 128, spaces=False)
+    assert e["ids"] == tiny_enc.encode_ordinary("北京是cat")  # the tiny encoding: one token a byte
+    assert len(e["ids"]) == 6 + 3 + 3 and tiny_enc.encode_ordinary(" ")[0] not in e["ids"]
+    assert e["labels"] == ([LABEL_ID["B-LOC"]] + [IGNORE] * 5 + [LABEL_ID["O"]] + [IGNORE] * 2 +
+                           [LABEL_ID["B-PER"]] + [IGNORE] * 2)
+
+
+def test_cut_at_max_len(tiny_enc):
+    # ' cat' ' dog' 's' ' tree' cut at 3 tokens: 'tree' loses its label; dogs keeps its first token
+    e = encode_sentence(["cat", "dogs", "tree"], ["B-PER", "O", "B-LOC"], tiny_enc, 3)
+    assert len(e["ids"]) == 3 and e["cut"] and e["n_words"] == 2
+    assert e["tags"] == ["B-PER", "O", "B-LOC"]  # gold keeps the whole sentence
+    exact = encode_sentence(["cat", "dogs", "tree"], ["B-PER", "O", "B-LOC"], tiny_enc, 4)
+    assert not exact["cut"] and exact["n_words"] == 3
+
+
+def test_cap_is_a_fixed_sample():
+    sents = list(range(100))
+    a, b = ner_eval.cap(sents, 10, "en_ewt-train"), ner_eval.cap(sents, 10, "en_ewt-train")
+    assert a == b and len(a) == 10 and a == sorted(a) and a != sents[:10]
+    assert ner_eval.cap(sents, 0, "x") is sents and ner_eval.cap(sents, 500, "x") is sents
+
+
+# Training: a tiny synthetic NER task whose tags follow from the tokens
+
+FILLER = ["the", "and", "of", "to", "is", "green", "apple", "stone", "house", "tree"]
+
+
+def synthetic(n, seed):
+    """' cat' is always a person, ' dog' an organisation, ' bird river' a two-word location."""
+    rng = random.Random(seed)
+    sents = []
+    for _ in range(n):
+        words, tags = [], []
+        for _ in range(rng.randint(3, 10)):
+            r = rng.random()
+            if r < 0.1:
+                words.append("cat"), tags.append("B-PER")
+            elif r < 0.2:
+                words.append("dog"), tags.append("B-ORG")
+            elif r < 0.3:
+                words += ["bird", "river"]
+                tags += ["B-LOC", "I-LOC"]
+            else:
+                words.append(rng.choice(FILLER)), tags.append("O")
+        sents.append((words, tags))
+    return sents
+
+
+def iob2(sents):
+    return "".join("".join(f"{i}\t{w}\t{t}\t-\t-\n" for i, (w, t) in enumerate(zip(*s), 1)) + "\n"
+                   for s in sents)
+
+
+def tiny_model(enc, seed=0):
+    torch.manual_seed(seed)
+    return Llama(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=enc.n_vocab,
+                           max_seq_len=64))
+
+
+def settings(**kw):
+    args = ner_eval.get_args(["ckpt.pt", "--device", "cpu"])
+    return Namespace(**{**vars(args), **kw})
+
+
+def test_head_training_learns_synthetic_ner(tiny_enc):
+    enc = lambda sents: ner_eval.encode_sentences(sents, tiny_enc, 64)
+    train, dev, test = enc(synthetic(300, 0)), enc(synthetic(60, 1)), enc(synthetic(60, 2))
+    model = tiny_model(tiny_enc)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    forward = model.forward
+    model.forward = lambda *a, **kw: calls.append(1) or forward(*a, **kw)
+    res = ner_eval.fine_tune(model, train, dev, {"syn": test}, "head", settings())  # the defaults
+    assert res["test"]["syn"]["final"]["f1"] > 0.9, res["epochs"]
+    assert res["test"]["syn"]["best"]["f1"] > 0.9
+    assert len(res["epochs"]) == 10
+    assert res["best_dev_f1"] == max(e["dev_f1"] for e in res["epochs"])
+    # frozen backbone: its weights never change, and each sentence went through it once, not once
+    # per epoch (420 sentences in batches of 64)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert len(calls) == 7
+
+
+def test_features_cached_across_runs(tiny_enc):
+    enc = lambda sents: ner_eval.encode_sentences(sents, tiny_enc, 64)
+    train, dev = enc(synthetic(40, 0)), enc(synthetic(8, 1))
+    model = tiny_model(tiny_enc)
+    calls = []
+    forward = model.forward
+    model.forward = lambda *a, **kw: calls.append(1) or forward(*a, **kw)
+    cache = {}
+    ner_eval.fine_tune(model, train, dev, {"syn": dev}, "head", settings(epochs=1), cache=cache)
+    assert len(calls) == 1 and len(cache) == 48
+    # a second head (another training set, seed or lr) on the same checkpoint reuses them all
+    ner_eval.fine_tune(model, dev, train, {"syn": train}, "head", settings(epochs=2), cache=cache)
+    assert len(calls) == 1
+
+
+def test_predict_pads_cut_words_with_o(tiny_enc):
+    sents = [(["cat", "dog", "bird", "fish"], ["B-PER"] * 4), (["cat"], ["B-PER"]),
+             (["tree", "house"], ["O", "O"])]
+    exs = ner_eval.encode_sentences(sents, tiny_enc, 2)  # one token a word: the first is cut
+    model = tiny_model(tiny_enc)
+    head = torch.nn.Linear(model.args.dim, len(ner_eval.LABELS))
+    with torch.no_grad():  # a head that always says B-PER
+        head.weight.zero_()
+        head.bias.copy_(torch.eye(len(ner_eval.LABELS))[LABEL_ID["B-PER"]])
+    preds = ner_eval.predict(model, head, exs, settings(eval_batch_size=2), ner_eval.nullcontext())
+    assert preds == [["B-PER", "B-PER", "O", "O"], ["B-PER"], ["B-PER", "B-PER"]]
+
+
+def test_full_training_changes_backbone(tiny_enc):
+    enc = lambda sents: ner_eval.encode_sentences(sents, tiny_enc, 64)
+    train, dev = enc(synthetic(32, 0)), enc(synthetic(8, 1))
+    model = tiny_model(tiny_enc)
+    before = model.layers[0].attention.wq.weight.clone()
+    out = model.output.weight.clone()
+    res = ner_eval.fine_tune(model, train, dev, {"syn": dev}, "full", settings(epochs=1, lr=1e-3))
+    assert not torch.equal(before, model.layers[0].attention.wq.weight)
+    assert torch.equal(out, model.output.weight)  # the vocabulary projection is not trained
+    assert res["steps"] == 2 and res["lr"] == 1e-3
+
+
+# The command line, end to end on a tiny data folder and checkpoint
+
+def test_cli_end_to_end(tmp_path, tiny_enc, monkeypatch, capsys):
+    data = tmp_path / "uner"
+    for split, n, seed in (("train", 48, 0), ("dev", 12, 1), ("test", 12, 2)):
+        write(data / "UNER_Tiny-One" / f"xx_one-ud-{split}.iob2", iob2(synthetic(n, seed)))
+    write(data / "UNER_Tiny-PUD" / "yy_pud-ud-test.iob2", iob2(synthetic(10, 3)))
+    ckpts = []
+    for name, seed in (("a", 0), ("b", 1)):
+        model = tiny_model(tiny_enc, seed)
+        ckpt = {"model_args": vars(model.args), "model": model.state_dict(), "head": None,
+                "tokenizer": "tiny", "config": {}, "step": 7}
+        (tmp_path / name).mkdir()
+        torch.save(ckpt, tmp_path / name / "ckpt.pt")
+        ckpts.append(str(tmp_path / name / "ckpt.pt"))
+    monkeypatch.setattr(ner_eval.tiktoken, "get_encoding", lambda name: tiny_enc)
+    common = ["--data_dir", str(data), "--train", "xx_one", "--epochs", "2", "--device", "cpu",
+              "--max_train_sentences", "40"]
+    ner_eval.main([str(tmp_path / "a")] + common)  # a run directory: its ckpt.pt
+    out = capsys.readouterr().out
+    res = json.loads((tmp_path / "a" / "ner_ckpt.json").read_text())
+    assert res["test_sets"] == ["xx_one", "yy_pud"]  # the test-only set is found too
+    assert list(res["runs"]) == ["xx_one/head", "xx_one/full"]
+    assert res["sentences"]["xx_one"]["train"] == {"used": 40, "total": 48, "cut": 0}
+    assert res["settings"]["epochs"] == 2 and res["step"] == 7
+    for run in res["runs"].values():
+        assert len(run["epochs"]) == 2 and run["train_sentences"] == 40
+        assert set(run["test"]["yy_pud"]) == {"final", "best"}
+    assert "xx_one/head" in out and "yy_pud" in out and "train <= 40" in out
+
+    ner_eval.main(["--compare", *ckpts, "--regime", "head", "--out", str(tmp_path / "c.json")]
+                  + common)
+    out = capsys.readouterr().out
+    pair = json.loads((tmp_path / "c.json").read_text())
+    a, b = (pair[k]["runs"]["xx_one/head"]["test"]["yy_pud"]["final"]["f1"] for k in "ab")
+    assert f"{100 * a:9.1f}{100 * b:9.1f}{100 * (b - a):9.1f}" in out
+
+
+def test_missing_training_set_is_named(tmp_path):
+    write(tmp_path / "UNER_Tiny-One" / "xx_one-ud-test.iob2", iob2(synthetic(2, 0)))
+    with pytest.raises(SystemExit, match="xx_one-ud-train"):
+        ner_eval.main(["ckpt.pt", "--data_dir", str(tmp_path), "--train", "xx_one"])
