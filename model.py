@@ -191,13 +191,15 @@ class Llama(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n if embedding else n - self.tok_embeddings.weight.numel()
 
-    def flops_per_token(self, seq_len):
+    def flops_per_token(self, seq_len, output=True):
         """Training FLOPs (forward + backward) per token: 6 N for the matmuls, where N counts every
-        parameter except the input embedding (the output projection is a matmul, so it counts),
-        plus 12 * n_layers * dim * T for QK^T and AV (as in the PaLM paper; causal masking is not
-        discounted, which is the convention MFU numbers are quoted in)."""
+        parameter except the input embedding (the output projection is a matmul, so it counts
+        unless output=False, for passes that read hidden states only), plus 12 * n_layers * dim * T
+        for QK^T and AV (as in the PaLM paper; causal masking is not discounted, which is the
+        convention MFU numbers are quoted in). A forward pass alone is a third of this."""
         a = self.args
-        return 6 * self.num_params(embedding=False) + 12 * a.n_layers * a.dim * seq_len
+        n = self.num_params(embedding=False) - (0 if output else self.output.weight.numel())
+        return 6 * n + 12 * a.n_layers * a.dim * seq_len
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
