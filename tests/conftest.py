@@ -3,6 +3,11 @@ import sys
 
 import pytest
 import tiktoken
+import torch
+
+# tests use tiny models, for which one thread is fastest and does not fight the extra processes
+# that torchrun and the data workers start on a 2-core machine
+torch.set_num_threads(1)
 
 # tests import the flat top-level scripts (model.py, data.py, ...) from the repository root
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,0 +1,164 @@
+"""meta_train.py end to end on a tiny model and synthetic shards: learning, data parallel over
+torchrun/gloo, exact resume, and the errors that must stop a run before training."""
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import meta_train
+from conftest import ROOT, make_tiny_encoding
+from meta_train import ConfigError, configure
+
+# Topic documents: each is about one target word and otherwise made of that topic's two cue
+# words, so a window ending at a masked target tells its word by its context: the synthetic
+# episode distribution that meta-learning must get above chance.
+TARGETS = ["cat", "dog", "bird", "fish", "tree", "house", "river", "stone"]
+CUES = [a + b for a in "abcd" for b in "wxyz"]  # 2 letters: never candidate words
+TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--vocab_size=384",
+        "--seq_len=32", "--batch_size=4", "--total_batch_size=8", "--meta_seq_len=16",
+        "--n_way=4", "--k_shot=2", "--q_query=2", "--inner_steps=5", "--inner_lr=0.5",
+        "--meta_hidden=32", "--eval_iters=2", "--eval_episodes=4", "--log_interval=1",
+        "--compile=False", "--warmup_steps=2", "--learning_rate=3e-3", "--min_lr=3e-4"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    enc = make_tiny_encoding(TARGETS + CUES)
+    rng = random.Random(0)
+    docs = []
+    for _ in range(250):
+        i = rng.randrange(len(TARGETS))
+        docs.append(" ".join(rng.choice([CUES[i], CUES[i + 8], TARGETS[i]]) for _ in range(40)))
+    out = str(tmp_path_factory.mktemp("synth"))
+    data.write_shards(docs, enc, out, val_tokens=3000, progress=False)
+    data.build_index(out, enc, min_count=1, max_count=10 ** 9, max_occurrences=500, context=16)
+    assert enc.n_vocab + 1 <= 384  # the mask id fits the tiny model's vocab
+    return out
+
+
+def run(data_dir, out_dir, *overrides):
+    """Train in this process; returns the config it ran with."""
+    c = SimpleNamespace(**configure(meta_train.DEFAULTS, TINY + [
+        f"--data_dir={data_dir}", f"--out_dir={out_dir}", *overrides]))
+    meta_train.train(c)
+    return c
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def weights(path):
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return {**ckpt["model"], **{"head." + k: v for k, v in (ckpt["head"] or {}).items()}}
+
+
+def assert_same(a, b, atol):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+def test_vanilla_run_lowers_val_loss(data_dir, tmp_path):
+    run(data_dir, tmp_path, "--meta_ratio=0.0", "--max_steps=60", "--eval_interval=60",
+        "--save_interval=60")
+    evals = [r for r in read_log(tmp_path) if r["val_loss"] is not None]
+    assert [r["step"] for r in evals] == [0, 60]
+    assert evals[0]["val_loss"] > 5.5  # ln(384) = 5.95 at init
+    assert evals[-1]["val_loss"] < 0.6 * evals[0]["val_loss"]
+    assert evals[-1]["meta_tokens"] == 0 and evals[-1]["ar_tokens"] == 60 * 8 * 32
+
+
+def test_meta_run_lifts_query_accuracy(data_dir, tmp_path):
+    run(data_dir, tmp_path, "--meta_ratio=1.0", "--max_steps=40", "--eval_interval=40",
+        "--save_interval=40", "--eval_episodes=16")
+    log = read_log(tmp_path)
+    evals = [r for r in log if r["val_loss"] is not None]
+    first, last = evals[0]["val_query_acc"], evals[-1]["val_query_acc"]
+    assert first < 0.45 and last > 0.6, (first, last)  # chance is 1/4
+    assert evals[-1]["ar_tokens"] == 0 and evals[-1]["meta_tokens"] > 0
+    assert all(r["query_acc"] is not None for r in log if r["val_loss"] is None)
+
+
+def test_resume_continues_exactly(data_dir, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = ["--meta_ratio=0.5", "--max_steps=8", "--eval_interval=4", "--save_interval=4"]
+    run(data_dir, full, *args)
+    # the interrupted run: everything the full run had written by step 4, and nothing later
+    part.mkdir()
+    shutil.copy(full / "ckpt_000004.pt", part / "ckpt_000004.pt")
+    os.link(part / "ckpt_000004.pt", part / "ckpt.pt")
+    shutil.copy(full / "log.jsonl", part / "log.jsonl")
+    run(data_dir, part, *args, "--resume=True")
+    assert_same(weights(full / "ckpt_000008.pt"), weights(part / "ckpt_000008.pt"), atol=0)
+    # the log is the uninterrupted run's, line for line, up to timings
+    timing = ("time", "tok_per_s", "mfu", "ar_ms", "meta_ms")
+    def strip(log):
+        return [{k: v for k, v in r.items() if k not in timing} for r in log]
+    assert strip(read_log(part)) == strip(read_log(full))
+    # log lines of both kinds before and after the resume point: the run was a hybrid
+    kinds = {(r["ar_loss"] is not None, r["meta_loss"] is not None) for r in read_log(part)}
+    assert (True, False) in kinds and (False, True) in kinds
+
+
+def test_resume_rejects_a_changed_config(data_dir, tmp_path):
+    run(data_dir, tmp_path, "--meta_ratio=0.0", "--max_steps=2", "--eval_interval=2",
+        "--save_interval=2")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        run(data_dir, tmp_path, "--meta_ratio=0.0", "--max_steps=4", "--resume=True",
+            "--learning_rate=1e-3")
+
+
+def test_data_parallel_matches_one_process(data_dir, tmp_path):
+    """2 gloo ranks x 1 micro-batch of 4 against 1 process x 2 accumulated micro-batches of 4."""
+    args = ["--meta_ratio=0.5", "--max_steps=6", "--eval_interval=6", "--save_interval=6",
+]
+    run(data_dir, tmp_path / "one", *args)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "meta_train.py"), *TINY, f"--data_dir={data_dir}",
+           f"--out_dir={tmp_path / 'two'}", *args]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "2 rank(s)" in p.stdout and "1 accumulation x 2 ranks" in p.stdout
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    kinds = {r["ar_loss"] is not None for r in one if r["val_loss"] is None}
+    assert kinds == {True, False}  # both AR and meta steps were taken
+    assert_same(weights(tmp_path / "one" / "ckpt_000006.pt"),
+                weights(tmp_path / "two" / "ckpt_000006.pt"), atol=1e-5)
+    assert abs(one[-1]["val_loss"] - two[-1]["val_loss"]) < 1e-4
+
+
+@pytest.mark.parametrize("override, words", [
+    (["--n_wya=8"], ["unknown config key 'n_wya'", "did you mean 'n_way'"]),
+    (["--meta_ratio=1.5"], ["meta_ratio must be in [0, 1]"]),
+    (["--meta_ratio=-0.1"], ["meta_ratio must be in [0, 1]"]),
+    (["--n_way=9"], ["n_way 9 > 8 candidate words", "index_train_positions.npy"]),
+    (["--data_dir=/nonexistent/shards"], ["data_dir '/nonexistent/shards' not found"]),
+    (["--total_batch_size=6"], ["not a multiple of batch_size"]),
+])
+def test_bad_config_stops_before_training(data_dir, tmp_path, override, words):
+    with pytest.raises(ConfigError) as e:
+        run(data_dir, tmp_path / "run", *override)
+    for w in words:
+        assert w in str(e.value)
+    assert not os.path.exists(tmp_path / "run" / "log.jsonl")  # nothing was trained or written
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "meta_train.py"), "--meta_ratio=2.0"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "config error: meta_ratio must be in [0, 1]" in p.stderr
+    assert "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "meta_train.py"), "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "--inner_lr=0.01" in p.stdout
