@@ -517,7 +517,8 @@ def train(c):
                dynamic_ncols=True)
     window = {"ar": [0.0, 0], "meta": [0.0, 0]}  # per-micro-step times since the last log line
     for step in range(start_step, c.max_steps + 1):
-        # weights here have had `step` updates: evaluate and save them (a resumed run already did)
+        # weights here have had `step` updates: evaluate them now, save them below once this
+        # step's loss shows they are finite (a resumed run did both before it stopped)
         if step > start_step or not c.resume:
             if step % c.eval_interval == 0 or step == c.max_steps:
                 val_loss, val_acc = evaluate()
@@ -525,12 +526,9 @@ def train(c):
                     log(step=step, val_loss=val_loss, val_query_acc=val_acc, **counters)
                     acc = f", val query acc {val_acc:.3f}" if val_acc is not None else ""
                     bar.write(f"step {step}: val loss {val_loss:.4f}{acc}")
-            if step % c.save_interval == 0 or step == c.max_steps:
-                if master:
-                    checkpoint(step)
-                last_good = os.path.join(c.out_dir, f"ckpt_{step:06d}.pt" if c.keep_checkpoints
-                                         else "ckpt.pt")
         if step == c.max_steps:
+            if master and (step > start_step or not c.resume):
+                checkpoint(step)
             break
 
         t0 = time.time()
@@ -585,6 +583,12 @@ def train(c):
                      else "no checkpoint was written yet")
             raise SystemExit(f"non-finite {'meta' if is_meta else 'AR'} loss ({loss_now}) or "
                              f"grad norm at step {step}; stopping: {where}")
+        # only now, with a finite loss at these weights, is a checkpoint of them known to be good
+        if step % c.save_interval == 0 and (step > start_step or not c.resume):
+            if master:
+                checkpoint(step)
+            last_good = os.path.join(c.out_dir, f"ckpt_{step:06d}.pt" if c.keep_checkpoints
+                                     else "ckpt.pt")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0

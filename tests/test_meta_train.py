@@ -162,3 +162,17 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "meta_train.py"), "--help"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "--inner_lr=0.01" in p.stdout
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data_dir, tmp_path):
+    # lr 1e30: the first update blows the weights up, a later step's loss is not finite
+    with pytest.raises(SystemExit) as e:
+        run(data_dir, tmp_path, "--meta_ratio=0.0", "--max_steps=6", "--eval_interval=100",
+            "--save_interval=1", "--warmup_steps=1", "--learning_rate=1e30", "--grad_clip=1e30")
+    msg = str(e.value)
+    assert "non-finite AR loss" in msg and "at step " in msg
+    step = int(msg.split("at step ")[1].split(";")[0])
+    good = msg.split("last good checkpoint is ")[1].split(" ")[0]
+    ckpt = torch.load(good, weights_only=False)  # intact and loadable
+    assert ckpt["step"] < step and all(v.isfinite().all() for v in ckpt["model"].values())
+    assert not os.path.exists(tmp_path / f"ckpt_{step:06d}.pt")  # bad weights were never saved
