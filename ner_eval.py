@@ -5,12 +5,16 @@ sets, then score entity-level F1 on every UNER test set (other languages = cross
 Two regimes, as in the paper: `head` freezes the backbone and trains a linear head on its final
 hidden states (the features are computed once, so an epoch costs only the head); `full` trains every
 weight. Defaults follow the paper: AdamW, lr 3e-5, batch 16, 10 epochs, linear decay, no warm-up.
+For the head regime 3e-5 is very small (a linear probe on frozen features barely moves in 10
+epochs); --head_lr sets its own, e.g. 1e-3.
 
     # train on all nine training sets together, test on every UNER test set, both regimes
     python ner_eval.py out/11m/ckpt.pt --data_dir ../shared/data/uner
-    # a CPU-sized run: one language, capped sentence counts
-    python ner_eval.py out/cpu --data_dir ../shared/data/uner --train en_ewt \\
-        --max_train_sentences 2000 --max_test_sentences 500
+    # CPU-sized (about 3 minutes a checkpoint on one core): two languages, capped sentence counts,
+    # and larger lrs, without which a few-million-parameter model scores about 0 in 10 epochs
+    python ner_eval.py out/cpu-meta --data_dir ../shared/data/uner --train_sets en_ewt da_ddt \\
+        --test_sets en_ewt da_ddt --max_train_sentences 2000 --max_eval_sentences 500 \\
+        --lr 1e-3 --head_lr 1e-3 --threads 1
     # two checkpoints side by side, with the difference
     python ner_eval.py --compare out/vanilla/ckpt.pt out/meta/ckpt.pt --data_dir ../shared/data/uner
 
@@ -264,11 +268,24 @@ def score(model, head, examples, args, ctx, cache=None):
     return span_f1([e["tags"] for e in examples], predict(model, head, examples, args, ctx, cache))
 
 
+def lr_at(step, total_steps, peak, args):
+    """lr of an optimizer step, as Hugging Face's linear schedule: a linear warm-up over the first
+    warmup_ratio of the steps (the paper: none), then linear decay to 0 (--decay none: constant)."""
+    warmup = int(args.warmup_ratio * total_steps)
+    if step < warmup:
+        return peak * step / warmup
+    if args.decay == "none":
+        return peak
+    return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+
 def fine_tune(model, train, dev, tests, regime, args, ctx=nullcontext(), cache=None, name="ner"):
     """Train a linear tag head on the train examples, with the backbone frozen (regime 'head') or
     training too (regime 'full', which changes model in place). Reports the mean training loss and
     dev F1 after every epoch, and the test F1 of the final model and of the best-dev epoch.
     tests: {name: examples}. cache: frozen-backbone features to reuse across calls (regime head)."""
+    if not train:
+        raise ValueError(f"{name}: no training sentences")
     t0 = time.time()
     device = model.tok_embeddings.weight.device
     full = regime == "full"
@@ -284,12 +301,13 @@ def fine_tune(model, train, dev, tests, regime, args, ctx=nullcontext(), cache=N
     else:
         cache = None  # the features change as the backbone trains
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
-    # The paper's lr 3e-5 is for fine-tuning every weight. A linear probe on frozen features needs
-    # a larger step: on an 11M model (en_ewt, 10 epochs) head lr 3e-5 reached test F1 11, still
-    # climbing, against 29 / 36 / 40 / 40 at 1e-4 / 3e-4 / 1e-3 / 3e-3; hence --head_lr 1e-3.
-    lr = args.lr if full else args.head_lr
+    # The paper uses one lr, 3e-5, for both regimes, so that is the default. It suits fine-tuning
+    # every weight; a linear probe on frozen features moves little at 3e-5 in 10 epochs (on the
+    # synthetic task of tests/test_ner_eval.py: F1 9 at 3e-5, 34 at 3e-4, 97 at 1e-3), so
+    # --head_lr gives the head regime its own.
+    lr = args.lr if full or args.head_lr is None else args.head_lr
     # fused: one kernel for all parameters; on a CPU it is 10x faster than the per-tensor loop
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8,
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(args.beta1, args.beta2), eps=1e-8,
                                   weight_decay=args.weight_decay, fused=True)
     total_steps = args.epochs * math.ceil(len(train) / args.batch_size)
     step, history, best = 0, [], None
@@ -301,8 +319,8 @@ def fine_tune(model, train, dev, tests, regime, args, ctx=nullcontext(), cache=N
         for i in tqdm(range(0, len(order), args.batch_size), desc=f"{name} epoch {epoch}",
                       leave=False, disable=None):
             batch = [train[j] for j in order[i:i + args.batch_size]]
-            for group in optimizer.param_groups:  # linear decay to 0, no warm-up
-                group["lr"] = lr * (1 - step / total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, lr, args)
             if full:
                 feats, y = word_features(model, batch, ctx)
             else:
@@ -357,7 +375,7 @@ def load_uner(args):
     "tests": [test set names], "sents": {name: {split: (capped) sentences}},
     "total": {name: {split: sentences before the cap}}}."""
     runs = []
-    for t in args.train:
+    for t in args.train_sets:
         if t == "paper":
             runs += [(n, [n]) for n in TRAIN_SETS] + [("all", TRAIN_SETS)]
         elif t == "all":
@@ -368,35 +386,70 @@ def load_uner(args):
     sources = list(dict.fromkeys(n for _, s in runs for n in s))
     where = args.data_dir or args.cache_dir
     if args.data_dir is None:
-        names = sources + (args.test or list(UNER_REPOS))
+        names = sources + (args.test_sets or list(UNER_REPOS))
         download_uner(args.cache_dir, list(dict.fromkeys(names)))
+    elif not os.path.isdir(args.data_dir):
+        raise SystemExit(f"--data_dir {args.data_dir}: no such directory")
     found = find_datasets(where)
+    if not found:
+        layout = os.path.join(where, "UNER_<Language>-<Treebank>", "<name>-ud-<split>.iob2")
+        raise SystemExit(f"no UNER files under {where}: expected {layout}")
+    trainable = [n for n in found if {"train", "dev"} <= set(found[n])]
     for n in sources:
-        if "train" not in found.get(n, {}) or "dev" not in found.get(n, {}):
-            raise SystemExit(f"no {n}-ud-train.iob2 and {n}-ud-dev.iob2 under {where}")
+        missing = [f"{n}-ud-{s}.iob2" for s in ("train", "dev") if s not in found.get(n, {})]
+        if missing:
+            raise SystemExit(f"training set {n!r}: no {' or '.join(missing)} under {where}/UNER_*/;"
+                             f" training sets there: {' '.join(trainable) or 'none'}")
     # default: every test file present, the training sets' own first, then test-only ones (PUD, ...)
-    tests = args.test or sorted((n for n in found if "test" in found[n]),
-                                key=lambda n: (n not in TRAIN_SETS, n))
+    testable = sorted((n for n in found if "test" in found[n]),
+                      key=lambda n: (n not in TRAIN_SETS, n))
+    tests = args.test_sets or testable
     for n in tests:
-        if "test" not in found.get(n, {}):
-            raise SystemExit(f"no {n}-ud-test.iob2 under {where}")
+        if n not in testable:
+            raise SystemExit(f"test set {n!r}: no {n}-ud-test.iob2 under {where}/UNER_*/; test "
+                             f"sets there: {' '.join(testable) or 'none'}")
     needed = [(n, s) for n in sources for s in ("train", "dev")] + [(n, "test") for n in tests]
     uner = {"runs": runs, "tests": tests, "sents": defaultdict(dict), "total": defaultdict(dict)}
     for n, split in needed:
         sents = read_iob2(found[n][split])
-        limit = args.max_train_sentences if split == "train" else args.max_test_sentences
+        limit = args.max_train_sentences if split == "train" else args.max_eval_sentences
         uner["sents"][n][split] = cap(sents, limit, f"{n}-{split}")
         uner["total"][n][split] = len(sents)
     return uner
 
 
-def evaluate_checkpoint(path, uner, args, enc=None):
-    """Every (train set, regime) run on one checkpoint: a dict with every number and the settings.
-    enc: a tiktoken Encoding to use instead of the checkpoint's (tests pass a tiny one)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    enc = enc or tiktoken.get_encoding(args.tokenizer or ckpt["tokenizer"])
+def checkpoint_path(path):
+    """The checkpoint file a command-line argument names: a file, or a run directory's ckpt.pt."""
+    file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise SystemExit(f"checkpoint {file} not found")
+    return file
+
+
+def load_checkpoint(path, tokenizer=None):
+    """The checkpoint dict and its tiktoken encoding (tokenizer: a name that overrides its own)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise SystemExit(f"cannot read checkpoint {path}: {e}")
+    need = ["model_args", "model"] + ([] if tokenizer else ["tokenizer"])
+    missing = [k for k in need if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise SystemExit(f"{path} is not a meta_train.py checkpoint: no key "
+                         f"{', '.join(map(repr, missing))}")
+    name = tokenizer or ckpt["tokenizer"]
+    try:
+        enc = tiktoken.get_encoding(name)
+    except Exception as e:  # unknown name, or no network and no cached BPE file
+        raise SystemExit(f"{path}: cannot load tiktoken encoding {name!r} ({e}); offline, point "
+                         f"TIKTOKEN_CACHE_DIR at a cache that holds it")
+    return ckpt, enc
+
+
+def evaluate_checkpoint(path, uner, args):
+    """Every (train set, regime) run on one checkpoint: a dict with every number and settings."""
+    path = checkpoint_path(path)
+    ckpt, enc = load_checkpoint(path, args.tokenizer)
     model_args = ModelArgs(**ckpt["model_args"])
     if enc.n_vocab > model_args.vocab_size:
         raise SystemExit(f"{path}: tokenizer {enc.name} has {enc.n_vocab} tokens but the model "
@@ -435,10 +488,10 @@ def format_settings(args, res):
     lines = [f"{res['checkpoint']} (step {res['step']}, {res['params']:,} parameters, "
              f"tokenizer {res['tokenizer']})",
              f"epochs {args.epochs}, batch {args.batch_size}, lr {args.lr:g} (full) / "
-             f"{args.head_lr:g} (head), linear decay, weight decay {args.weight_decay:g}, "
-             f"seed {args.seed}",
+             f"{args.head_lr or args.lr:g} (head), warm-up {args.warmup_ratio:g}, "
+             f"{args.decay} decay, weight decay {args.weight_decay:g}, seed {args.seed}",
              f"sentences per file: train <= {args.max_train_sentences or 'all'}, dev and test <= "
-             f"{args.max_test_sentences or 'all'}; {cut} of {used} cut at {res['max_len']} tokens",
+             f"{args.max_eval_sentences or 'all'}; {cut} of {used} cut at {res['max_len']} tokens",
              f"{'sentences':<14}{'train':>14}{'dev':>14}{'test':>14}{'cut':>6}"]
     for name, splits in n.items():
         cells = [f"{splits[s]['used']}/{splits[s]['total']}" if s in splits else "-"
@@ -481,6 +534,8 @@ def format_compare(a, b):
                 fa, fb = f1(a, key, t, which), f1(b, key, t, which)
                 cells += [fa, fb, fb - fa]
             out.append(f"{t:<14}" + "".join(f"{100 * x:>9.1f}" for x in cells))
+        out.append(f"{'minutes':<14}" + "".join(f"{r['runs'][key]['seconds'] / 60:>9.1f}"
+                                                   for r in (a, b)))
     return "\n".join(out)
 
 
@@ -493,23 +548,33 @@ def get_args(argv=None):
     p.add_argument("--data_dir", help="folder of UNER_<Lang>-<Treebank>/<name>-ud-<split>.iob2 "
                    "(e.g. ../shared/data/uner); default: download into --cache_dir")
     p.add_argument("--cache_dir", default="data/uner", help="where downloaded UNER files go")
-    p.add_argument("--train", nargs="+", default=["all"],
-                   help=f"training sets: any of {' '.join(TRAIN_SETS)}, 'all' (their "
-                   "concatenation, one model), 'paper' (each of them, and all)")
-    p.add_argument("--test", nargs="+", help="test sets (default: every set with a test file)")
+    p.add_argument("--train_sets", nargs="+", default=["all"], metavar="NAME",
+                   help=f"one model per name: any of {' '.join(TRAIN_SETS)} (or another set with "
+                   "train and dev files), 'all' (the concatenation of those nine), 'paper' (each "
+                   "of the nine, and all)")
+    p.add_argument("--test_sets", nargs="+", metavar="NAME",
+                   help="test sets (default: every set with a test file, PUD and other test-only "
+                   "sets included)")
     p.add_argument("--regime", nargs="+", choices=["head", "full"], default=["head", "full"])
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch_size", type=int, default=16, help="sentences per step")
-    p.add_argument("--lr", type=float, default=3e-5, help="peak lr, regime full (the paper's)")
-    p.add_argument("--head_lr", type=float, default=1e-3,
-                   help="peak lr, regime head (a linear probe needs more than 3e-5)")
+    p.add_argument("--lr", type=float, default=3e-5, help="peak lr (the paper's, both regimes)")
+    p.add_argument("--head_lr", type=float,
+                   help="peak lr of regime head instead of --lr; a linear probe wants more than "
+                   "3e-5, e.g. 1e-3")
+    p.add_argument("--warmup_ratio", type=float, default=0.0,
+                   help="fraction of the steps with a linear warm-up (the paper: 0)")
+    p.add_argument("--decay", choices=["linear", "none"], default="linear",
+                   help="after warm-up: linear decay to 0 (the paper), or a constant lr")
     p.add_argument("--weight_decay", type=float, default=0.0,
                    help="AdamW's; 0 as in Hugging Face's Trainer")
+    p.add_argument("--beta1", type=float, default=0.9, help="AdamW's")
+    p.add_argument("--beta2", type=float, default=0.999, help="AdamW's")
     p.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm; 0: off")
     p.add_argument("--max_len", type=int, default=128, help="tokens per sentence; longer are cut")
     p.add_argument("--max_train_sentences", type=int, default=0,
                    help="cap per training file, a fixed random sample; 0: all (for CPU runs)")
-    p.add_argument("--max_test_sentences", type=int, default=0,
+    p.add_argument("--max_eval_sentences", "--max_test_sentences", type=int, default=0,
                    help="cap per dev and per test file, a fixed random sample; 0: all")
     p.add_argument("--eval_batch_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=1337)
@@ -517,15 +582,28 @@ def get_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="autocast dtype on CUDA; the CPU always computes in float32")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (0: torch's default, one per core); on a busy machine 1 is "
+                   "often faster, as the small matmuls here gain little from more and waiting "
+                   "threads stall every step")
     p.add_argument("--out", help="results JSON (default: ner_<checkpoint name>.json next to each "
                    "checkpoint; with --compare, PATH holds both)")
     args = p.parse_args(argv)
     if bool(args.ckpt) == bool(args.compare):
         p.error("give one checkpoint, or --compare CKPT_A CKPT_B")
+    for key in ("epochs", "batch_size", "eval_batch_size", "max_len"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key} must be at least 1")
+    for key in ("max_train_sentences", "max_eval_sentences"):
+        if getattr(args, key) < 0:
+            p.error(f"--{key} must be 0 (no cap) or more")
+    if not 0 <= args.warmup_ratio <= 1:
+        p.error("--warmup_ratio must lie in [0, 1]")
     return args
 
 
 def write_json(path, obj):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
     print(f"wrote {path}")
@@ -533,9 +611,12 @@ def write_json(path, obj):
 
 def main(argv=None):
     args = get_args(argv)
+    paths = [checkpoint_path(p) for p in args.compare or [args.ckpt]]  # before any long work
+    if args.threads:
+        torch.set_num_threads(args.threads)
     uner = load_uner(args)
     results = []
-    for path in args.compare or [args.ckpt]:
+    for path in paths:
         res = evaluate_checkpoint(path, uner, args)
         results.append(res)
         if not args.out:  # at once: a crash in the second checkpoint keeps the first's numbers

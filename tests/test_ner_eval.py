@@ -1,3 +1,4 @@
+import io
 import json
 import random
 import time
@@ -112,8 +113,8 @@ def test_span_f1_no_entities():
 
 def test_first_subtoken_alignment(tiny_enc):
     e = encode_sentence(["cat", "dogs", "tree"], ["B-PER", "O", "B-LOC"], tiny_enc, 128)
-    dog, s = tiny_enc.encode_ordinary(" dog"), tiny_enc.encode_ordinary("s")
-    assert e["ids"] == tiny_enc.encode_ordinary(" cat") + dog + s + tiny_enc.encode_ordinary(" tree")
+    cat, dog, s = (tiny_enc.encode_ordinary(w) for w in (" cat", " dog", "s"))
+    assert e["ids"] == cat + dog + s + tiny_enc.encode_ordinary(" tree")
     assert len(dog) == len(s) == 1
     assert e["labels"] == [LABEL_ID["B-PER"], LABEL_ID["O"], IGNORE, LABEL_ID["B-LOC"]]
     assert e["n_words"] == 3 and not e["cut"]
@@ -124,7 +125,7 @@ def test_chinese_has_no_spaces(tiny_enc):
     assert ner_eval.uses_spaces("en_ewt") and ner_eval.uses_spaces("sv_talbanken")
     words, tags = ["北京", "是", "cat"], ["B-LOC", "O", "B-PER"]
     e = encode_sentence(words, tags, tiny_enc, 128, spaces=False)
-    assert e["ids"] == tiny_enc.encode_ordinary("北京是cat")  # the tiny encoding: one token a byte
+    assert e["ids"] == tiny_enc.encode_ordinary("北京是cat")  # tiny encoding: a token per byte
     assert len(e["ids"]) == 6 + 3 + 3 and tiny_enc.encode_ordinary(" ")[0] not in e["ids"]
     assert e["labels"] == ([LABEL_ID["B-LOC"]] + [IGNORE] * 5 + [LABEL_ID["O"]] + [IGNORE] * 2 +
                            [LABEL_ID["B-PER"]] + [IGNORE] * 2)
@@ -196,7 +197,9 @@ def test_head_training_learns_synthetic_ner(tiny_enc):
     calls = []
     forward = model.forward
     model.forward = lambda *a, **kw: calls.append(1) or forward(*a, **kw)
-    res = ner_eval.fine_tune(model, train, dev, {"syn": test}, "head", settings())  # the defaults
+    # the paper's settings, except the head's own lr (3e-5 hardly moves a linear probe)
+    res = ner_eval.fine_tune(model, train, dev, {"syn": test}, "head", settings(head_lr=1e-3))
+    assert res["lr"] == 1e-3
     assert res["test"]["syn"]["final"]["f1"] > 0.9, res["epochs"]
     assert res["test"]["syn"]["best"]["f1"] > 0.9
     assert len(res["epochs"]) == 10
@@ -215,7 +218,9 @@ def test_features_cached_across_runs(tiny_enc):
     forward = model.forward
     model.forward = lambda *a, **kw: calls.append(1) or forward(*a, **kw)
     cache = {}
-    ner_eval.fine_tune(model, train, dev, {"syn": dev}, "head", settings(epochs=1), cache=cache)
+    res = ner_eval.fine_tune(model, train, dev, {"syn": dev}, "head", settings(epochs=1),
+                             cache=cache)
+    assert res["lr"] == 3e-5  # without --head_lr the head regime keeps the paper's lr
     assert len(calls) == 1 and len(cache) == 48
     # a second head (another training set, seed or lr) on the same checkpoint reuses them all
     ner_eval.fine_tune(model, dev, train, {"syn": train}, "head", settings(epochs=2), cache=cache)
@@ -263,7 +268,7 @@ def test_cli_end_to_end(tmp_path, tiny_enc, monkeypatch, capsys):
         torch.save(ckpt, tmp_path / name / "ckpt.pt")
         ckpts.append(str(tmp_path / name / "ckpt.pt"))
     monkeypatch.setattr(ner_eval.tiktoken, "get_encoding", lambda name: tiny_enc)
-    common = ["--data_dir", str(data), "--train", "xx_one", "--epochs", "2", "--device", "cpu",
+    common = ["--data_dir", str(data), "--train_sets", "xx_one", "--epochs", "2", "--device", "cpu",
               "--max_train_sentences", "40"]
     ner_eval.main([str(tmp_path / "a")] + common)  # a run directory: its ckpt.pt
     out = capsys.readouterr().out
@@ -283,9 +288,113 @@ def test_cli_end_to_end(tmp_path, tiny_enc, monkeypatch, capsys):
     pair = json.loads((tmp_path / "c.json").read_text())
     a, b = (pair[k]["runs"]["xx_one/head"]["test"]["yy_pud"]["final"]["f1"] for k in "ab")
     assert f"{100 * a:9.1f}{100 * b:9.1f}{100 * (b - a):9.1f}" in out
+    assert "\nminutes " in out  # run times of A and B
 
 
-def test_missing_training_set_is_named(tmp_path):
-    write(tmp_path / "UNER_Tiny-One" / "xx_one-ud-test.iob2", iob2(synthetic(2, 0)))
-    with pytest.raises(SystemExit, match="xx_one-ud-train"):
-        ner_eval.main(["ckpt.pt", "--data_dir", str(tmp_path), "--train", "xx_one"])
+def test_seed_makes_runs_repeatable(tiny_enc):
+    enc = lambda sents: ner_eval.encode_sentences(sents, tiny_enc, 64)
+    train, dev = enc(synthetic(40, 0)), enc(synthetic(8, 1))
+    model, cache = tiny_model(tiny_enc), {}
+    run = lambda seed: ner_eval.fine_tune(model, train, dev, {"syn": dev}, "head",
+                                          settings(epochs=2, head_lr=1e-3, seed=seed), cache=cache)
+    a, b, c = run(1), run(1), run(2)
+    assert a["epochs"] == b["epochs"] and a["test"] == b["test"]
+    assert a["epochs"][0]["train_loss"] != c["epochs"][0]["train_loss"]
+
+
+def test_lr_schedule():
+    paper = settings()  # linear decay to 0, no warm-up
+    assert [ner_eval.lr_at(s, 4, 1.0, paper) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    warm = settings(warmup_ratio=0.5)  # Hugging Face's get_linear_schedule_with_warmup
+    assert [ner_eval.lr_at(s, 8, 1.0, warm) for s in range(8)] == [0, .25, .5, .75, 1, .75, .5, .25]
+    flat = settings(decay="none", warmup_ratio=0.25)
+    assert [ner_eval.lr_at(s, 4, 1.0, flat) for s in range(4)] == [0.0, 1.0, 1.0, 1.0]
+
+
+def test_train_set_names_all_and_paper(tmp_path):
+    for n in ner_eval.TRAIN_SETS:
+        for split in ("train", "dev", "test"):
+            write(tmp_path / f"UNER_{n}" / f"{n}-ud-{split}.iob2", iob2(synthetic(3, 0)))
+    write(tmp_path / "UNER_Tiny-PUD" / "yy_pud-ud-test.iob2", iob2(synthetic(5, 0)))
+    args = settings(data_dir=str(tmp_path), train_sets=["paper", "en_ewt", "all"],
+                    max_eval_sentences=2)
+    uner = ner_eval.load_uner(args)  # each of the nine and their concatenation, each once
+    runs = [(n, [n]) for n in ner_eval.TRAIN_SETS] + [("all", ner_eval.TRAIN_SETS)]
+    assert uner["runs"] == runs
+    assert uner["tests"] == ner_eval.TRAIN_SETS + ["yy_pud"]  # own test sets, then test-only
+    assert len(uner["sents"]["yy_pud"]["test"]) == 2 and uner["total"]["yy_pud"]["test"] == 5
+    assert len(uner["sents"]["en_ewt"]["train"]) == 3  # --max_train_sentences 0: no cap
+
+
+def test_download_uner_layout(tmp_path, monkeypatch):
+    urls = []
+
+    class Response(io.BytesIO):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def urlopen(request, timeout):
+        urls.append(request.full_url)
+        return Response(iob2(synthetic(2, 0)).encode())
+
+    monkeypatch.setattr(ner_eval.urllib.request, "urlopen", urlopen)
+    ner_eval.download_uner(str(tmp_path), ["da_ddt", "de_pud"])
+    assert urls == [f"https://raw.githubusercontent.com/UniversalNER/UNER_Danish-DDT/HEAD/"
+                    f"da_ddt-ud-{s}.iob2" for s in ("train", "dev", "test")] + [
+                    "https://raw.githubusercontent.com/UniversalNER/UNER_German-PUD/HEAD/"
+                    "de_pud-ud-test.iob2"]  # a test-only set has only a test file
+    found = ner_eval.find_datasets(str(tmp_path))  # laid out as --data_dir expects
+    assert set(found) == {"da_ddt", "de_pud"} and set(found["da_ddt"]) == {"train", "dev", "test"}
+    ner_eval.download_uner(str(tmp_path), ["da_ddt", "de_pud"])  # files already there are kept
+    assert len(urls) == 4
+    with pytest.raises(SystemExit, match="unknown UNER dataset 'xx_yy'"):
+        ner_eval.download_uner(str(tmp_path), ["xx_yy"])
+
+
+# Bad input: a clear error that names the path or the key
+
+def test_bad_input_errors(tmp_path, tiny_enc, capsys):
+    for split in ("train", "dev", "test"):
+        write(tmp_path / "uner" / "UNER_Tiny-One" / f"xx_one-ud-{split}.iob2",
+              iob2(synthetic(2, 0)))
+    write(tmp_path / "uner" / "UNER_Tiny-PUD" / "yy_pud-ud-test.iob2", iob2(synthetic(2, 0)))
+    data = str(tmp_path / "uner")
+    model = tiny_model(tiny_enc)
+    ckpt = {"model_args": vars(model.args), "model": model.state_dict(), "tokenizer": "tiny"}
+    torch.save(ckpt, tmp_path / "ok.pt")
+    torch.save({k: v for k, v in ckpt.items() if k != "model_args"}, tmp_path / "nokey.pt")
+    ok = str(tmp_path / "ok.pt")
+
+    def error(argv):
+        with pytest.raises(SystemExit) as e:
+            ner_eval.main(argv + ["--device", "cpu"])
+        return str(e.value)
+
+    assert f"{tmp_path}/nope: no such directory" in error([ok, "--data_dir", f"{tmp_path}/nope"])
+    too_deep = str(tmp_path / "uner" / "UNER_Tiny-One")  # a dataset folder, not their parent
+    assert f"no UNER files under {too_deep}" in error([ok, "--data_dir", too_deep])
+    msg = error([ok, "--data_dir", data, "--train_sets", "en_ewtt"])
+    assert "'en_ewtt'" in msg and "en_ewtt-ud-train.iob2" in msg and "there: xx_one" in msg
+    msg = error([ok, "--data_dir", data, "--train_sets", "yy_pud"])  # a test-only set
+    assert "yy_pud-ud-train.iob2 or yy_pud-ud-dev.iob2" in msg
+    msg = error([ok, "--data_dir", data, "--train_sets", "xx_one", "--test_sets", "zz"])
+    assert "'zz'" in msg and "test sets there: xx_one yy_pud" in msg
+    # a missing checkpoint is named before any data is read (the data dir does not even exist)
+    missing = str(tmp_path / "missing.pt")
+    assert error([missing, "--data_dir", f"{tmp_path}/nope"]) == f"checkpoint {missing} not found"
+    assert error(["--compare", ok, str(tmp_path), "--data_dir", data]) == (
+        f"checkpoint {tmp_path}/ckpt.pt not found")  # a run directory without its ckpt.pt
+    msg = error([str(tmp_path / "nokey.pt"), "--data_dir", data, "--train_sets", "xx_one"])
+    assert "nokey.pt is not a meta_train.py checkpoint: no key 'model_args'" in msg
+    with pytest.raises(SystemExit):
+        ner_eval.get_args([ok, "--max_train_sentences", "-1"])
+    assert "must be 0 (no cap) or more" in capsys.readouterr().err
+
+
+def test_help():
+    with pytest.raises(SystemExit) as e:
+        ner_eval.get_args(["--help"])
+    assert e.value.code == 0
