@@ -4,7 +4,7 @@
 # higher learning rate, and 8-way episodes of 64-token windows instead of the paper's 32-way x 128.
 #   python meta_train.py configs/cpu.py                                   # meta run
 #   python meta_train.py configs/cpu.py --meta_ratio=0 --out_dir=out/cpu-vanilla
-out_dir = "out/cpu"
+out_dir = "out/cpu-meta"
 dim = 64
 n_layers = 4
 n_heads = 4
