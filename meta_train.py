@@ -11,6 +11,7 @@ and --key=value overrides both. An unknown key or a value of the wrong type is a
 """
 import ast
 import builtins
+import ctypes
 import difflib
 import json
 import math
@@ -324,6 +325,20 @@ def all_reduce_grads(params, world_size, bucket_numel=2 ** 25):
             bucket, size = [], 0
 
 
+def keep_freed_memory():
+    """Make glibc keep freed memory for reuse instead of handing it back to the OS. By default each
+    block over 32 MiB (one 8 x 256 x 50304 fp32 logits tensor is 393 MiB) is mmap'd fresh and
+    unmapped when freed, so every micro-step page-faults its largest tensors in again: on CPU that
+    costs about as much as the step's arithmetic (bench.py: 1493 -> 750 ms per configs/cpu.py AR
+    micro-step). The price is a resident set that stays at its peak. -> whether glibc accepted it."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from malloc.h; a threshold of -1 never trims
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
+
+
 def save_checkpoint(path, obj):
     """Write to a temporary name, then rename: a crash mid-write never damages the last good file."""
     tmp = path + ".tmp"
@@ -347,6 +362,7 @@ def train(c):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     device_type = "cuda" if dev.startswith("cuda") else "cpu"
+    kept = device_type == "cpu" and keep_freed_memory()
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
 
@@ -442,7 +458,8 @@ def train(c):
         say(f"meta head: {sum(p.numel() for p in head.parameters()):,} parameters "
             f"({c.meta_hidden}-wide MLP + {c.vocab_size}-row output; an episode uses {c.n_way} rows)")
     say(f"device {dev} x {world_size} rank(s), {'bf16 autocast' if use_bf16 else 'fp32'}, "
-        f"compile={c.compile}, peak {'%.0f TFLOP/s' % (peak / 1e12) if peak else 'unknown (no MFU)'}")
+        f"compile={c.compile}, {'glibc keeps freed memory, ' if kept else ''}"
+        f"peak {'%.0f TFLOP/s' % (peak / 1e12) if peak else 'unknown (no MFU)'}")
     say(f"AR step: {ar_tokens_step:,} tokens = {c.batch_size} micro-batch x {grad_accum} accumulation"
         f" x {world_size} ranks x {c.seq_len} seq_len; {ar_flops_step:.3g} FLOPs")
     if sampler:
