@@ -25,6 +25,7 @@ the first run's final validation loss. It prints a table and writes compare.txt 
 import argparse
 import csv
 import glob
+import io
 import json
 import math
 import os
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import data
 from model import Llama
 
 # the matrices of one block, by the short name used in the CSV
@@ -191,12 +193,10 @@ def load_probe(ckpt, probe_text=None, data_dir=None, batch=8, seq_len=None):
         raise ValueError(f"probe_len {seq_len} > the model's max_seq_len "
                          f"{ckpt['model_args']['max_seq_len']}")
     if probe_text:
-        import tiktoken
         with open(probe_text, encoding="utf-8") as f:
-            tokens = tiktoken.get_encoding(ckpt["tokenizer"]).encode_ordinary(f.read())
+            tokens = data.get_encoding(ckpt["tokenizer"]).encode_ordinary(f.read())
         source = probe_text
     else:
-        import data  # only this path needs the shard reader
         shards = data.list_shards(data_dir or cfg["data_dir"], "val")  # raises, naming the dir
         tokens, source = data.load_shard(shards[0]), shards[0]
     windows = probe_windows(tokens, batch, seq_len, source)
@@ -218,11 +218,16 @@ def analyze_run(run_dir, probe_text=None, data_dir=None, probe_batch=8, probe_le
     return rows, probe_desc
 
 
+def write_text(path, text):
+    data.atomic_write(path, lambda f: f.write(text.encode()))
+
+
 def write_csv(rows, path):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["step", "layer", "component", "metric", "value"])
-        w.writerows(rows)
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["step", "layer", "component", "metric", "value"])
+    w.writerows(rows)
+    write_text(path, buf.getvalue())
 
 
 def layer_curves(rows, metric):
@@ -308,7 +313,7 @@ def plot_metrics(rows, out_dir):
         fig.suptitle(f"{metric}: {METRICS[metric]}", fontsize=10)
         fig.tight_layout()
         path = os.path.join(out_dir, f"{metric}.png")
-        fig.savefig(path, dpi=100)
+        data.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
         plt.close(fig)
         paths.append(path)
     return paths
@@ -421,7 +426,7 @@ def plot_compare(runs, logs, path):
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("validation loss; dashed: the first run's final value", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    data.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return True
 
@@ -458,8 +463,7 @@ def main(argv=None):
         os.makedirs(out, exist_ok=True)
         table = compare_table(args.compare, logs)
         print(table, end="")
-        with open(os.path.join(out, "compare.txt"), "w") as f:
-            f.write(table)
+        write_text(os.path.join(out, "compare.txt"), table)
         plotted = plot_compare(args.compare, logs, os.path.join(out, "compare.png"))
         print(f"wrote {out}/compare.txt" + (" and compare.png" if plotted else
                                              " (matplotlib not installed: no plot)"))
@@ -477,8 +481,7 @@ def main(argv=None):
     print(f"analysed {n} checkpoints in {time.time() - t0:.1f} s")
     write_csv(rows, os.path.join(out, "metrics.csv"))
     summary = summarize(rows, args.tol, header=f"run {args.run_dir}; probe: {probe_desc}")
-    with open(os.path.join(out, "summary.txt"), "w") as f:
-        f.write(summary)
+    write_text(os.path.join(out, "summary.txt"), summary)
     print(summary, end="")
     plots = plot_metrics(rows, out)
     if plots is None:

@@ -16,7 +16,6 @@ rows say so. Times are medians of --reps runs after --warmup runs.
 import argparse
 import ctypes
 import gc
-import json
 import os
 import platform
 import statistics
@@ -374,8 +373,7 @@ def main(argv=None):
     facts["command"] = " ".join(["python", "bench.py"] + (sys.argv[1:] if argv is None else argv))
     print(format_table(facts, rows, tera=torch.cuda.is_available()))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"facts": facts, "rows": rows}, f, indent=1)
+        data.write_json(args.json, {"facts": facts, "rows": rows})
 
 
 if __name__ == "__main__":

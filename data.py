@@ -63,7 +63,7 @@ def get_encoding(name="gpt2"):
                            f"cache holding it (e.g. ../shared/data/tiktoken/cache)") from e
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """Write `path` through write(f) under a temporary name in the same directory, then rename it into place,
     so neither a crash nor an error ever leaves a half-written file or damages the file it replaces."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix="." + os.path.basename(path) + ".")
@@ -78,12 +78,13 @@ def _atomic_write(path, write):
         raise
 
 
-def _write_json(path, obj):
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+def write_json(path, obj):
+    """Every JSON file nanoMAML writes (meta.json, results, bench tables) goes through here."""
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def _write_npy(path, arr):
-    _atomic_write(path, lambda f: np.save(f, arr))
+    atomic_write(path, lambda f: np.save(f, arr))
 
 
 def write_shard(path, tokens):
@@ -105,7 +106,7 @@ def write_shard(path, tokens):
     def write(f):
         f.write(header.tobytes())
         f.write(tokens.astype(np.uint16, copy=False).tobytes())
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def load_shard(path):
@@ -420,7 +421,7 @@ def write_shards(docs, enc, out_dir, val_tokens=1_000_000, shard_tokens=100_000_
                 "train_tokens": train.n_tokens, "val_tokens": val.n_tokens, "train_docs": train.n_docs,
                 "val_docs": val.n_docs, "shards": {"train": train.shards, "val": val.shards}, "command": command,
                 "seconds": round(seconds, 2), "index": None}
-        _write_json(os.path.join(out_dir, "meta.json"), meta)
+        write_json(os.path.join(out_dir, "meta.json"), meta)
         return meta
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -499,7 +500,7 @@ def build_index(data_dir, enc, min_count=DEFAULT_MIN_COUNT, max_count=DEFAULT_MA
                         "n_positions": len(p_kept), "shards": meta["shards"][split]}
     index["seconds"] = round(time.time() - t0, 2)
     meta["index"] = index
-    _write_json(os.path.join(data_dir, "meta.json"), meta)
+    write_json(os.path.join(data_dir, "meta.json"), meta)
     return index
 
 

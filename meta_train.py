@@ -29,6 +29,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
+
 # I/O
 out_dir = "out"
 data_dir = "data/wiki"  # shards + SMLMT index written by data.py
@@ -139,6 +141,12 @@ def check_config(c, world_size):
         raise ConfigError("meta_task 'lm' adapts the whole model: set inner_params='all'")
     if c.n_way < 2 or c.k_shot < 1 or c.q_query < 1 or c.inner_steps < 0:
         raise ConfigError("need n_way >= 2, k_shot >= 1, q_query >= 1, inner_steps >= 0")
+    for key in ("batch_size", "total_batch_size", "seq_len", "meta_seq_len", "eval_interval",
+                "eval_iters", "save_interval", "log_interval"):
+        if getattr(c, key) < 1:
+            raise ConfigError(f"{key} must be at least 1, got {getattr(c, key)}")
+    if c.max_steps < 0:
+        raise ConfigError(f"max_steps must be at least 0, got {c.max_steps}")
     if c.total_batch_size % (c.batch_size * world_size):
         raise ConfigError(f"total_batch_size {c.total_batch_size} is not a multiple of batch_size "
                           f"{c.batch_size} x {world_size} ranks")
@@ -341,13 +349,10 @@ def keep_freed_memory():
 
 def save_checkpoint(path, obj):
     """Write to a temporary name, then rename: a crash mid-write never damages the last good file."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    data.atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def train(c):
-    import data
     from model import Llama, ModelArgs, estimate_mfu, model_summary, peak_flops
 
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -436,12 +441,18 @@ def train(c):
             # drop log lines written after the checkpoint by the interrupted run
             with open(log_path) as f:
                 keep = [l for l in f if json.loads(l)["step"] <= start_step]
-            with open(log_path + ".tmp", "w") as f:
-                f.writelines(keep)
-            os.replace(log_path + ".tmp", log_path)
+            data.atomic_write(log_path, lambda f: f.write("".join(keep).encode()))
         del ckpt
-    elif master and os.path.exists(log_path):
-        os.remove(log_path)
+    else:
+        # a fresh run would overwrite ckpt.pt and mix its numbered checkpoints with the old
+        # run's in analyze.py: refuse rather than lose or muddle either run
+        old = sorted(f for f in os.listdir(c.out_dir) if f.startswith("ckpt") and f.endswith(".pt"))
+        if old:
+            raise ConfigError(f"out_dir '{c.out_dir}' holds checkpoints of an earlier run "
+                              f"({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}): continue "
+                              f"it with --resume=True, or choose another out_dir")
+        if master and os.path.exists(log_path):
+            os.remove(log_path)
 
     raw_model = model  # uncompiled: saving, eval and analysis use it
     if c.compile:
@@ -529,6 +540,12 @@ def train(c):
         with open(log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
+    def stop(what):
+        bar.close()
+        where = (f"the last good checkpoint is {last_good} (left intact)" if last_good
+                 else "no checkpoint was written yet")
+        raise SystemExit(f"{what}; stopping: {where}")
+
     from tqdm import tqdm
     bar = tqdm(total=c.max_steps, initial=start_step, disable=not master, unit="step",
                dynamic_ncols=True)
@@ -544,8 +561,12 @@ def train(c):
                     acc = f", val query acc {val_acc:.3f}" if val_acc is not None else ""
                     bar.write(f"step {step}: val loss {val_loss:.4f}{acc}")
         if step == c.max_steps:
-            if master and (step > start_step or not c.resume):
-                checkpoint(step)
+            if step > start_step or not c.resume:
+                # no loss of a later step will vouch for these weights: check them directly
+                if not (math.isfinite(val_loss) and all(p.isfinite().all() for p in params)):
+                    stop(f"non-finite weights or val loss ({val_loss}) at step {step}")
+                if master:
+                    checkpoint(step)
             break
 
         t0 = time.time()
@@ -595,11 +616,8 @@ def train(c):
         stats /= stats[4].clone()
         loss_now = (stats[1] if is_meta else stats[0]).item()
         if not (math.isfinite(loss_now) and math.isfinite(grad_norm.item())):
-            bar.close()
-            where = (f"the last good checkpoint is {last_good} (left intact)" if last_good
-                     else "no checkpoint was written yet")
-            raise SystemExit(f"non-finite {'meta' if is_meta else 'AR'} loss ({loss_now}) or "
-                             f"grad norm at step {step}; stopping: {where}")
+            stop(f"non-finite {'meta' if is_meta else 'AR'} loss ({loss_now}) or grad norm at "
+                 f"step {step}")
         # only now, with a finite loss at these weights, is a checkpoint of them known to be good
         if step % c.save_interval == 0 and (step > start_step or not c.resume):
             if master:
@@ -617,7 +635,7 @@ def train(c):
         bar.update(1)
         if master and ((step + 1) % c.log_interval == 0 or step + 1 == c.max_steps):
             tokens = ep_tokens * episodes_step if is_meta else ar_tokens_step
-            mfu = estimate_mfu(step_flops / dt, peak)
+            mfu = estimate_mfu(step_flops / dt / world_size, peak)  # the peak is one device's
             ms = {k: (1000 * v[0] / v[1] if v[1] else None) for k, v in window.items()}
             row = dict(step=step + 1, lr=lr, tok_per_s=tokens / dt, mfu=mfu, ar_ms=ms["ar"],
                        meta_ms=ms["meta"], **counters)

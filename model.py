@@ -6,6 +6,7 @@ rest of nanoMAML reads: final hidden states (meta head, NER heads), per-block ou
 attention probabilities (learning-dynamics analysis), FLOPs per token and MFU.
 """
 import math
+import re
 from dataclasses import dataclass, asdict
 
 import torch
@@ -225,12 +226,13 @@ class Llama(nn.Module):
         return model.to(device)
 
 
-# Dense bf16 tensor-core peaks (FLOP/s) from vendor datasheets, matched on the device name, most
-# specific first. A device not listed gets no MFU: a guessed peak would give a wrong number.
+# Dense bf16 tensor-core peaks (FLOP/s) from vendor datasheets, matched as whole words of the
+# device name ("L4" is not "L40"), most specific first. A device not listed gets no MFU: a
+# guessed peak would give a wrong number.
 PEAK_FLOPS = [
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-    ("H800", 989e12), ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12),
-    ("L40S", 362e12), ("L4", 121e12), ("MI300X", 1307e12),
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12),
+    ("H200", 989e12), ("H800", 989e12), ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12),
+    ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("MI300X", 1307e12),
 ]
 
 
@@ -240,7 +242,7 @@ def peak_flops(device):
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((p for key, p in PEAK_FLOPS if key in name), None)
+    return next((p for key, p in PEAK_FLOPS if re.search(rf"\b{key}\b", name)), None)
 
 
 def estimate_mfu(flops_per_second, peak):

@@ -24,7 +24,6 @@ The data is CC BY-SA: credit UNER (Mayhew et al., NAACL 2024) and the UD treeban
 import argparse
 import copy
 import glob
-import json
 import math
 import os
 import random
@@ -34,12 +33,12 @@ import urllib.request
 from collections import defaultdict
 from contextlib import nullcontext
 
-import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import data
 from model import Llama, ModelArgs
 
 TYPES = ("PER", "ORG", "LOC")
@@ -128,15 +127,13 @@ def download_uner(cache_dir, names):
             try:
                 request = urllib.request.Request(url, headers={"User-Agent": "nanoMAML ner_eval"})
                 with urllib.request.urlopen(request, timeout=60) as r:
-                    data = r.read()
+                    raw = r.read()
             except OSError as e:
                 raise SystemExit(f"could not download {url}: {e}\n"
                                  f"pass --data_dir with a local copy of the UNER files instead")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             # write, then rename: an interrupted fetch leaves no half file behind
-            with open(path + ".tmp", "wb") as f:
-                f.write(data)
-            os.replace(path + ".tmp", path)
+            data.atomic_write(path, lambda f: f.write(raw))
 
 
 def get_spans(tags):
@@ -439,10 +436,9 @@ def load_checkpoint(path, tokenizer=None):
                          f"{', '.join(map(repr, missing))}")
     name = tokenizer or ckpt["tokenizer"]
     try:
-        enc = tiktoken.get_encoding(name)
-    except Exception as e:  # unknown name, or no network and no cached BPE file
-        raise SystemExit(f"{path}: cannot load tiktoken encoding {name!r} ({e}); offline, point "
-                         f"TIKTOKEN_CACHE_DIR at a cache that holds it")
+        enc = data.get_encoding(name)
+    except RuntimeError as e:  # unknown name, or no network and no cached BPE file
+        raise SystemExit(f"{path}: {e}")
     return ckpt, enc
 
 
@@ -604,8 +600,7 @@ def get_args(argv=None):
 
 def write_json(path, obj):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
+    data.write_json(path, obj)
     print(f"wrote {path}")
 
 

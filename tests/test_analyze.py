@@ -267,7 +267,7 @@ def test_probe_from_the_runs_first_val_shard(tmp_path, monkeypatch):
     fake = types.SimpleNamespace(list_shards=lambda data_dir, split: shards[data_dir][split],
                                  load_shard=lambda path: np.arange(1000, dtype=np.uint16)
                                  + (0 if path.endswith("0.bin") else 1))
-    monkeypatch.setitem(sys.modules, "data", fake)
+    monkeypatch.setattr(analyze, "data", fake)
     ckpt = {"config": {"data_dir": "d", "seq_len": 16}, "model_args": {"max_seq_len": 32}}
     probe, desc = analyze.load_probe(ckpt, batch=4)
     assert probe.shape == (4, 17) and probe[0, 0] == 0 and probe[-1, -1] == 999

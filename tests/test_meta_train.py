@@ -118,6 +118,16 @@ def test_resume_rejects_a_changed_config(data_dir, tmp_path):
             "--learning_rate=1e-3")
 
 
+def test_fresh_run_refuses_an_out_dir_with_checkpoints(data_dir, tmp_path):
+    args = ["--meta_ratio=0.0", "--max_steps=2", "--eval_interval=2", "--save_interval=2"]
+    run(data_dir, tmp_path, *args)
+    before = weights(tmp_path / "ckpt.pt")
+    with pytest.raises(ConfigError, match="holds checkpoints of an earlier run .*--resume=True"):
+        run(data_dir, tmp_path, *args, "--seed=7")
+    assert_same(before, weights(tmp_path / "ckpt.pt"), atol=0)  # the earlier run is untouched
+    assert [r["step"] for r in read_log(tmp_path) if r["val_loss"] is not None] == [0, 2]
+
+
 def test_data_parallel_matches_one_process(data_dir, tmp_path):
     """2 gloo ranks x 1 micro-batch of 4 against 1 process x 2 accumulated micro-batches of 4."""
     args = ["--meta_ratio=0.5", "--max_steps=6", "--eval_interval=6", "--save_interval=6",
@@ -145,6 +155,8 @@ def test_data_parallel_matches_one_process(data_dir, tmp_path):
     (["--n_way=9"], ["n_way 9 > 8 candidate words", "index_train_positions.npy"]),
     (["--data_dir=/nonexistent/shards"], ["data_dir '/nonexistent/shards' not found"]),
     (["--total_batch_size=6"], ["not a multiple of batch_size"]),
+    (["--batch_size=0"], ["batch_size must be at least 1, got 0"]),
+    (["--eval_interval=0"], ["eval_interval must be at least 1, got 0"]),
 ])
 def test_bad_config_stops_before_training(data_dir, tmp_path, override, words):
     with pytest.raises(ConfigError) as e:
@@ -176,3 +188,23 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data_dir, tmp_path)
     ckpt = torch.load(good, weights_only=False)  # intact and loadable
     assert ckpt["step"] < step and all(v.isfinite().all() for v in ckpt["model"].values())
     assert not os.path.exists(tmp_path / f"ckpt_{step:06d}.pt")  # bad weights were never saved
+
+
+def test_non_finite_weights_after_the_last_update_are_not_saved(data_dir, tmp_path, monkeypatch):
+    # the last update writes a NaN into the weights: no later step's loss can flag them, so the
+    # final checkpoint must check them itself
+    step_fn, calls = torch.optim.AdamW.step, []
+
+    def poisoned_step(self, *a, **k):
+        out = step_fn(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 2:
+            self.param_groups[0]["params"][0].data[0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_step)
+    with pytest.raises(SystemExit, match=r"non-finite weights or val loss .* at step 2; .*ckpt_000001.pt"):
+        run(data_dir, tmp_path, "--meta_ratio=0.0", "--max_steps=2", "--eval_interval=100",
+            "--save_interval=1")
+    assert not os.path.exists(tmp_path / "ckpt_000002.pt")
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 1

@@ -160,6 +160,16 @@ def test_flops_and_mfu():
     assert estimate_mfu(312e12 / 2, 312e12) == 0.5
 
 
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200 NVL", 835e12),
+    ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12),
+    ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12), ("NVIDIA GeForce RTX 4090", None),
+])
+def test_peak_table_matches_whole_names(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops("cuda") == peak
+
+
 def test_generate_extends_sequence():
     model = tiny()
     out = model.generate(torch.zeros(1, 3, dtype=torch.long), 5, top_k=5)

@@ -267,7 +267,7 @@ def test_cli_end_to_end(tmp_path, tiny_enc, monkeypatch, capsys):
         (tmp_path / name).mkdir()
         torch.save(ckpt, tmp_path / name / "ckpt.pt")
         ckpts.append(str(tmp_path / name / "ckpt.pt"))
-    monkeypatch.setattr(ner_eval.tiktoken, "get_encoding", lambda name: tiny_enc)
+    monkeypatch.setattr(ner_eval.data, "get_encoding", lambda name: tiny_enc)
     common = ["--data_dir", str(data), "--train_sets", "xx_one", "--epochs", "2", "--device", "cpu",
               "--max_train_sentences", "40"]
     ner_eval.main([str(tmp_path / "a")] + common)  # a run directory: its ckpt.pt
