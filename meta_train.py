@@ -92,9 +92,9 @@ class ConfigError(ValueError):
 
 def configure(defaults, argv):
     """nanoGPT-style: config files (plain assignments) then --key=value, each checked against
-    the defaults' keys and types."""
+    the defaults' keys and types. Files apply first wherever they stand, so a flag always wins."""
     cfg = dict(defaults)
-    for arg in argv:
+    for arg in sorted(argv, key=lambda a: a.startswith("--")):  # stable: files, then flags
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
             if not eq:
@@ -103,6 +103,8 @@ def configure(defaults, argv):
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 value = text  # a bare word is a string: --meta_task=lm
+            if isinstance(defaults.get(key), str):
+                value = text  # a string key takes the text as written: --out_dir=2024
             items, source = [(key, value)], "command line"
         else:
             if not os.path.isfile(arg):
@@ -620,8 +622,10 @@ def train(c):
                  f"step {step}")
         # only now, with a finite loss at these weights, is a checkpoint of them known to be good
         if step % c.save_interval == 0 and (step > start_step or not c.resume):
+            t_save = time.time()
             if master:
                 checkpoint(step)
+            t0 += time.time() - t_save  # "time" is training time: no eval, no checkpoint I/O
             last_good = os.path.join(c.out_dir, f"ckpt_{step:06d}.pt" if c.keep_checkpoints
                                      else "ckpt.pt")
         optimizer.step()

@@ -162,6 +162,9 @@ def test_configure_overrides_and_types(tmp_path):
     assert (c["dim"], c["n_layers"], c["meta_task"], c["compile"]) == (64, 3, "lm", False)
     assert c["learning_rate"] == 1.0 and type(c["learning_rate"]) is float
     assert meta_train.DEFAULTS["dim"] == 96  # defaults untouched
+    # a flag wins over a file wherever the file stands; a string key takes its text as written
+    c = configure(meta_train.DEFAULTS, ["--dim=128", str(f), "--out_dir=2024", "--data_dir=None"])
+    assert (c["dim"], c["out_dir"], c["data_dir"]) == (128, "2024", "None")
 
 
 @pytest.mark.parametrize("argv, words", [
