@@ -161,7 +161,9 @@ def list_checkpoints(run_dir):
     """The run's numbered checkpoints ckpt_NNNNNN.pt in step order (ckpt.pt, the latest, is a
     duplicate of the last one and is not read)."""
     if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+        raise FileNotFoundError(f"run directory {run_dir} " + (
+            "is a file: pass the directory that holds the run's checkpoints"
+            if os.path.exists(run_dir) else "does not exist"))
     found = []
     for path in glob.glob(os.path.join(run_dir, "ckpt_*.pt")):
         m = re.fullmatch(r"ckpt_(\d+)\.pt", os.path.basename(path))

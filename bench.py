@@ -146,10 +146,11 @@ def random_episode(c):
 def data_rows(c, text, num_proc):
     """Tokenization (data.bench_tokenize) and episode sampling (data.bench_sampler) -> rows."""
     rows = []
+    missing = [p for p in text if not os.path.isfile(p)]
     text = [p for p in text if os.path.isfile(p)]
     try:
         if not text:
-            raise RuntimeError("no --text file found")
+            raise RuntimeError(f"no --text file found ({', '.join(missing) or 'none given'})")
         tok = data.bench_tokenize(text, data.get_encoding("gpt2"), num_proc, repeats=3)
         rows.append(dict(name=f"raw tiktoken, {num_proc} processes", rate=tok["raw_processes_tok_s"]))
         rows.append(dict(name="tokenize + write shards (data.py)", rate=tok["pipeline_tok_s"],
@@ -356,6 +357,10 @@ def main(argv=None):
                         help="tokenizer processes (default: the CPUs this process may use)")
     parser.add_argument("--json", help="also write the facts and rows to this JSON file")
     args, overrides = parser.parse_known_args(argv)
+    if args.reps < 1 or args.warmup < 0:
+        parser.error("--reps must be at least 1 and --warmup at least 0")
+    if args.json:  # before the minutes of measuring, not after
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     if os.path.isdir(os.path.join(SHARED, "tiktoken", "cache")):  # offline GPT-2 vocabulary
         os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken", "cache"))
     # as meta_train.py does on CPU: without it, large tensors are page-faulted in every step

@@ -4,8 +4,9 @@ Token shards and episode samplers for nanoMAML.
 As a script it tokenizes text with tiktoken into uint16 token shards and then builds the SMLMT
 occurrence index, in one command:
 
-    python data.py --text "corpus/en_wikipedia.train.txt" --val_text "corpus/en_wikipedia.valid.txt" --out data/wiki
-    python data.py --dataset HuggingFaceFW/fineweb-edu --name sample-10BT --out data/fineweb --max_tokens 1_000_000_000
+    python data.py --text ../shared/data/corpus/en_wikipedia.train.txt \
+                   --val_text ../shared/data/corpus/en_wikipedia.valid.txt --out data/wiki
+    python data.py --dataset HuggingFaceFW/fineweb-edu --name sample-10BT --out data/fineweb --max_tokens 2_000_000_000
     python data.py --reindex --out data/wiki --min_count 200      # rebuild only the index, e.g. with another band
 
 As a library it gives ShardReader (random next-token windows), SMLMTSampler (N-way K-shot masked-word

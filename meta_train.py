@@ -152,6 +152,9 @@ def check_config(c, world_size):
     if c.total_batch_size % (c.batch_size * world_size):
         raise ConfigError(f"total_batch_size {c.total_batch_size} is not a multiple of batch_size "
                           f"{c.batch_size} x {world_size} ranks")
+    if c.dim % c.n_heads or c.n_heads % c.n_kv_heads:
+        raise ConfigError(f"dim {c.dim} must be a multiple of n_heads {c.n_heads}, and n_heads a "
+                          f"multiple of n_kv_heads {c.n_kv_heads}")
     if c.dtype not in ("auto", "float32", "bfloat16"):
         raise ConfigError(f"dtype must be 'auto', 'float32' or 'bfloat16', got '{c.dtype}'")
     if not os.path.isdir(c.data_dir):
@@ -414,14 +417,14 @@ def train(c):
     use_bf16 = c.dtype == "bfloat16" or (c.dtype == "auto" and device_type == "cuda")
     autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
 
+    if c.resume and not os.path.exists(os.path.join(c.out_dir, "ckpt.pt")):
+        raise ConfigError(f"resume=True but {os.path.join(c.out_dir, 'ckpt.pt')} does not exist")
     os.makedirs(c.out_dir, exist_ok=True)
     ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
     log_path = os.path.join(c.out_dir, "log.jsonl")
     start_step, counters = 0, {"ar_tokens": 0, "meta_tokens": 0, "flops": 0.0, "time": 0.0}
     last_good = None
     if c.resume:
-        if not os.path.exists(ckpt_path):
-            raise ConfigError(f"resume=True but {ckpt_path} does not exist")
         ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
         diff = {k: (ckpt["config"].get(k), v) for k, v in vars(c).items()
                 if k not in RESUME_FREE and ckpt["config"].get(k) != v}
@@ -576,11 +579,12 @@ def train(c):
         for g in optimizer.param_groups:
             g["lr"] = lr
         # AR or meta, drawn from a generator keyed by (seed, step) alone: every rank takes the same
-        # branch without communicating, and resuming at any step replays it. DESIGN.md draws per
-        # micro-step; we draw once per optimizer step (all its micro-steps share the branch), so
-        # that a run's global batch, and so its weights, do not depend on how it is split over
-        # ranks and accumulation (the data-parallel test checks this), and so that each step's
-        # loss scale is that of one kind. The expected share of meta micro-steps is still meta_ratio.
+        # branch without communicating, and resuming at any step replays it. The design notes
+        # (../shared/DESIGN.md) draw per micro-step; we draw once per optimizer step (all its
+        # micro-steps share the branch), so that a run's global batch, and so its weights, do not
+        # depend on how it is split over ranks and accumulation (the data-parallel test checks
+        # this), and so that each step's loss scale is that of one kind. The expected share of
+        # meta micro-steps is still meta_ratio.
         is_meta = np.random.default_rng([c.seed, step, 1]).random() < c.meta_ratio
         stats = torch.zeros(5, device=dev)  # AR loss, meta loss, support acc, query acc, count
         for micro in range(grad_accum):

@@ -30,8 +30,8 @@ class ModelArgs:
         if self.hidden_dim == 0:
             self.hidden_dim = 4 * self.dim
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"dim {self.dim} must divide into n_heads {self.n_heads}, and n_heads "
-                             f"into n_kv_heads {self.n_kv_heads}")
+            raise ValueError(f"dim {self.dim} must be a multiple of n_heads {self.n_heads}, and "
+                             f"n_heads a multiple of n_kv_heads {self.n_kv_heads}")
 
 
 class RMSNorm(nn.Module):

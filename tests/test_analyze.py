@@ -207,6 +207,8 @@ def test_no_checkpoints_is_a_clear_error(tmp_path, capsys):
         analyze.list_checkpoints(str(run))
     with pytest.raises(FileNotFoundError, match="missing_run does not exist"):
         analyze.list_checkpoints(str(tmp_path / "missing_run"))
+    with pytest.raises(FileNotFoundError, match="ckpt.pt is a file: pass the directory"):
+        analyze.list_checkpoints(str(run / "ckpt.pt"))
     with pytest.raises(SystemExit):
         analyze.main([str(run)])
     assert "no numbered checkpoints" in capsys.readouterr().err

@@ -38,6 +38,9 @@ def test_help_runs():
     out = subprocess.run([sys.executable, "bench.py", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and "--reps" in out.stdout and "--no_compile" in out.stdout
+    out = subprocess.run([sys.executable, "bench.py", "--reps=0"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "--reps must be at least 1" in out.stderr
 
 
 @pytest.mark.parametrize("with_peer", [False, True])

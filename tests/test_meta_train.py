@@ -157,13 +157,15 @@ def test_data_parallel_matches_one_process(data_dir, tmp_path):
     (["--total_batch_size=6"], ["not a multiple of batch_size"]),
     (["--batch_size=0"], ["batch_size must be at least 1, got 0"]),
     (["--eval_interval=0"], ["eval_interval must be at least 1, got 0"]),
+    (["--n_heads=3"], ["dim 32 must be a multiple of n_heads 3"]),
+    (["--resume=True"], ["resume=True but", "ckpt.pt does not exist"]),
 ])
 def test_bad_config_stops_before_training(data_dir, tmp_path, override, words):
     with pytest.raises(ConfigError) as e:
         run(data_dir, tmp_path / "run", *override)
     for w in words:
         assert w in str(e.value)
-    assert not os.path.exists(tmp_path / "run" / "log.jsonl")  # nothing was trained or written
+    assert not os.path.exists(tmp_path / "run")  # nothing was trained or written
 
 
 def test_cli_reports_config_errors_without_traceback(tmp_path):
