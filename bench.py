@@ -28,7 +28,7 @@ import torch
 
 import data
 import meta_train
-from model import Llama, ModelArgs, estimate_mfu, model_summary, peak_flops
+from model import Llama, estimate_mfu, model_summary, peak_flops
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(ROOT, "..", "shared", "data")  # the offline corpus and tiktoken cache
@@ -177,7 +177,7 @@ def run(cfg, reps=10, warmup=2, compile=True, peak_n=None, text=(), num_proc=1):
     cuda = dev.type == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
-    bf16 = c.dtype == "bfloat16" or (c.dtype == "auto" and cuda)  # as meta_train.train decides
+    bf16 = meta_train.uses_bf16(c, dev.type)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     sync = torch.cuda.synchronize if cuda else None
     # data first: the tokenizer benchmark forks worker processes, best before torch's threads exist
@@ -192,9 +192,7 @@ def run(cfg, reps=10, warmup=2, compile=True, peak_n=None, text=(), num_proc=1):
     rows = [dict(name=f"matmul {peak_n}^3 {str(mm_dtype)[6:]} (fastest of {reps})", flop_s=measured)]
 
     torch.manual_seed(c.seed)
-    model = Llama(ModelArgs(dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads,
-                            n_kv_heads=c.n_kv_heads, vocab_size=c.vocab_size,
-                            max_seq_len=max(c.seq_len, c.meta_seq_len))).to(dev).train()
+    model = Llama(meta_train.config_model_args(c)).to(dev).train()
     head = meta_train.MetaHead(c.dim, c.vocab_size, c.meta_hidden).to(dev)
     if os.path.isdir(c.data_dir):
         x, y = data.ShardReader(c.data_dir, "train", c.batch_size, c.seq_len).next_batch()

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+from model import Llama, ModelArgs, estimate_mfu, model_summary, peak_flops
 
 # I/O
 out_dir = "out"
@@ -338,6 +339,17 @@ def all_reduce_grads(params, world_size, bucket_numel=2 ** 25):
             bucket, size = [], 0
 
 
+def config_model_args(c):
+    """The model a config describes; its context covers both AR batches and episode windows."""
+    return ModelArgs(dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
+                     vocab_size=c.vocab_size, max_seq_len=max(c.seq_len, c.meta_seq_len))
+
+
+def uses_bf16(c, device_type):
+    """bf16 autocast when asked for, or by default on CUDA; CPU runs fp32."""
+    return c.dtype == "bfloat16" or (c.dtype == "auto" and device_type == "cuda")
+
+
 def keep_freed_memory():
     """Make glibc keep freed memory for reuse instead of handing it back to the OS. By default each
     block over 32 MiB (one 8 x 256 x 50304 fp32 logits tensor is 393 MiB) is mmap'd fresh and
@@ -358,8 +370,6 @@ def save_checkpoint(path, obj):
 
 
 def train(c):
-    from model import Llama, ModelArgs, estimate_mfu, model_summary, peak_flops
-
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world_size = 0, 0, 1
     if ddp:
@@ -400,9 +410,7 @@ def train(c):
     if ddp:
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     torch.manual_seed(c.seed)  # the same seed on every rank: identical initial weights
-    model_args = ModelArgs(dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads,
-                           n_kv_heads=c.n_kv_heads, vocab_size=c.vocab_size,
-                           max_seq_len=max(c.seq_len, c.meta_seq_len))
+    model_args = config_model_args(c)
     model = Llama(model_args).to(dev)
     head = None
     if c.meta_ratio > 0 and c.meta_task == "smlmt":
@@ -414,7 +422,7 @@ def train(c):
     optimizer = torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.beta1, c.beta2),
                                   fused=device_type == "cuda")
 
-    use_bf16 = c.dtype == "bfloat16" or (c.dtype == "auto" and device_type == "cuda")
+    use_bf16 = uses_bf16(c, device_type)
     autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
 
     if c.resume and not os.path.exists(os.path.join(c.out_dir, "ckpt.pt")):
