@@ -65,8 +65,7 @@ def effective_rank(s):
     """Roy & Vetterli's effective rank of singular values s (..., k): exp of the Shannon entropy
     (nats) of s / sum(s). k equal non-zero values give k; zeros contribute nothing (0 log 0 = 0).
     An all-zero s has no distribution and gives nan."""
-    p = s / s.sum(-1, keepdim=True)
-    return torch.exp(-torch.xlogy(p, p).sum(-1))
+    return torch.exp(row_entropy(s / s.sum(-1, keepdim=True)))
 
 
 def svdvals(mats):

@@ -7,7 +7,7 @@ attention probabilities (learning-dynamics analysis), FLOPs per token and MFU.
 """
 import math
 import re
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
