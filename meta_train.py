@@ -153,9 +153,10 @@ def check_config(c, world_size):
     if c.total_batch_size % (c.batch_size * world_size):
         raise ConfigError(f"total_batch_size {c.total_batch_size} is not a multiple of batch_size "
                           f"{c.batch_size} x {world_size} ranks")
-    if c.dim % c.n_heads or c.n_heads % c.n_kv_heads:
-        raise ConfigError(f"dim {c.dim} must be a multiple of n_heads {c.n_heads}, and n_heads a "
-                          f"multiple of n_kv_heads {c.n_kv_heads}")
+    try:
+        config_model_args(c)  # ModelArgs checks the head counts itself
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     if c.dtype not in ("auto", "float32", "bfloat16"):
         raise ConfigError(f"dtype must be 'auto', 'float32' or 'bfloat16', got '{c.dtype}'")
     if not os.path.isdir(c.data_dir):
@@ -206,20 +207,21 @@ def features(model, x):
 def inner_sgd(params, loss_fn, steps, lr):
     """`steps` of plain SGD on params, in place. Gradients come from autograd.grad, so the .grad
     fields, which hold the outer gradient being accumulated, are never touched. loss_fn() returns
-    (loss, logits); the logits of the last step are returned for the support accuracy."""
-    logits = None
+    (loss, support accuracy); the accuracy of the last step is returned (None for 0 steps), so
+    no step's logits outlive it (an LM episode's are K x T x vocab)."""
+    acc = None
     for _ in range(steps):
-        loss, logits = loss_fn()
+        loss, acc = loss_fn()
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         with torch.no_grad():
             for p, g in zip(params, grads):
                 if g is not None:
                     p.sub_(g, alpha=lr)
-    return logits
+    return acc
 
 
 def accuracy(logits, y):
-    return None if logits is None else (logits.argmax(-1) == y).float().mean().detach()
+    return (logits.argmax(-1) == y).float().mean().detach()
 
 
 def smlmt_episode(model, head, ep, c, loss_scale=None):
@@ -237,19 +239,22 @@ def smlmt_episode(model, head, ep, c, loss_scale=None):
 
         def support_loss():
             logits = head_logits(fast, s_feat)
-            return F.cross_entropy(logits, ep.support_y), logits
+            return F.cross_entropy(logits, ep.support_y), accuracy(logits, ep.support_y)
 
-        s_logits = inner_sgd(fast, support_loss, c.inner_steps, c.inner_lr)
+        s_acc = inner_sgd(fast, support_loss, c.inner_steps, c.inner_lr)
         saved = None
     else:
-        params = [p for p in model.parameters() if p.requires_grad]
+        # features() never projects onto the vocabulary: the output layer neither adapts nor
+        # needs saving (in configs/cpu.py it is half the backbone)
+        params = [p for n, p in model.named_parameters()
+                  if p.requires_grad and not n.startswith("output.")]
         saved = [p.detach().clone() for p in params]
 
         def support_loss():
             logits = head_logits(fast, features(model, ep.support_x).float())
-            return F.cross_entropy(logits, ep.support_y), logits
+            return F.cross_entropy(logits, ep.support_y), accuracy(logits, ep.support_y)
 
-        s_logits = inner_sgd(params + fast, support_loss, c.inner_steps, c.inner_lr)
+        s_acc = inner_sgd(params + fast, support_loss, c.inner_steps, c.inner_lr)
     with nullcontext() if loss_scale is not None else torch.no_grad():
         q_logits = head_logits(fast, features(model, ep.query_x).float())  # (N*Q, N)
         q_loss = F.cross_entropy(q_logits, ep.query_y)
@@ -260,7 +265,7 @@ def smlmt_episode(model, head, ep, c, loss_scale=None):
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.copy_(s)
-    return q_loss.detach(), accuracy(s_logits, ep.support_y), accuracy(q_logits, ep.query_y)
+    return q_loss.detach(), s_acc, accuracy(q_logits, ep.query_y)
 
 
 def lm_episode(model, ep, c, loss_scale=None):
@@ -273,9 +278,9 @@ def lm_episode(model, ep, c, loss_scale=None):
 
     def support_loss():
         logits, loss = model(support_x, support_y)
-        return loss, logits
+        return loss, accuracy(logits, support_y)
 
-    s_logits = inner_sgd(params, support_loss, c.inner_steps, c.inner_lr)
+    s_acc = inner_sgd(params, support_loss, c.inner_steps, c.inner_lr)
     with nullcontext() if loss_scale is not None else torch.no_grad():
         q_logits, q_loss = model(query_x, query_y)
     if loss_scale is not None:
@@ -283,7 +288,7 @@ def lm_episode(model, ep, c, loss_scale=None):
     with torch.no_grad():
         for p, s in zip(params, saved):
             p.copy_(s)
-    return q_loss.detach(), accuracy(s_logits, support_y), accuracy(q_logits, query_y)
+    return q_loss.detach(), s_acc, accuracy(q_logits, query_y)
 
 
 def to_device(ep, dev):
@@ -595,6 +600,9 @@ def train(c):
         # meta micro-steps is still meta_ratio.
         is_meta = np.random.default_rng([c.seed, step, 1]).random() < c.meta_ratio
         stats = torch.zeros(5, device=dev)  # AR loss, meta loss, support acc, query acc, count
+        # per-micro-step times need a device sync on CUDA, which stops the host from running
+        # ahead: take them on every log_interval-th step only
+        timed = device_type == "cpu" or step % c.log_interval == 0
         for micro in range(grad_accum):
             # a micro-batch's data depends on (seed, step, its slot in the global batch), so a run
             # sees the same global batch however it is split over ranks and accumulation steps
@@ -618,10 +626,11 @@ def train(c):
                 stats[2] += s_acc if s_acc is not None else float("nan")
                 stats[3] += q_acc
             stats[4] += 1
-            if device_type == "cuda":
-                torch.cuda.synchronize()
-            window["meta" if is_meta else "ar"][0] += time.time() - tm
-            window["meta" if is_meta else "ar"][1] += 1
+            if timed:
+                if device_type == "cuda":
+                    torch.cuda.synchronize()
+                window["meta" if is_meta else "ar"][0] += time.time() - tm
+                window["meta" if is_meta else "ar"][1] += 1
         if ddp:
             all_reduce_grads(params, world_size)
             dist.all_reduce(stats)
