@@ -37,10 +37,13 @@ SHARED = os.path.join(ROOT, "..", "shared", "data")  # the offline corpus and ti
 def median_ms(steps, reps, warmup, sync=None):
     """steps {name: (setup, fn)} -> {name: median ms of fn()} over `reps` runs after `warmup`
     untimed ones (which also compile). The steps take turns, rep by rep: a shared machine that
-    slows down for a while slows them all alike, so their ratios hold. setup() is not timed."""
+    slows down for a while slows them all alike, so their ratios hold. The order reverses every
+    rep (a b c, c b a, ...): a step's time depends on what ran before it (the allocator's state
+    after a 400 MiB step), and measured 5% either way between ours and the peer in a fixed order.
+    setup() is not timed."""
     times = {name: [] for name in steps}
     for i in range(warmup + reps):
-        for name, (setup, fn) in steps.items():
+        for name, (setup, fn) in list(steps.items())[::1 if i % 2 == 0 else -1]:
             if setup:
                 setup()
             if sync:

@@ -30,7 +30,8 @@ def test_median_ms_interleaves_steps_after_warmup():
     ms = bench.median_ms({"a": (lambda: calls.append("setup a"),
                                 lambda: (calls.append("a"), time.sleep(0.002))),
                           "b": (None, lambda: calls.append("b"))}, reps=3, warmup=2)
-    assert calls == ["setup a", "a", "b"] * 5  # warm-up and timed runs take turns
+    # warm-up and timed runs take turns, in an order that reverses every rep
+    assert calls == ["setup a", "a", "b", "b", "setup a", "a"] * 2 + ["setup a", "a", "b"]
     assert set(ms) == {"a", "b"} and 2.0 <= ms["a"] < 1000 and ms["b"] < ms["a"]
 
 
