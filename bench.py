@@ -38,8 +38,8 @@ def median_ms(steps, reps, warmup, sync=None):
     """steps {name: (setup, fn)} -> {name: median ms of fn()} over `reps` runs after `warmup`
     untimed ones (which also compile). The steps take turns, rep by rep: a shared machine that
     slows down for a while slows them all alike, so their ratios hold. The order reverses every
-    rep (a b c, c b a, ...): a step's time depends on what ran before it (the allocator's state
-    after a 400 MiB step), and measured 5% either way between ours and the peer in a fixed order.
+    rep (a b c, c b a, ...): in a fixed order a step's time depended on its place in it (ours
+    against the peer came out 5% either way, depending on which went first).
     setup() is not timed."""
     times = {name: [] for name in steps}
     for i in range(warmup + reps):
