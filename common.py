@@ -21,8 +21,9 @@ def load_checkpoint(path, device="cpu", need=("model_args", "model", "config", "
         # tensors; only load checkpoints you wrote or trust
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e} (truncated, "
-                              f"damaged or not a checkpoint)") from None
+        first = str(e).split(". ")[0]  # torch's zip errors run on for several sentences
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {first} "
+                              f"(truncated, damaged or not a checkpoint)") from None
     missing = [k for k in need if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} is not a meta_train.py checkpoint: no key "
