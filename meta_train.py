@@ -12,6 +12,7 @@ and --key=value overrides both. An unknown key or a value of the wrong type is a
 import ast
 import builtins
 import ctypes
+import datetime
 import difflib
 import json
 import math
@@ -36,36 +37,42 @@ from model import Llama, ModelArgs, estimate_mfu, model_summary, peak_flops
 out_dir = "out"
 data_dir = "data/wiki"  # shards + SMLMT index written by data.py
 eval_interval = 250
-eval_iters = 20  # fixed val batches for the next-token val loss
+eval_sequences = 640  # fixed val sequences of seq_len for the next-token val loss
 eval_episodes = 10  # fixed val episodes for meta query accuracy
 log_interval = 10
 save_interval = 250
-keep_checkpoints = True  # numbered ckpt_NNNNNN.pt copies for analyze.py
+keep_checkpoints = True  # numbered ckpt_NNNNNN.pt copies (weights, no optimizer) for analyze.py
 resume = False
-seed = 1337
+seed = 42
 # model: the paper configs change only dim
 dim = 96
 n_layers = 12
 n_heads = 12
 n_kv_heads = 4
 vocab_size = 50304
-# batch: total_batch_size sequences per optimizer step = batch_size x grad_accum x ranks
+# batch: total_batch_size sequences per AR step = batch_size x grad_accum x ranks
 seq_len = 512
 batch_size = 32
 total_batch_size = 256
-# AdamW with linear warm-up, then cosine decay to min_lr
+# AdamW; lr: linear warm-up, then linear or cosine decay to min_lr, reached at lr_decay_steps
 learning_rate = 3e-4
-min_lr = 3e-5
 warmup_steps = 2500
 max_steps = 6000
-weight_decay = 0.1
+lr_schedule = "linear"  # "linear" (the paper's code) or "cosine" (the paper's text, nanoGPT)
+lr_decay_steps = 10_000_000  # the paper's code: 0 at 10M steps, so ~3e-4 throughout; 0: max_steps
+min_lr = 0.0
+weight_decay = 0.01
+decay_params = "all"  # "all" (the paper) or "matrices" (no decay on norms and biases)
 beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0
+beta2 = 0.999
+grad_clip = 0.0  # max gradient norm after the all-reduce; 0: off (the paper)
 # meta-learning
 meta_ratio = 0.5  # probability that an optimizer step is made of meta episodes
 meta_task = "smlmt"  # "smlmt": masked-word classification episodes; "lm": learn-this-text episodes
 inner_params = "head"  # "head": adapt the meta head only (ANIL); "all": adapt every weight
+# a meta step reads about as many tokens as an AR step, as in the paper (where every micro-batch
+# of the same 256 x 512 sequences was either AR or meta): 4 x 32 x (4 + 4) x 128 = 256 x 512
+episodes_per_step = 4  # over all ranks, split among them; independent of batch_size
 n_way = 32
 k_shot = 4
 q_query = 4
@@ -74,6 +81,7 @@ inner_steps = 10
 inner_lr = 0.01
 meta_loss_weight = 1.0
 meta_hidden = 128
+meta_head_init = "xavier"  # "xavier": Xavier-uniform weights (the paper); "default": PyTorch's
 # system
 device = "auto"  # "auto": cuda when available, else cpu
 dtype = "auto"  # "auto": bfloat16 autocast on cuda, float32 on cpu
@@ -82,8 +90,8 @@ DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith("_") and type(v) in (bool, int, float, str)}
 
 # keys that may differ when resuming: they do not change the trajectory of the weights
-RESUME_FREE = {"out_dir", "resume", "eval_interval", "eval_iters", "eval_episodes", "log_interval",
-               "save_interval", "keep_checkpoints", "compile", "device"}
+RESUME_FREE = {"out_dir", "resume", "eval_interval", "eval_sequences", "eval_episodes",
+               "log_interval", "save_interval", "keep_checkpoints", "compile", "device"}
 VAL_SEED = 20240101  # val batches and episodes do not depend on the run's seed: runs compare
 
 
@@ -132,33 +140,47 @@ def configure(defaults, argv):
     return cfg
 
 
+CHOICES = {"meta_task": ("smlmt", "lm"), "inner_params": ("head", "all"),
+           "lr_schedule": ("linear", "cosine"), "decay_params": ("all", "matrices"),
+           "meta_head_init": ("xavier", "default"), "dtype": ("auto", "float32", "bfloat16")}
+
+
 def check_config(c, world_size):
     """Errors that should stop a run before any model is built."""
+    for key, allowed in CHOICES.items():
+        if getattr(c, key) not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, allowed))}, "
+                              f"got {getattr(c, key)!r}")
     if not 0.0 <= c.meta_ratio <= 1.0:
         raise ConfigError(f"meta_ratio must be in [0, 1], got {c.meta_ratio}")
-    if c.meta_task not in ("smlmt", "lm"):
-        raise ConfigError(f"meta_task must be 'smlmt' or 'lm', got '{c.meta_task}'")
-    if c.inner_params not in ("head", "all"):
-        raise ConfigError(f"inner_params must be 'head' or 'all', got '{c.inner_params}'")
     if c.meta_task == "lm" and c.inner_params != "all":
         raise ConfigError("meta_task 'lm' adapts the whole model: set inner_params='all'")
     if c.n_way < 2 or c.k_shot < 1 or c.q_query < 1 or c.inner_steps < 0:
         raise ConfigError("need n_way >= 2, k_shot >= 1, q_query >= 1, inner_steps >= 0")
     for key in ("batch_size", "total_batch_size", "seq_len", "meta_seq_len", "eval_interval",
-                "eval_iters", "save_interval", "log_interval"):
+                "eval_sequences", "save_interval", "log_interval", "episodes_per_step"):
         if getattr(c, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {getattr(c, key)}")
-    if c.max_steps < 0:
-        raise ConfigError(f"max_steps must be at least 0, got {c.max_steps}")
+    for key in ("max_steps", "warmup_steps", "lr_decay_steps", "eval_episodes"):
+        if getattr(c, key) < 0:
+            raise ConfigError(f"{key} must be at least 0, got {getattr(c, key)}")
+    # what torch.optim.AdamW would reject mid-setup, named by its key here
+    for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "inner_lr"):
+        if not getattr(c, key) >= 0.0:  # also refuses nan
+            raise ConfigError(f"{key} must be at least 0, got {getattr(c, key)}")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(c, key) < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {getattr(c, key)}")
     if c.total_batch_size % (c.batch_size * world_size):
         raise ConfigError(f"total_batch_size {c.total_batch_size} is not a multiple of batch_size "
                           f"{c.batch_size} x {world_size} ranks")
+    if c.meta_ratio > 0 and c.episodes_per_step % world_size:
+        raise ConfigError(f"episodes_per_step {c.episodes_per_step} does not split evenly over "
+                          f"{world_size} ranks")
     try:
         config_model_args(c)  # ModelArgs checks the head counts itself
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    if c.dtype not in ("auto", "float32", "bfloat16"):
-        raise ConfigError(f"dtype must be 'auto', 'float32' or 'bfloat16', got '{c.dtype}'")
     if not os.path.isdir(c.data_dir):
         raise ConfigError(f"data_dir '{c.data_dir}' not found: write shards with data.py first")
 
@@ -168,11 +190,15 @@ class MetaHead(nn.Module):
     Linear(128,vocab). An N-way episode's class logits are the columns of its N word ids, so an
     episode reads (and adapts) only those N rows of the last layer."""
 
-    def __init__(self, dim, vocab_size, hidden):
+    def __init__(self, dim, vocab_size, hidden, init="xavier"):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
                                  nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
         self.out = nn.Linear(hidden, vocab_size)
+        if init == "xavier":  # the paper's: Xavier-uniform weights, PyTorch's default biases
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
 
     def episode_params(self, word_ids):
         """The weights one episode uses: [w1, b1, w2, b2, w3, b3, out rows (N, h), out bias (N,)]."""
@@ -204,20 +230,34 @@ def features(model, x):
     return model(x, return_hidden=True)[2]["hidden"][:, -1]
 
 
-def inner_sgd(params, loss_fn, steps, lr):
-    """`steps` of plain SGD on params, in place. Gradients come from autograd.grad, so the .grad
-    fields, which hold the outer gradient being accumulated, are never touched. loss_fn() returns
-    (loss, support accuracy); the accuracy of the last step is returned (None for 0 steps), so
-    no step's logits outlive it (an LM episode's are K x T x vocab)."""
-    acc = None
+def weights_changed():
+    """Call after changing weights in place inside an autocast region. Autocast keeps the bf16 copy
+    of every leaf weight it has cast until the region ends, and does not see in-place updates:
+    without this, the next forward would read the weights as they were before the change."""
+    torch.clear_autocast_cache()
+
+
+def adapt(params, support_loss, steps, lr):
+    """The inner loop: `steps` of plain SGD on params, in place. Gradients come from autograd.grad,
+    so the .grad fields, which hold the outer gradient being accumulated, are never touched.
+    support_loss() -> (loss, accuracy). Returns the support accuracy at the adapted weights."""
     for _ in range(steps):
-        loss, acc = loss_fn()
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = torch.autograd.grad(support_loss()[0], params, allow_unused=True)
         with torch.no_grad():
             for p, g in zip(params, grads):
                 if g is not None:
                     p.sub_(g, alpha=lr)
-    return acc
+        weights_changed()
+    with torch.no_grad():
+        return support_loss()[1]
+
+
+def restore(params, saved):
+    """Put the weights an all-mode or LM episode adapted back, bit for bit."""
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+    weights_changed()
 
 
 def accuracy(logits, y):
@@ -228,33 +268,33 @@ def smlmt_episode(model, head, ep, c, loss_scale=None):
     """One N-way K-shot SMLMT episode, first-order MAML. With loss_scale, loss_scale * query loss
     is backpropagated: the backbone's .grad gets its ordinary gradient at the adapted weights, the
     head's .grad the gradient taken at its adapted copy. Without it (eval) nothing is accumulated.
-    Every weight of model and head ends the episode exactly as it started."""
+    Every weight of model and head ends the episode exactly as it started.
+    Returns (query loss, support accuracy after adaptation, query accuracy)."""
     fast = [p.detach().clone().requires_grad_() for p in head.episode_params(ep.word_ids)]
     if c.inner_params == "head":
         # ANIL: the backbone is fixed during adaptation, so its support features are computed
         # once and the inner loop costs only the tiny head
         with torch.no_grad():
-            s_feat = features(model, ep.support_x)  # (N*K, C)
-        s_feat = s_feat.float()
+            s_feat = features(model, ep.support_x).float()  # (N*K, C)
 
         def support_loss():
             logits = head_logits(fast, s_feat)
             return F.cross_entropy(logits, ep.support_y), accuracy(logits, ep.support_y)
 
-        s_acc = inner_sgd(fast, support_loss, c.inner_steps, c.inner_lr)
-        saved = None
+        s_acc = adapt(fast, support_loss, c.inner_steps, c.inner_lr)
+        params = saved = None
     else:
         # features() never projects onto the vocabulary: the output layer neither adapts nor
-        # needs saving (in configs/cpu.py it is half the backbone)
-        params = [p for n, p in model.named_parameters()
-                  if p.requires_grad and not n.startswith("output.")]
+        # needs saving (in configs/cpu.py it is half the backbone). Compared by identity, as a
+        # compiled model's parameter names carry a prefix.
+        params = [p for p in model.parameters() if p.requires_grad and p is not model.output.weight]
         saved = [p.detach().clone() for p in params]
 
         def support_loss():
             logits = head_logits(fast, features(model, ep.support_x).float())
             return F.cross_entropy(logits, ep.support_y), accuracy(logits, ep.support_y)
 
-        s_acc = inner_sgd(params + fast, support_loss, c.inner_steps, c.inner_lr)
+        s_acc = adapt(params + fast, support_loss, c.inner_steps, c.inner_lr)
     with nullcontext() if loss_scale is not None else torch.no_grad():
         q_logits = head_logits(fast, features(model, ep.query_x).float())  # (N*Q, N)
         q_loss = F.cross_entropy(q_logits, ep.query_y)
@@ -262,62 +302,69 @@ def smlmt_episode(model, head, ep, c, loss_scale=None):
         (q_loss * loss_scale).backward()
         head.add_grad([p.grad for p in fast], ep.word_ids)
     if saved is not None:
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
+        restore(params, saved)
     return q_loss.detach(), s_acc, accuracy(q_logits, ep.query_y)
+
+
+def lm_loss(model, x, y):
+    """Next-token loss and accuracy of (B, T) windows; the logits stay inside this function."""
+    logits, _ = model(x)  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten()), accuracy(logits, y)
 
 
 def lm_episode(model, ep, c, loss_scale=None):
     """One learn-this-text episode: adapt every weight on K support chunks of a document, then
     take the next-token loss of the chunk that follows, at the adapted weights (first order),
-    and restore the weights exactly."""
+    and restore the weights exactly. Returns as smlmt_episode."""
     support_x, support_y, query_x, query_y = ep
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.detach().clone() for p in params]
-
-    def support_loss():
-        logits, loss = model(support_x, support_y)
-        return loss, accuracy(logits, support_y)
-
-    s_acc = inner_sgd(params, support_loss, c.inner_steps, c.inner_lr)
+    s_acc = adapt(params, lambda: lm_loss(model, support_x, support_y), c.inner_steps, c.inner_lr)
     with nullcontext() if loss_scale is not None else torch.no_grad():
-        q_logits, q_loss = model(query_x, query_y)
+        q_loss, q_acc = lm_loss(model, query_x, query_y)
     if loss_scale is not None:
         (q_loss * loss_scale).backward()
-    with torch.no_grad():
-        for p, s in zip(params, saved):
-            p.copy_(s)
-    return q_loss.detach(), s_acc, accuracy(q_logits, query_y)
+    restore(params, saved)
+    return q_loss.detach(), s_acc, q_acc
 
 
-def to_device(ep, dev):
-    """Move an episode (an Episode dataclass or a tuple of tensors) to the device."""
-    if isinstance(ep, tuple):
-        return tuple(t.to(dev, non_blocking=True) for t in ep)
-    return replace(ep, **{f.name: getattr(ep, f.name).to(dev, non_blocking=True)
-                          for f in fields(ep)})
+def to_device(batch, dev):
+    """Move a tensor, a tuple of them or an Episode to the device. On CUDA through pinned host
+    memory, so that the copy is asynchronous (non_blocking from pageable memory is not)."""
+    if isinstance(batch, torch.Tensor):
+        if torch.device(dev).type == "cuda":
+            batch = batch.pin_memory()
+        return batch.to(dev, non_blocking=True)
+    if isinstance(batch, tuple):
+        return tuple(to_device(t, dev) for t in batch)
+    return replace(batch, **{f.name: to_device(getattr(batch, f.name), dev) for f in fields(batch)})
 
 
 def episode_tokens_and_flops(model, c):
-    """Tokens one meta episode reads and its training FLOPs. A forward pass is a third of
-    flops_per_token; the meta head's own FLOPs (a 128-wide MLP on N*(K+Q) vectors) are left out."""
+    """Tokens one meta episode reads and its training FLOPs: the inner loop, the support forward
+    that measures the accuracy after adaptation, and the query pass with its backward. A forward
+    is a third of flops_per_token; the meta head's own FLOPs (a 128-wide MLP on N*(K+Q) vectors)
+    are left out."""
     if c.meta_task == "smlmt":
         support, query = c.n_way * c.k_shot * c.meta_seq_len, c.n_way * c.q_query * c.meta_seq_len
         f = model.flops_per_token(c.meta_seq_len, output=False)
     else:
         support, query = c.k_shot * c.meta_seq_len, c.meta_seq_len
         f = model.flops_per_token(c.meta_seq_len)
-    inner = support * f / 3 if c.inner_params == "head" else c.inner_steps * support * f
+    # head mode: one support forward (the features); all mode: inner steps, then one more forward
+    inner = support * f / 3 if c.inner_params == "head" else (c.inner_steps + 1 / 3) * support * f
     return support + query, inner + query * f
 
 
 def get_lr(step, c):
+    """Linear warm-up over warmup_steps, then linear or cosine decay from learning_rate to min_lr,
+    reached at lr_decay_steps (0: at max_steps) and held after it."""
     if step < c.warmup_steps:
         return c.learning_rate * (step + 1) / c.warmup_steps
-    if step >= c.max_steps:
-        return c.min_lr
-    progress = (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps)
+    end = c.lr_decay_steps or c.max_steps
+    progress = min(1.0, (step - c.warmup_steps) / max(1, end - c.warmup_steps))
+    if c.lr_schedule == "linear":
+        return c.learning_rate + progress * (c.min_lr - c.learning_rate)
     return c.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (c.learning_rate - c.min_lr)
 
 
@@ -374,6 +421,12 @@ def save_checkpoint(path, obj):
     data.atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def run_episode(model, head, ep, c, loss_scale=None):
+    if c.meta_task == "smlmt":
+        return smlmt_episode(model, head, ep, c, loss_scale)
+    return lm_episode(model, ep, c, loss_scale)
+
+
 def train(c):
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world_size = 0, 0, 1
@@ -399,7 +452,9 @@ def train(c):
     try:  # data.py's errors name the file; reported like config errors, without a traceback
         meta = data.read_meta(c.data_dir)
         train_reader = data.ShardReader(c.data_dir, "train", c.batch_size, c.seq_len)
-        val_reader = data.ShardReader(c.data_dir, "val", c.batch_size, c.seq_len)
+        # the val set: eval_sequences fixed windows, drawn once, the same whatever the batch size
+        val_x, val_y = data.ShardReader(c.data_dir, "val", c.eval_sequences, c.seq_len).next_batch(
+            np.random.default_rng(VAL_SEED))
         if c.meta_ratio > 0 and c.meta_task == "smlmt":
             args = dict(n_way=c.n_way, k_shot=c.k_shot, q_query=c.q_query, seq_len=c.meta_seq_len)
             sampler = data.SMLMTSampler(c.data_dir, split="train", **args)
@@ -413,19 +468,23 @@ def train(c):
         raise ConfigError(f"vocab_size {c.vocab_size} has no room for the mask id {meta['mask_id']}")
 
     if ddp:
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        # while rank 0 writes a checkpoint (6.9 GB at 570m) the others wait in the next
+        # all-reduce: give a slow disk far longer than NCCL's default 10 minutes
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=60))
     torch.manual_seed(c.seed)  # the same seed on every rank: identical initial weights
     model_args = config_model_args(c)
     model = Llama(model_args).to(dev)
     head = None
     if c.meta_ratio > 0 and c.meta_task == "smlmt":
-        head = MetaHead(c.dim, c.vocab_size, c.meta_hidden).to(dev)
+        head = MetaHead(c.dim, c.vocab_size, c.meta_hidden, c.meta_head_init).to(dev)
     params = list(model.parameters()) + (list(head.parameters()) if head else [])
-    # weight decay on matrices only (embeddings and linear weights), never on norms and biases
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": c.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.beta1, c.beta2),
-                                  fused=device_type == "cuda")
+    # the paper decays every weight; "matrices" spares norms and biases, as nanoGPT does
+    decayed = (lambda p: True) if c.decay_params == "all" else (lambda p: p.dim() >= 2)
+    groups = [{"params": [p for p in params if decayed(p)], "weight_decay": c.weight_decay},
+              {"params": [p for p in params if not decayed(p)], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=c.learning_rate,
+                                  betas=(c.beta1, c.beta2), fused=device_type == "cuda")
 
     use_bf16 = uses_bf16(c, device_type)
     autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
@@ -449,7 +508,7 @@ def train(c):
             head.load_state_dict(ckpt["head"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_step, counters = ckpt["step"], ckpt["counters"]
-        last_good = ckpt_path
+        last_good = f"{ckpt_path} (step {start_step})"
         random.setstate(ckpt["rng"]["python"])
         np.random.set_state(ckpt["rng"]["numpy"])
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
@@ -479,7 +538,7 @@ def train(c):
 
     ar_tokens_step = c.batch_size * c.seq_len * grad_accum * world_size
     ep_tokens, ep_flops = (episode_tokens_and_flops(raw_model, c) if sampler else (0, 0.0))
-    episodes_step = grad_accum * world_size
+    meta_tokens_step, meta_flops_step = ep_tokens * c.episodes_per_step, ep_flops * c.episodes_per_step
     ar_flops_step = ar_tokens_step * raw_model.flops_per_token(c.seq_len)
     peak = peak_flops(dev)
     say(f"model: {model_summary(raw_model)}")
@@ -494,37 +553,54 @@ def train(c):
     if sampler:
         shape = (f"{c.n_way}-way {c.k_shot}-shot {c.q_query}-query" if c.meta_task == "smlmt"
                  else f"{c.k_shot} support chunks + 1 query chunk")
-        say(f"meta step ({c.meta_ratio:.0%} of steps): {episodes_step} {c.meta_task} episodes "
-            f"({grad_accum} accumulation x {world_size} ranks) of {shape}, {c.meta_seq_len} tokens "
-            f"per window, inner_params={c.inner_params}, {c.inner_steps} inner steps at "
-            f"{c.inner_lr}: {ep_tokens * episodes_step:,} tokens, {ep_flops * episodes_step:.3g} FLOPs")
-        say(f"expected episodes per step: {c.meta_ratio * episodes_step:.2f}")
-    say(f"{c.max_steps} steps from step {start_step}, warm-up {c.warmup_steps}, lr {c.learning_rate}")
+        say(f"meta step ({c.meta_ratio:.0%} of steps): {c.episodes_per_step} {c.meta_task} episodes"
+            f" ({c.episodes_per_step // world_size} per rank x {world_size} ranks) of {shape}, "
+            f"{c.meta_seq_len} tokens per window, inner_params={c.inner_params}, {c.inner_steps} "
+            f"inner steps at {c.inner_lr}: {meta_tokens_step:,} tokens (an AR step: "
+            f"{ar_tokens_step:,}), {meta_flops_step:.3g} FLOPs")
+    say(f"val: {c.eval_sequences} sequences x {c.seq_len} tokens"
+        + (f", {c.eval_episodes} episodes" if sampler else "") + f", every {c.eval_interval} steps")
+    say(f"{c.max_steps} steps from step {start_step}, warm-up {c.warmup_steps}, lr "
+        f"{c.learning_rate} ({c.lr_schedule} to {c.min_lr} at step {c.lr_decay_steps or c.max_steps})")
+
+    if c.compile:
+        # compile every graph now, so that compilation is not logged as training time (which
+        # would bias a time comparison against meta runs, which compile more graphs). Weights do
+        # not change: no optimizer step, and episodes restore what they adapt.
+        t_compile, rng_state = time.time(), torch.get_rng_state()
+        x, y = to_device(train_reader.next_batch(np.random.default_rng(VAL_SEED)), dev)
+        with autocast:
+            model(x, y)[1].backward()
+        if sampler:
+            with autocast:
+                run_episode(model, head, to_device(sampler.sample(
+                    np.random.default_rng(VAL_SEED)), dev), c, 1.0)
+        optimizer.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng_state)
+        say(f"compiled in {time.time() - t_compile:.1f} s, before the clock starts")
 
     @torch.no_grad()
     def evaluate():
-        """Next-token val loss on fixed val batches (the same for every run, vanilla or meta) and
-        meta query accuracy on fixed val episodes; both split across ranks, then averaged."""
+        """Next-token val loss on the fixed val sequences (the same for every run, vanilla or
+        meta, whatever its batch size) and meta query accuracy on fixed val episodes; both split
+        across ranks, then summed."""
         raw_model.eval()
-        stats = torch.zeros(4, device=dev)  # val loss sum, batches, query acc sum, episodes
-        for i in range(rank, c.eval_iters, world_size):
-            x, y = val_reader.next_batch(np.random.default_rng([VAL_SEED, i]))
+        stats = torch.zeros(4, dtype=torch.float64, device=dev)  # loss sum, tokens, acc sum, episodes
+        for rows in torch.arange(rank, c.eval_sequences, world_size).split(c.batch_size):
+            x, y = to_device((val_x[rows], val_y[rows]), dev)
             with autocast:
-                stats[0] += raw_model(x.to(dev), y.to(dev))[1]
-            stats[1] += 1
+                stats[0] += raw_model(x, y)[1].double() * y.numel()
+            stats[1] += y.numel()
         for i in range(rank, c.eval_episodes if val_sampler else 0, world_size):
             ep = to_device(val_sampler.sample(np.random.default_rng([VAL_SEED, i])), dev)
             with torch.enable_grad(), autocast:
-                if c.meta_task == "smlmt":
-                    stats[2] += smlmt_episode(raw_model, head, ep, c)[2]
-                else:
-                    stats[2] += lm_episode(raw_model, ep, c)[2]
+                stats[2] += run_episode(raw_model, head, ep, c)[2]
             stats[3] += 1
         if ddp:
             dist.all_reduce(stats)
         raw_model.train()
         return ((stats[0] / stats[1]).item(),
-                (stats[2] / stats[3]).item() if val_sampler else None)
+                (stats[2] / stats[3]).item() if stats[3] > 0 else None)
 
     def checkpoint(step):
         obj = {"model_args": asdict(model_args), "model": raw_model.state_dict(),
@@ -536,22 +612,16 @@ def train(c):
                "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
                        "torch": torch.get_rng_state(),
                        "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}}
-        if c.keep_checkpoints:
-            numbered = os.path.join(c.out_dir, f"ckpt_{step:06d}.pt")
-            save_checkpoint(numbered, obj)
-            try:  # ckpt.pt as a hard link to the numbered copy: no second write of the weights
-                if os.path.exists(ckpt_path + ".tmp"):
-                    os.remove(ckpt_path + ".tmp")
-                os.link(numbered, ckpt_path + ".tmp")
-                os.replace(ckpt_path + ".tmp", ckpt_path)
-                return
-            except OSError:
-                pass
         save_checkpoint(ckpt_path, obj)
+        if c.keep_checkpoints:
+            # what analyze.py and ner_eval.py read, without the optimizer state: at 570m a
+            # numbered copy is 2.3 GB instead of 6.9 GB (25 of them: 58 GB, not 173 GB)
+            save_checkpoint(os.path.join(c.out_dir, f"ckpt_{step:06d}.pt"),
+                            {k: v for k, v in obj.items() if k != "optimizer"})
 
     keys = ["step", "lr", "ar_loss", "meta_loss", "support_acc", "query_acc", "val_loss",
-            "val_query_acc", "ar_tokens", "meta_tokens", "flops", "time", "tok_per_s", "mfu",
-            "ar_ms", "meta_ms"]
+            "val_query_acc", "grad_norm", "ar_tokens", "meta_tokens", "flops", "time",
+            "tok_per_s", "mfu", "ar_ms", "meta_ms"]
 
     def log(**row):
         row = {k: row.get(k) for k in keys}
@@ -560,7 +630,7 @@ def train(c):
 
     def stop(what):
         bar.close()
-        where = (f"the last good checkpoint is {last_good} (left intact)" if last_good
+        where = (f"the last good checkpoint is {last_good}, left intact" if last_good
                  else "no checkpoint was written yet")
         raise SystemExit(f"{what}; stopping: {where}")
 
@@ -596,49 +666,53 @@ def train(c):
         # (../shared/DESIGN.md) draw per micro-step; we draw once per optimizer step (all its
         # micro-steps share the branch), so that a run's global batch, and so its weights, do not
         # depend on how it is split over ranks and accumulation (the data-parallel test checks
-        # this), and so that each step's loss scale is that of one kind. The expected share of
-        # meta micro-steps is still meta_ratio.
+        # this), and so that each step's loss scale is that of one kind.
         is_meta = np.random.default_rng([c.seed, step, 1]).random() < c.meta_ratio
+        kind = "meta" if is_meta else "ar"
         stats = torch.zeros(5, device=dev)  # AR loss, meta loss, support acc, query acc, count
         # per-micro-step times need a device sync on CUDA, which stops the host from running
         # ahead: take them on every log_interval-th step only
         timed = device_type == "cpu" or step % c.log_interval == 0
-        for micro in range(grad_accum):
-            # a micro-batch's data depends on (seed, step, its slot in the global batch), so a run
-            # sees the same global batch however it is split over ranks and accumulation steps
-            rng = np.random.default_rng([c.seed, step, micro * world_size + rank, 2])
+        # a micro-batch's or episode's data depends on (seed, step, its slot in the step) only,
+        # so a step is the same however it is split over ranks and accumulation steps
+        if is_meta:
+            slots = range(rank, c.episodes_per_step, world_size)  # this rank's episodes
+            scale = c.meta_loss_weight / len(slots)  # a mean over the step's episodes
+        else:
+            slots = range(rank, grad_accum * world_size, world_size)  # this rank's micro-batches
+        for slot in slots:
             tm = time.time()
-            if not is_meta:
-                x, y = train_reader.next_batch(rng)
+            if is_meta:
+                rng = np.random.default_rng([c.seed, step, slot, 3])
+                ep = to_device(sampler.sample(rng), dev)
                 with autocast:
-                    _, loss = model(x.to(dev, non_blocking=True), y.to(dev, non_blocking=True))
+                    q_loss, s_acc, q_acc = run_episode(model, head, ep, c, scale)
+                stats[1:4] += torch.stack([q_loss, s_acc, q_acc])
+            else:
+                rng = np.random.default_rng([c.seed, step, slot, 2])
+                x, y = to_device(train_reader.next_batch(rng), dev)
+                with autocast:
+                    loss = model(x, y)[1]
                 (loss / grad_accum).backward()
                 stats[0] += loss.detach()
-            else:
-                ep = to_device(sampler.sample(rng), dev)
-                scale = c.meta_loss_weight / grad_accum
-                with autocast:
-                    if c.meta_task == "smlmt":
-                        q_loss, s_acc, q_acc = smlmt_episode(model, head, ep, c, scale)
-                    else:
-                        q_loss, s_acc, q_acc = lm_episode(model, ep, c, scale)
-                stats[1] += q_loss
-                stats[2] += s_acc if s_acc is not None else float("nan")
-                stats[3] += q_acc
             stats[4] += 1
             if timed:
                 if device_type == "cuda":
                     torch.cuda.synchronize()
-                window["meta" if is_meta else "ar"][0] += time.time() - tm
-                window["meta" if is_meta else "ar"][1] += 1
+                window[kind][0] += time.time() - tm
+                window[kind][1] += 1
         if ddp:
             all_reduce_grads(params, world_size)
             dist.all_reduce(stats)
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None],
-                                                   c.grad_clip)
+        grads = [p.grad for p in params if p.grad is not None]
+        if c.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None],
+                                                       c.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm(grads)
         stats /= stats[4].clone()
-        loss_now = (stats[1] if is_meta else stats[0]).item()
-        if not (math.isfinite(loss_now) and math.isfinite(grad_norm.item())):
+        loss_now, grad_norm = (stats[1] if is_meta else stats[0]).item(), grad_norm.item()
+        if not (math.isfinite(loss_now) and math.isfinite(grad_norm)):
             stop(f"non-finite {'meta' if is_meta else 'AR'} loss ({loss_now}) or grad norm at "
                  f"step {step}")
         # only now, with a finite loss at these weights, is a checkpoint of them known to be good
@@ -647,23 +721,21 @@ def train(c):
             if master:
                 checkpoint(step)
             t0 += time.time() - t_save  # "time" is training time: no eval, no checkpoint I/O
-            last_good = os.path.join(c.out_dir, f"ckpt_{step:06d}.pt" if c.keep_checkpoints
-                                     else "ckpt.pt")
+            last_good = f"{ckpt_path} (step {step})"
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
         counters["time"] += dt
-        counters["meta_tokens" if is_meta else "ar_tokens"] += (
-            ep_tokens * episodes_step if is_meta else ar_tokens_step)
-        step_flops = ep_flops * episodes_step if is_meta else ar_flops_step
+        tokens = meta_tokens_step if is_meta else ar_tokens_step
+        counters["meta_tokens" if is_meta else "ar_tokens"] += tokens
+        step_flops = meta_flops_step if is_meta else ar_flops_step
         counters["flops"] += step_flops
         bar.update(1)
         if master and ((step + 1) % c.log_interval == 0 or step + 1 == c.max_steps):
-            tokens = ep_tokens * episodes_step if is_meta else ar_tokens_step
             mfu = estimate_mfu(step_flops / dt / world_size, peak)  # the peak is one device's
             ms = {k: (1000 * v[0] / v[1] if v[1] else None) for k, v in window.items()}
-            row = dict(step=step + 1, lr=lr, tok_per_s=tokens / dt, mfu=mfu, ar_ms=ms["ar"],
-                       meta_ms=ms["meta"], **counters)
+            row = dict(step=step + 1, lr=lr, grad_norm=grad_norm, tok_per_s=tokens / dt, mfu=mfu,
+                       ar_ms=ms["ar"], meta_ms=ms["meta"], **counters)
             if is_meta:
                 row.update(meta_loss=loss_now, support_acc=stats[2].item(),
                            query_acc=stats[3].item())
@@ -695,3 +767,6 @@ if __name__ == "__main__":
         train(SimpleNamespace(**cfg))
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    finally:
+        if dist.is_initialized():  # a run that stopped early leaves its process group behind
+            dist.destroy_process_group()

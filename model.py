@@ -153,8 +153,9 @@ class Llama(nn.Module):
 
     def forward(self, idx, targets=None, return_hidden=False, return_blocks=False,
                 return_attn=False):
-        """idx (B, T) token ids -> (logits (B, T, V), loss). loss is the next-token cross-entropy
-        when targets (B, T) are given (-1 marks padding), else None.
+        """idx (B, T) token ids -> (logits (B, T, V), None), or with targets (B, T) (-1 marks
+        padding) -> (None, next-token cross-entropy): whoever asks for the loss does not need the
+        fp32 logits, and a caller holding them until its next step would keep 3.3 GB alive at 570m.
         Any return_* flag adds a third value, a dict with the requested extras:
           hidden (B, T, C) final hidden states after the last norm,
           blocks [n_layers x (B, T, C)] every block's output,
@@ -181,6 +182,7 @@ class Llama(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-1)
+            logits = None
         if not (return_hidden or return_blocks or return_attn):
             return logits, loss
         extras = {"hidden": h if return_hidden else None, "blocks": blocks or None,

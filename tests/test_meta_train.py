@@ -1,6 +1,7 @@
 """meta_train.py end to end on a tiny model and synthetic shards: learning, data parallel over
 torchrun/gloo, exact resume, and the errors that must stop a run before training."""
 import json
+import math
 import os
 import random
 import shutil
@@ -25,7 +26,7 @@ CUES = [a + b for a in "abcd" for b in "wxyz"]  # 2 letters: never candidate wor
 TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--vocab_size=384",
         "--seq_len=32", "--batch_size=4", "--total_batch_size=8", "--meta_seq_len=16",
         "--n_way=4", "--k_shot=2", "--q_query=2", "--inner_steps=5", "--inner_lr=0.5",
-        "--meta_hidden=32", "--eval_iters=2", "--eval_episodes=4", "--log_interval=1",
+        "--meta_hidden=32", "--eval_sequences=8", "--eval_episodes=4", "--log_interval=1",
         "--compile=False", "--warmup_steps=2", "--learning_rate=3e-3", "--min_lr=3e-4"]
 
 
@@ -89,15 +90,22 @@ def test_meta_run_lifts_query_accuracy(data_dir, tmp_path):
     assert all(r["query_acc"] is not None for r in log if r["val_loss"] is None)
 
 
-def test_resume_continues_exactly(data_dir, tmp_path):
+def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
     full, part = tmp_path / "full", tmp_path / "part"
-    args = ["--meta_ratio=0.5", "--max_steps=8", "--eval_interval=4", "--save_interval=4"]
-    run(data_dir, full, *args)
-    # the interrupted run: everything the full run had written by step 4, and nothing later
     part.mkdir()
-    shutil.copy(full / "ckpt_000004.pt", part / "ckpt_000004.pt")
-    os.link(part / "ckpt_000004.pt", part / "ckpt.pt")
-    shutil.copy(full / "log.jsonl", part / "log.jsonl")
+    args = ["--meta_ratio=0.5", "--max_steps=8", "--eval_interval=4", "--save_interval=4"]
+    save = meta_train.save_checkpoint
+
+    def keep_step_4(path, obj):  # the interrupted run: its files as they were at step 4
+        save(path, obj)
+        if obj["step"] == 4:
+            shutil.copy(path, part / os.path.basename(path))
+
+    monkeypatch.setattr(meta_train, "save_checkpoint", keep_step_4)
+    run(data_dir, full, *args)
+    monkeypatch.undo()
+    assert "optimizer" not in torch.load(part / "ckpt_000004.pt", weights_only=False)
+    shutil.copy(full / "log.jsonl", part / "log.jsonl")  # with lines past step 4, to be dropped
     run(data_dir, part, *args, "--resume=True")
     assert_same(weights(full / "ckpt_000008.pt"), weights(part / "ckpt_000008.pt"), atol=0)
     # the log is the uninterrupted run's, line for line, up to timings
@@ -108,6 +116,55 @@ def test_resume_continues_exactly(data_dir, tmp_path):
     # log lines of both kinds before and after the resume point: the run was a hybrid
     kinds = {(r["ar_loss"] is not None, r["meta_loss"] is not None) for r in read_log(part)}
     assert (True, False) in kinds and (False, True) in kinds
+
+
+def test_bf16_compiled_hybrid_run_resumes_exactly(data_dir, tmp_path, monkeypatch):
+    """The GPU code path, bf16 autocast + torch.compile + episodes, run on the CPU: both kinds of
+    step, and a resume that continues bit for bit."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    part.mkdir()
+    args = ["--meta_ratio=0.5", "--max_steps=4", "--eval_interval=2", "--save_interval=2",
+            "--dtype=bfloat16", "--compile=True", "--episodes_per_step=2"]
+    save = meta_train.save_checkpoint
+
+    def keep_step_2(path, obj):
+        save(path, obj)
+        if obj["step"] == 2:
+            shutil.copy(path, part / os.path.basename(path))
+
+    monkeypatch.setattr(meta_train, "save_checkpoint", keep_step_2)
+    run(data_dir, full, *args)
+    monkeypatch.undo()
+    shutil.copy(full / "log.jsonl", part / "log.jsonl")
+    run(data_dir, part, *args, "--resume=True")
+    assert_same(weights(full / "ckpt_000004.pt"), weights(part / "ckpt_000004.pt"), atol=0)
+    log = read_log(full)
+    kinds = {(r["ar_loss"] is not None, r["meta_loss"] is not None) for r in log}
+    assert (True, False) in kinds and (False, True) in kinds, log
+    assert all(math.isfinite(r["val_loss"]) for r in log if r["val_loss"] is not None)
+
+
+def test_meta_steps_and_val_do_not_depend_on_the_micro_batch(data_dir, tmp_path):
+    # episodes per step is a method knob: halving the micro-batch (a memory knob) changes neither
+    # the meta steps nor the val set
+    args = ["--meta_ratio=1.0", "--max_steps=3", "--eval_interval=3", "--save_interval=3"]
+    run(data_dir, tmp_path / "b4", *args, "--batch_size=4")
+    run(data_dir, tmp_path / "b2", *args, "--batch_size=2")
+    assert_same(weights(tmp_path / "b4" / "ckpt_000003.pt"),
+                weights(tmp_path / "b2" / "ckpt_000003.pt"), atol=0)
+    val = [[r["val_loss"] for r in read_log(tmp_path / b) if r["val_loss"] is not None]
+           for b in ("b4", "b2")]
+    assert val[0] == pytest.approx(val[1], abs=1e-6, rel=0)
+
+
+@pytest.mark.parametrize("decay_params, groups", [("all", [(0.01, 21)]),
+                                                  ("matrices", [(0.01, 16), (0.0, 5)])])
+def test_weight_decay_groups(data_dir, tmp_path, decay_params, groups):
+    run(data_dir, tmp_path, "--meta_ratio=0.0", "--max_steps=0", "--weight_decay=0.01",
+        f"--decay_params={decay_params}")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    got = [(g["weight_decay"], len(g["params"])) for g in ckpt["optimizer"]["param_groups"]]
+    assert got == groups  # 2 layers x 7 + embedding + output = 16 matrices; 2 x 2 + 1 norms
 
 
 def test_resume_rejects_a_changed_config(data_dir, tmp_path):
@@ -205,7 +262,7 @@ def test_non_finite_weights_after_the_last_update_are_not_saved(data_dir, tmp_pa
         return out
 
     monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_step)
-    with pytest.raises(SystemExit, match=r"non-finite weights or val loss .* at step 2; .*ckpt_000001.pt"):
+    with pytest.raises(SystemExit, match=r"non-finite weights or val loss .* at step 2; .*ckpt.pt \(step 1\)"):
         run(data_dir, tmp_path, "--meta_ratio=0.0", "--max_steps=2", "--eval_interval=100",
             "--save_interval=1")
     assert not os.path.exists(tmp_path / "ckpt_000002.pt")

@@ -1,5 +1,6 @@
 """The FOMAML episodes against independent reference computations, and the configurator."""
 import copy
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -189,8 +190,115 @@ def test_configure_rejects_unknown_key_in_file(tmp_path):
 
 
 def test_lr_schedule():
-    c = SimpleNamespace(learning_rate=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
-    assert meta_train.get_lr(0, c) == pytest.approx(0.1)
-    assert meta_train.get_lr(9, c) == pytest.approx(1.0)
-    assert meta_train.get_lr(60, c) == pytest.approx(0.55)
-    assert meta_train.get_lr(110, c) == pytest.approx(0.1)
+    c = SimpleNamespace(learning_rate=1.0, min_lr=0.1, warmup_steps=10, max_steps=110,
+                        lr_decay_steps=0, lr_schedule="cosine")
+    lr = lambda step, **kw: meta_train.get_lr(step, SimpleNamespace(**{**vars(c), **kw}))
+    assert lr(0) == pytest.approx(0.1)  # (step + 1) / warmup_steps of the peak
+    assert lr(9) == pytest.approx(1.0)
+    assert lr(10) == pytest.approx(1.0)  # decay starts at warmup_steps, from the peak
+    assert lr(60) == pytest.approx(0.55)  # halfway: the cosine's midpoint
+    assert lr(35) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr(110) == pytest.approx(0.1) and lr(500) == pytest.approx(0.1)  # held at min_lr
+    assert lr(60, lr_schedule="linear") == pytest.approx(0.55)
+    assert lr(35, lr_schedule="linear") == pytest.approx(1.0 - 0.9 * 0.25)
+    assert lr(60, lr_decay_steps=210) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    # the paper's code: linear to 0 at step 10M, so 6000 steps stay within 0.04% of the peak
+    paper = dict(learning_rate=3e-4, min_lr=0.0, warmup_steps=2500, max_steps=6000,
+                 lr_decay_steps=10_000_000, lr_schedule="linear")
+    assert lr(5999, **paper) == pytest.approx(3e-4 * (1 - 3499 / (10_000_000 - 2500)))
+    assert lr(2499, **paper) == pytest.approx(3e-4)
+
+
+def episode_under(dtype, mode, steps, compile=False):
+    """(query loss, outer gradient) of one episode whose query windows are its support windows,
+    so that adaptation must lower the query loss, under autocast to `dtype` on the CPU. Inner lrs
+    small enough that 5 bf16 steps follow the fp32 trajectory (larger ones make all-mode chaotic)."""
+    model, head, ep = setup(3)
+    ep.query_x, ep.query_y = ep.support_x, ep.support_y
+    c = cfg(inner_params="head" if mode == "head" else "all", inner_steps=steps,
+            inner_lr={"head": 0.3, "all": 0.05, "lm": 0.3}[mode])
+    # aot_eager: dynamo and AOT autograd trace as inductor does (where autocast's casts become graph
+    # ops), without the minutes of C++ codegen; meta_train's bf16 + inductor run is tested too
+    run_model = torch.compile(model, dynamic=False, backend="aot_eager") if compile else model
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        if mode == "lm":
+            x = ep.support_x[:3]
+            lm_ep = (x[:, :-1], x[:, 1:], x[:1, :-1], x[:1, 1:])  # query: the first support chunk
+            q_loss = lm_episode(run_model, lm_ep, c, loss_scale=1.0)[0]
+        else:
+            q_loss = smlmt_episode(run_model, head, ep, c, loss_scale=1.0)[0]
+    grad = torch.cat([p.grad.flatten() for m in (model, head) for p in m.parameters()
+                      if p.grad is not None])
+    return q_loss.item(), grad
+
+
+@pytest.mark.parametrize("mode", ["head", "all", "lm"])
+def test_inner_steps_adapt_under_bf16_autocast(mode):
+    # autocast caches the bf16 copy of every weight it casts and does not see in-place updates:
+    # the episode must make the next forward read the adapted weights, not the cached originals
+    loss0, grad0 = episode_under(torch.bfloat16, mode, 0)
+    loss, grad = episode_under(torch.bfloat16, mode, 5)
+    ref_loss, ref_grad = episode_under(torch.float32, mode, 5)
+    assert ref_loss < 0.8 * loss0  # adaptation matters here (in fp32)
+    assert loss < 0.8 * loss0, (loss0, loss)
+    assert abs(loss - ref_loss) < 0.05 * ref_loss, (loss, ref_loss)  # bf16 tracks fp32
+    cos = F.cosine_similarity(grad, ref_grad, dim=0)
+    assert cos > 0.95 and F.cosine_similarity(grad0, ref_grad, dim=0) < 0.7, cos
+
+
+def test_inner_steps_adapt_under_bf16_autocast_compiled():
+    loss0, _ = episode_under(torch.bfloat16, "all", 0, compile=True)
+    loss, _ = episode_under(torch.bfloat16, "all", 5, compile=True)
+    ref_loss, _ = episode_under(torch.float32, "all", 5)
+    assert loss < 0.8 * loss0 and abs(loss - ref_loss) < 0.05 * ref_loss, (loss0, loss, ref_loss)
+
+
+def test_all_mode_leaves_the_vocabulary_projection_alone_when_compiled(monkeypatch):
+    # a compiled model names its parameters "_orig_mod.*": the projection features() never uses
+    # must still be left out of the adapted (and cloned) weights
+    model, head, ep = setup()
+    adapted, restore = [], meta_train.restore
+    monkeypatch.setattr(meta_train, "restore", lambda p, s: (adapted.extend(p), restore(p, s)))
+    compiled = torch.compile(model, dynamic=False, backend="aot_eager")
+    smlmt_episode(compiled, head, ep, cfg(inner_params="all", inner_steps=1), loss_scale=1.0)
+    assert len(adapted) == len(list(model.parameters())) - 1
+    assert all(p is not model.output.weight for p in adapted)
+
+
+def test_support_accuracy_is_measured_after_adaptation():
+    model, head, ep = setup(4)
+    c = cfg(inner_steps=1, inner_lr=20.0)
+    _, s_acc, _ = smlmt_episode(model, head, ep, c)
+    fast = copy.deepcopy(head)
+    with torch.no_grad():
+        s_feat = model(ep.support_x, return_hidden=True)[2]["hidden"][:, -1]
+    acc = lambda: (fast.out(fast.mlp(s_feat))[:, ep.word_ids].argmax(-1) == ep.support_y).float().mean()
+    before = acc()
+    loss = F.cross_entropy(fast.out(fast.mlp(s_feat))[:, ep.word_ids], ep.support_y)
+    with torch.no_grad():
+        for p, g in zip(fast.parameters(), torch.autograd.grad(loss, list(fast.parameters()))):
+            p -= c.inner_lr * g
+    after = acc()
+    assert before != after  # the step changes the accuracy, so the test can tell them apart
+    assert s_acc == after
+
+
+def test_meta_head_init():
+    torch.manual_seed(0)
+    for init, bound in [("xavier", math.sqrt(6 / (16 + 40))), ("default", 1 / math.sqrt(16))]:
+        w = MetaHead(32, 40, 16, init=init).out.weight
+        # uniform(-b, b): max |w| just under b, std b / sqrt(3)
+        assert 0.95 * bound < w.abs().max() <= bound
+        assert abs(w.std() - bound / math.sqrt(3)) < 0.1 * bound
+
+
+def test_defaults_are_the_papers_meta_run():
+    # the README's table of settings states these; its code configured them so
+    d = meta_train.DEFAULTS
+    assert (d["seq_len"], d["total_batch_size"], d["max_steps"], d["warmup_steps"]) == (512, 256, 6000, 2500)
+    assert (d["learning_rate"], d["beta1"], d["beta2"], d["weight_decay"]) == (3e-4, 0.9, 0.999, 0.01)
+    assert (d["decay_params"], d["grad_clip"], d["lr_schedule"], d["lr_decay_steps"]) == ("all", 0.0, "linear", 10_000_000)
+    assert (d["meta_ratio"], d["n_way"], d["k_shot"], d["inner_steps"], d["inner_lr"]) == (0.5, 32, 4, 10, 0.01)
+    assert (d["meta_hidden"], d["meta_head_init"], d["seed"], d["inner_params"]) == (128, "xavier", 42, "head")
+    # a meta step reads as many tokens as an AR step
+    assert d["episodes_per_step"] * d["n_way"] * (d["k_shot"] + d["q_query"]) * d["meta_seq_len"] == 256 * 512
