@@ -27,6 +27,7 @@ The data is CC BY-SA: credit UNER (Mayhew et al., NAACL 2024) and the UD treeban
 import argparse
 import copy
 import glob
+import io
 import math
 import os
 import random
@@ -41,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import common
 import data
 from model import Llama, ModelArgs
 
@@ -74,29 +76,36 @@ def read_iob2(path):
     a blank line ends a sentence. OTH (Croatian/Serbian only) is read as O, giving the usual three
     types. Any other tag is kept as written: a stray I-X stays I-X and get_spans reads it as B-X."""
     sents, words, tags = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if line.startswith("#"):
-                continue
-            if not line.strip():
-                if words:
-                    sents.append((words, tags))
-                    words, tags = [], []
-                continue
-            cols = line.split("\t")
-            if len(cols) < 3 or not cols[0].isdigit() or not cols[1]:
-                raise ValueError(f"{path}:{lineno}: expected TAB-separated columns 'position, "
-                                 f"token, tag, ...', got {line!r}")
-            tag = cols[2]
-            prefix, _, typ = tag.partition("-")
-            if typ == "OTH" and prefix in ("B", "I"):
-                tag = "O"
-            elif tag not in LABEL_ID:
-                raise ValueError(f"{path}:{lineno}: tag {tag!r} is not O, B-X or I-X with X in "
-                                 f"{', '.join(TYPES)} (or OTH, read as O)")
-            words.append(cols[1])
-            tags.append(tag)
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e.reason})") from None
+    # newline=None: \n, \r\n and \r all end a line, as when reading the file in text mode
+    for lineno, line in enumerate(io.StringIO(text, newline=None), 1):
+        line = line.rstrip("\n")
+        if line.startswith("#"):
+            continue
+        if not line.strip():
+            if words:
+                sents.append((words, tags))
+                words, tags = [], []
+            continue
+        cols = line.split("\t")
+        if len(cols) < 3 or not cols[0].isdigit() or not cols[1]:
+            raise ValueError(f"{path}:{lineno}: expected TAB-separated columns 'position, "
+                             f"token, tag, ...', got {line!r}")
+        tag = cols[2]
+        prefix, _, typ = tag.partition("-")
+        if typ == "OTH" and prefix in ("B", "I"):
+            tag = "O"
+        elif tag not in LABEL_ID:
+            raise ValueError(f"{path}:{lineno}: tag {tag!r} is not O, B-X or I-X with X in "
+                             f"{', '.join(TYPES)} (or OTH, read as O)")
+        words.append(cols[1])
+        tags.append(tag)
     if words:  # a file need not end with a blank line
         sents.append((words, tags))
     return sents
@@ -419,7 +428,18 @@ def load_uner(args):
     needed = [(n, s) for n in sources for s in ("train", "dev")] + [(n, "test") for n in tests]
     uner = {"runs": runs, "tests": tests, "sents": defaultdict(dict), "total": defaultdict(dict)}
     for n, split in needed:
-        sents = read_iob2(found[n][split])
+        path = found[n][split]
+        try:
+            sents = read_iob2(path)
+        except ValueError as e:  # its message names the file and line: no traceback needed
+            raise SystemExit(str(e)) from None
+        # an error, not a warning: an empty test set would score 0 and pull the mean down, and
+        # leaving it out silently would change which sets the mean covers
+        if not sents:
+            fix = ("leave the set out with --test_sets" if split == "test"
+                   else "choose other --train_sets")
+            raise SystemExit(f"{path}: no sentences (empty, or only comments and blank lines); "
+                             f"fix the file or {fix}")
         limit = args.max_train_sentences if split == "train" else args.max_eval_sentences
         uner["sents"][n][split] = cap(sents, limit, f"{n}-{split}")
         uner["total"][n][split] = len(sents)
@@ -436,15 +456,11 @@ def checkpoint_path(path):
 
 def load_checkpoint(path, tokenizer=None):
     """The checkpoint dict and its tiktoken encoding (tokenizer: a name that overrides its own)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise SystemExit(f"cannot read checkpoint {path}: {e}")
     need = ["model_args", "model"] + ([] if tokenizer else ["tokenizer"])
-    missing = [k for k in need if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise SystemExit(f"{path} is not a meta_train.py checkpoint: no key "
-                         f"{', '.join(map(repr, missing))}")
+    try:
+        ckpt = common.load_checkpoint(path, "cpu", need)
+    except common.CheckpointError as e:
+        raise SystemExit(str(e)) from None
     name = tokenizer or ckpt["tokenizer"]
     try:
         enc = data.get_encoding(name)

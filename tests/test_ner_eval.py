@@ -1,6 +1,9 @@
 import io
 import json
+import pickle
 import random
+import subprocess
+import sys
 import time
 from argparse import Namespace
 
@@ -508,6 +511,106 @@ def test_bad_input_errors(tmp_path, tiny_enc, capsys):
     with pytest.raises(SystemExit):
         ner_eval.get_args([ok, "--max_train_sentences", "-1"])
     assert "must be 0 (no cap) or more" in capsys.readouterr().err
+
+
+def uner_dir(root, **texts):
+    """A UNER folder: xx_one (train, dev, test) and the test-only yy_pud, each a few synthetic
+    sentences, except the files named as texts (e.g. xx_one_dev='...')."""
+    files = {"xx_one_train": "UNER_Tiny-One/xx_one-ud-train.iob2",
+             "xx_one_dev": "UNER_Tiny-One/xx_one-ud-dev.iob2",
+             "xx_one_test": "UNER_Tiny-One/xx_one-ud-test.iob2",
+             "yy_pud_test": "UNER_Tiny-PUD/yy_pud-ud-test.iob2"}
+    for i, (key, rel) in enumerate(files.items()):
+        write(root / rel, texts.get(key, iob2(synthetic(4, i))))
+    return {key: str(root / rel) for key, rel in files.items()}
+
+
+def save_checkpoint(path, enc):
+    model = tiny_model(enc)
+    torch.save({"model_args": vars(model.args), "model": model.state_dict(), "tokenizer": "tiny",
+                "config": {}, "step": 1}, path)
+    return str(path)
+
+
+def cli_error(argv):
+    """The message main(argv) exits with: one line, as Python prints a SystemExit's text."""
+    with pytest.raises(SystemExit) as e:
+        ner_eval.main(argv + ["--train_sets", "xx_one", "--device", "cpu", "--epochs", "1",
+                              "--regime", "head"])
+    msg = e.value.code
+    assert isinstance(msg, str) and "\n" not in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("bad, what", [
+    ("2 dog O - -", "expected TAB-separated columns"),
+    ("2\tdog\tB-MISC\t-\t-", "tag 'B-MISC' is not O, B-X or I-X"),
+])
+def test_cli_bad_iob2_line_is_a_one_line_error(tmp_path, tiny_enc, bad, what):
+    files = uner_dir(tmp_path / "uner", yy_pud_test=f"# c\n1\tcat\tO\t-\t-\n{bad}\n\n")
+    ckpt = save_checkpoint(tmp_path / "ckpt.pt", tiny_enc)
+    msg = cli_error([ckpt, "--data_dir", str(tmp_path / "uner")])
+    assert msg.startswith(f"{files['yy_pud_test']}:3: {what}")
+
+
+def test_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.iob2"
+    path.write_bytes("1\tcat\tO\t-\t-\n\n1\tMalmö\tB-LOC\t-\t-\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"^{path}:3: not UTF-8 text"):
+        read_iob2(path)
+
+
+@pytest.mark.parametrize("key, fix", [("xx_one_train", "choose other --train_sets"),
+                                      ("xx_one_dev", "choose other --train_sets"),
+                                      ("yy_pud_test", "leave the set out with --test_sets")])
+def test_cli_empty_file_is_an_error_naming_it(tmp_path, tiny_enc, monkeypatch, key, fix):
+    # before: an empty training file failed with 'xx_one/head: no training sentences' (no file),
+    # an empty dev or test file scored F1 0 over 0 sentences, counted in the mean
+    files = uner_dir(tmp_path / "uner", **{key: "# sent_id = 1\n\n"})
+    ckpt = save_checkpoint(tmp_path / "ckpt.pt", tiny_enc)
+    monkeypatch.setattr(ner_eval.data, "get_encoding", lambda name: tiny_enc)
+    msg = cli_error([ckpt, "--data_dir", str(tmp_path / "uner")])
+    assert msg == (f"{files[key]}: no sentences (empty, or only comments and blank lines); "
+                   f"fix the file or {fix}")
+
+
+def bad_checkpoints(tmp_path, good):
+    """{case: path} of files that are not usable checkpoints; good: a real one to damage."""
+    raw = open(good, "rb").read()
+    files = {"zero-byte": b"", "truncated": raw[:len(raw) // 2], "text": b"step = 100\n",
+             "foreign pickle": pickle.dumps({"weights": [1.0, 2.0]})}
+    paths = {}
+    for case, content in files.items():
+        paths[case] = tmp_path / f"{case.replace(' ', '_')}.pt"
+        paths[case].write_bytes(content)
+    paths["missing keys"] = tmp_path / "missing_keys.pt"
+    torch.save({"model": {}, "step": 3}, paths["missing keys"])
+    return {case: str(p) for case, p in paths.items()}
+
+
+@pytest.mark.parametrize("case", ["zero-byte", "truncated", "text", "foreign pickle",
+                                  "missing keys"])
+def test_cli_bad_checkpoint_is_a_one_line_error_naming_it(tmp_path, tiny_enc, case):
+    uner_dir(tmp_path / "uner")
+    path = bad_checkpoints(tmp_path, save_checkpoint(tmp_path / "ok.pt", tiny_enc))[case]
+    msg = cli_error([path, "--data_dir", str(tmp_path / "uner")])
+    # common.load_checkpoint's message, the one every script gives for the same file
+    if case == "missing keys":
+        assert msg == f"{path} is not a meta_train.py checkpoint: no key 'model_args', 'tokenizer'"
+    else:
+        assert msg.startswith(f"cannot read checkpoint {path}: ")
+        assert msg.endswith(" (truncated, damaged or not a checkpoint)")
+
+
+def test_cli_errors_print_one_line_without_traceback(tmp_path, tiny_enc):
+    files = uner_dir(tmp_path / "uner", xx_one_dev="1\tcat\tB-MISC\t-\t-\n")
+    ckpt = save_checkpoint(tmp_path / "ckpt.pt", tiny_enc)
+    r = subprocess.run([sys.executable, "ner_eval.py", ckpt, "--data_dir", str(tmp_path / "uner"),
+                        "--train_sets", "xx_one", "--device", "cpu"], cwd=ner_eval.os.path.dirname(ner_eval.__file__),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.splitlines() == [f"{files['xx_one_dev']}:1: tag 'B-MISC' is not O, B-X or "
+                                     f"I-X with X in PER, ORG, LOC (or OTH, read as O)"]
 
 
 def test_help():
