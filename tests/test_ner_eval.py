@@ -1,5 +1,6 @@
 import io
 import json
+import os
 import pickle
 import random
 import subprocess
@@ -605,9 +606,9 @@ def test_cli_bad_checkpoint_is_a_one_line_error_naming_it(tmp_path, tiny_enc, ca
 def test_cli_errors_print_one_line_without_traceback(tmp_path, tiny_enc):
     files = uner_dir(tmp_path / "uner", xx_one_dev="1\tcat\tB-MISC\t-\t-\n")
     ckpt = save_checkpoint(tmp_path / "ckpt.pt", tiny_enc)
-    r = subprocess.run([sys.executable, "ner_eval.py", ckpt, "--data_dir", str(tmp_path / "uner"),
-                        "--train_sets", "xx_one", "--device", "cpu"], cwd=ner_eval.os.path.dirname(ner_eval.__file__),
-                       capture_output=True, text=True, timeout=120)
+    argv = [ckpt, "--data_dir", str(tmp_path / "uner"), "--train_sets", "xx_one", "--device", "cpu"]
+    r = subprocess.run([sys.executable, "ner_eval.py", *argv], capture_output=True, text=True,
+                       cwd=os.path.dirname(ner_eval.__file__), timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.splitlines() == [f"{files['xx_one_dev']}:1: tag 'B-MISC' is not O, B-X or "
                                      f"I-X with X in PER, ORG, LOC (or OTH, read as O)"]
