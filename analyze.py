@@ -1,7 +1,8 @@
 """
 Learning dynamics of a run, and comparison of runs.
 
-    python analyze.py RUN_DIR [--probe_text FILE] [--probe_batch 8] [--probe_len 256] [--out DIR]
+    python analyze.py RUN_DIR [--probe_text FILE] [--probe_batch 8] [--probe_len 256]
+                              [--grads loss|paper] [--out DIR]
     python analyze.py --compare RUN_A RUN_B [...] [--out DIR]
 
 The first form reads the run's numbered checkpoints (ckpt_NNNNNN.pt) in step order and, on one
@@ -9,14 +10,25 @@ fixed probe batch (evenly spaced windows of the run's first val shard, or of --p
 per layer:
   - effective rank (Roy & Vetterli 2007: exp of the Shannon entropy, in nats, of the singular values
     normalised to sum 1) and proportional effective rank (PER = effective rank / number of singular
-    values) of every weight matrix (wq wk wv wo w1 w2 w3), of the gradient of the probe batch's
-    next-token loss with respect to each of them, and of the block's output activations
-    (probe tokens x d_model);
+    values) of every weight matrix (wq wk wv wo w1 w2 w3), of the gradient of the probe pass with
+    respect to them (see --grads), and of the block's output activations (probe tokens x d_model);
   - the attention entropy of every head: mean over query positions of -sum p log p of the causal
     attention distribution, in nats and divided by log(number of visible keys).
 It writes metrics.csv (step, layer, component, metric, value), one PNG per metric (one panel per
 layer), and summary.txt: per layer the step where PER and entropy peak and whether the curve rises
-then falls ("diversify, then compress"), and which layers turn first.
+then falls ("diversify, then compress"), and which layers turn first. A numbered checkpoint that
+cannot be read is skipped with a warning, and summary.txt lists it: analysis only reads, and the
+run's other checkpoints are still good.
+
+--grads chooses the probe pass (one forward and backward pass, which also gives the activations
+and attention probabilities):
+  loss   (default) the gradient of the next-token loss, RoPE on: the model as it was trained; grad
+         metrics for all seven matrices.
+  paper  the paper's analysis: the gradient of the mean of the logits, with RoPE replaced by the
+         identity (cos 1, sin 0) for the pass; grad metrics for wq wk wv wo only. The paper took
+         activations in that same pass, so here too the block outputs (act_*) and the attention
+         entropies are those of the model without RoPE. Weight metrics do not depend on the pass
+         and are the same under both.
 
 The second form reads each run's log.jsonl and compares validation loss against steps, tokens,
 estimated FLOPs and training wall time: how far into the first run's budget each other run reaches
@@ -30,24 +42,33 @@ import json
 import math
 import os
 import re
+import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import common
 import data
 from model import Llama
 
 # the matrices of one block, by the short name used in the CSV
 MATRICES = {"wq": "attention.wq", "wk": "attention.wk", "wv": "attention.wv", "wo": "attention.wo",
             "w1": "feed_forward.w1", "w2": "feed_forward.w2", "w3": "feed_forward.w3"}
+# --grads: what each probe pass differentiates, and the matrices whose gradients it analyses
+GRADS = {
+    "loss": ("next-token loss, RoPE on", list(MATRICES)),
+    "paper": ("mean of the logits, RoPE as the identity (activations and attention too)",
+              ["wq", "wk", "wv", "wo"]),
+}
 # every metric in the CSV; the text is the title of its plot
 METRICS = {
     "weight_erank": "effective rank of each weight matrix",
     "weight_per": "PER (effective rank / min(rows, cols)) of each weight matrix",
-    "grad_erank": "effective rank of the probe loss gradient of each weight matrix",
-    "grad_per": "PER of the probe loss gradient of each weight matrix",
+    "grad_erank": "effective rank of the probe pass's gradient of each weight matrix",
+    "grad_per": "PER of the probe pass's gradient of each weight matrix",
     "act_erank": "effective rank of the block output (probe tokens x d_model)",
     "act_per": "PER of the block output (probe tokens x d_model)",
     "entropy": "attention entropy per head, nats (mean over query positions 1..T-1)",
@@ -110,39 +131,63 @@ def head_entropy(att):
     return ent.mean((0, 2)), (ent / visible.log()).mean((0, 2))
 
 
-def probe_pass(model, x, y):
-    """One forward and backward pass of the next-token loss on the probe batch x, y (B, T).
-    Returns (loss, blocks [L x (B*T, C)], attn [L x (B, H, T, T)], weights and grads: dicts
-    (layer, name) -> 2-D tensor). Attention probabilities come from model.py's explicit path,
-    which here also carries the forward pass (the same function as its SDPA path). Leaves only
-    the block parameters requiring grad."""
+@contextmanager
+def identity_rope(model):
+    """Inside the block the model runs with RoPE as the identity (cos 1, sin 0), as in the paper's
+    analysis pass; its own tables are put back afterwards. model.py is left as it is: the tables
+    are buffers that every forward pass reads."""
+    cos, sin = model.rope_cos, model.rope_sin
+    model.rope_cos, model.rope_sin = torch.ones_like(cos), torch.zeros_like(sin)
+    try:
+        yield
+    finally:
+        model.rope_cos, model.rope_sin = cos, sin
+
+
+def probe_pass(model, x, y, grads="loss"):
+    """One forward and backward pass on the probe batch x, y (B, T): of the next-token loss
+    (grads 'loss'), or of the mean of the logits with RoPE as the identity (grads 'paper').
+    Returns (the value differentiated, blocks [L x (B*T, C)], attn [L x (B, H, T, T)], weights
+    and grads: dicts (layer, name) -> 2-D tensor, grads for the matrices GRADS[grads] names).
+    Attention probabilities come from model.py's explicit path, which here also carries the
+    forward pass (the same function as its SDPA path). Leaves only those matrices requiring
+    grad."""
     model.eval()
-    # only block matrices are analysed: leaving the embedding and the output projection out of
-    # autograd skips their weight gradients, the largest of which is a (V, B*T) x (B*T, C) matmul
+    # only the analysed matrices need their weight gradients: leaving everything else out of
+    # autograd skips the rest, the largest being the output projection's (V, B*T) x (B*T, C)
     model.requires_grad_(False)
-    model.layers.requires_grad_(True)
+    names = GRADS[grads][1]
+    for layer in model.layers:
+        for name in names:
+            layer.get_submodule(MATRICES[name]).weight.requires_grad_(True)
     model.zero_grad(set_to_none=True)
-    _, loss, extras = model(x, y, return_blocks=True, return_attn=True)
-    loss.backward()
+    if grads == "paper":
+        with identity_rope(model):
+            logits, _, extras = model(x, return_blocks=True, return_attn=True)
+        value = logits.mean()
+    else:
+        _, value, extras = model(x, y, return_blocks=True, return_attn=True)
+    value.backward()
     C = model.args.dim
     blocks = [b.detach().reshape(-1, C) for b in extras["blocks"]]
     attn = [a.detach() for a in extras["attn"]]
-    weights, grads = {}, {}
+    weights, grad = {}, {}
     for i, layer in enumerate(model.layers):
         for name, path in MATRICES.items():
             w = layer.get_submodule(path).weight
-            weights[i, name], grads[i, name] = w.detach(), w.grad
-    return loss.item(), blocks, attn, weights, grads
+            weights[i, name] = w.detach()
+            if name in names:
+                grad[i, name] = w.grad
+    return value.item(), blocks, attn, weights, grad
 
 
-def analyze_checkpoint(model, x, y, step):
+def analyze_checkpoint(model, x, y, step, grads="loss"):
     """All metrics of one model on the probe batch x, y (B, T) -> rows
     (step, layer, component, metric, value); components are matrix names, "out" (the block
     output) and "h0".."h{H-1}" (attention heads)."""
-    _, blocks, attn, weights, grads = probe_pass(model, x, y)
-    keys = list(weights)
-    mats = [weights[k] for k in keys] + [grads[k] for k in keys] + blocks
-    labels = ([(i, name, "weight") for i, name in keys] + [(i, name, "grad") for i, name in keys]
+    _, blocks, attn, weights, grad = probe_pass(model, x, y, grads)
+    mats = list(weights.values()) + list(grad.values()) + blocks
+    labels = ([(i, name, "weight") for i, name in weights] + [(i, name, "grad") for i, name in grad]
               + [(i, "out", "act") for i in range(len(blocks))])
     rows = []
     for (layer, component, kind), (er, per) in zip(labels, erank_per(mats)):
@@ -194,8 +239,12 @@ def load_probe(ckpt, probe_text=None, data_dir=None, batch=8, seq_len=None):
         raise ValueError(f"probe_len {seq_len} > the model's max_seq_len "
                          f"{ckpt['model_args']['max_seq_len']}")
     if probe_text:
+        try:
+            enc = data.get_encoding(ckpt["tokenizer"])
+        except RuntimeError as e:  # unknown name, or offline without the BPE file
+            raise ValueError(str(e)) from None
         with open(probe_text, encoding="utf-8") as f:
-            tokens = data.get_encoding(ckpt["tokenizer"]).encode_ordinary(f.read())
+            tokens = enc.encode_ordinary(f.read())
         source = probe_text
     else:
         shards = data.list_shards(data_dir or cfg["data_dir"], "val")  # raises, naming the dir
@@ -205,18 +254,29 @@ def load_probe(ckpt, probe_text=None, data_dir=None, batch=8, seq_len=None):
 
 
 def analyze_run(run_dir, probe_text=None, data_dir=None, probe_batch=8, probe_len=None,
-                device="cpu"):
-    """Metrics of every numbered checkpoint of a run -> (rows, probe description)."""
+                device="cpu", grads="loss"):
+    """Metrics of every readable numbered checkpoint of a run -> (rows, probe description,
+    skipped: the errors of those that cannot be read, each naming its file). The probe comes from
+    the first readable one. None readable is a ValueError."""
     paths = list_checkpoints(run_dir)
-    rows, probe = [], None
+    need = ["model_args", "model", "config", "step"] + (["tokenizer"] if probe_text else [])
+    rows, probe, skipped = [], None, []
     for path in tqdm(paths, desc="checkpoints", unit="ckpt"):
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+        try:
+            ckpt = common.load_checkpoint(path, device, need)
+        except common.CheckpointError as e:
+            tqdm.write(f"warning: skipped: {e}", file=sys.stderr)
+            skipped.append(str(e))
+            continue
         if probe is None:
             probe, probe_desc = load_probe(ckpt, probe_text, data_dir, probe_batch, probe_len)
             probe = probe.to(device)
         model = Llama.from_checkpoint(ckpt, device)
-        rows += analyze_checkpoint(model, probe[:, :-1], probe[:, 1:], ckpt["step"])
-    return rows, probe_desc
+        rows += analyze_checkpoint(model, probe[:, :-1], probe[:, 1:], ckpt["step"], grads)
+    if not rows:
+        raise ValueError(f"none of the {len(paths)} numbered checkpoints in {run_dir} can be read "
+                         f"(the warnings above say why)")
+    return rows, probe_desc, skipped
 
 
 def write_text(path, text):
@@ -257,12 +317,19 @@ def peak(steps, values, tol):
     return steps[i], v[i], turns
 
 
-def summarize(rows, tol, header=""):
+def summarize(rows, tol, header="", grads="loss", skipped=()):
     steps = sorted({r[0] for r in rows})
+    what, grad_names = GRADS[grads]
     lines = [header,
-             f"{len(steps)} checkpoints, steps {steps[0]}..{steps[-1]}",
-             f"per layer: weight_per and grad_per are means over {', '.join(MATRICES)}; "
-             f"entropy_norm is the mean over heads of entropy / log(visible keys)",
+             f"{len(steps)} checkpoints, steps {steps[0]}..{steps[-1]}"]
+    if skipped:
+        lines.append(f"skipped {len(skipped)} of {len(steps) + len(skipped)} numbered "
+                     f"checkpoints, which cannot be read:")
+        lines += [f"  {reason}" for reason in skipped]
+    lines += [f"gradients (--grads {grads}): of the {what}",
+              f"per layer: weight_per is the mean over {', '.join(MATRICES)}, grad_per over "
+              f"{', '.join(grad_names)}; entropy_norm is the mean over heads of entropy / "
+              f"log(visible keys)",
              f"rises then falls (diversify, then compress): the peak lies strictly inside the step "
              f"range and the curve rises to it and falls after it by more than {tol:g} x the peak",
              ""]
@@ -438,8 +505,9 @@ def main(argv=None):
     p.add_argument("run_dir", nargs="?", help="run directory holding ckpt_NNNNNN.pt files")
     p.add_argument("--compare", nargs="+", metavar="RUN",
                    help="compare the val loss of two or more runs; the first is the baseline")
-    p.add_argument("--out", help="output directory (default: RUN_DIR/analysis, or the first "
-                                 "compared run's analysis/)")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/analysis, with --grads "
+                                 "paper RUN_DIR/analysis_paper, or the first compared run's "
+                                 "analysis/)")
     p.add_argument("--probe_text", help="UTF-8 text for the probe batch, tokenized with the run's "
                                         "tokenizer (default: the run's first val shard)")
     p.add_argument("--data_dir", help="shard directory (default: the data_dir in the run's config)")
@@ -448,6 +516,10 @@ def main(argv=None):
                    help="tokens per probe window (default: the run's seq_len)")
     p.add_argument("--tol", type=float, default=0.01,
                    help="relative rise and fall a curve needs to count as rising then falling")
+    p.add_argument("--grads", choices=list(GRADS), default="loss",
+                   help="probe pass: 'loss', the next-token loss with RoPE, grads of all seven "
+                   "matrices; 'paper', the mean of the logits with RoPE as the identity (for the "
+                   "activations and attention too), grads of wq wk wv wo only")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     if (args.run_dir is None) == (args.compare is None):
@@ -458,8 +530,8 @@ def main(argv=None):
             p.error("--compare needs at least two runs")
         try:
             logs = [read_log(run) for run in args.compare]
-        except (FileNotFoundError, ValueError) as e:
-            p.error(str(e))
+        except (OSError, ValueError) as e:  # each names its file: one line, no usage, no traceback
+            raise SystemExit(str(e)) from None
         out = args.out or os.path.join(args.compare[0], "analysis")
         os.makedirs(out, exist_ok=True)
         table = compare_table(args.compare, logs)
@@ -472,16 +544,21 @@ def main(argv=None):
 
     t0 = time.time()
     try:
-        rows, probe_desc = analyze_run(args.run_dir, args.probe_text, args.data_dir,
-                                       args.probe_batch, args.probe_len, args.device)
-    except (FileNotFoundError, ValueError) as e:  # no checkpoints or shards, a probe that won't fit
-        p.error(str(e))
-    out = args.out or os.path.join(args.run_dir, "analysis")
+        rows, probe_desc, skipped = analyze_run(args.run_dir, args.probe_text, args.data_dir,
+                                                args.probe_batch, args.probe_len, args.device,
+                                                args.grads)
+    except (OSError, ValueError) as e:  # no readable checkpoints or shards, a probe too long
+        raise SystemExit(str(e)) from None
+    # its own default folder: the two passes' curves differ, and neither should replace the other
+    out = args.out or os.path.join(args.run_dir, "analysis_paper" if args.grads == "paper"
+                                   else "analysis")
     os.makedirs(out, exist_ok=True)
     n = len({r[0] for r in rows})
-    print(f"analysed {n} checkpoints in {time.time() - t0:.1f} s")
+    print(f"analysed {n} checkpoints in {time.time() - t0:.1f} s"
+          + (f", skipped {len(skipped)} that cannot be read" if skipped else ""))
     write_csv(rows, os.path.join(out, "metrics.csv"))
-    summary = summarize(rows, args.tol, header=f"run {args.run_dir}; probe: {probe_desc}")
+    summary = summarize(rows, args.tol, f"run {args.run_dir}; probe: {probe_desc}", args.grads,
+                        skipped)
     write_text(os.path.join(out, "summary.txt"), summary)
     print(summary, end="")
     plots = plot_metrics(rows, out)

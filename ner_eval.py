@@ -6,7 +6,10 @@ Two regimes, as in the paper: `head` freezes the backbone and trains a linear he
 hidden states (the features are computed once, so an epoch costs only the head); `full` trains every
 weight. Defaults follow the paper: AdamW, lr 3e-5, batch 16, 10 epochs, linear decay, no warm-up.
 For the head regime 3e-5 is very small (a linear probe on frozen features barely moves in 10
-epochs); --head_lr sets its own, e.g. 1e-3.
+epochs); --head_lr sets its own, e.g. 1e-3. A word's label sits on its first sub-token, as in the
+paper; under causal attention that token has not seen the rest of the word (in Chinese it is often
+a byte fragment), so --label_subtoken last puts it on the last sub-token instead. The tables show
+next to each test set's F1 how many of its gold entities the cut at --max_len puts out of reach.
 
     # train on all nine training sets together, test on every UNER test set, both regimes
     python ner_eval.py out/11m/ckpt.pt --data_dir ../shared/data/uner
@@ -24,6 +27,7 @@ The data is CC BY-SA: credit UNER (Mayhew et al., NAACL 2024) and the UD treeban
 import argparse
 import copy
 import glob
+import io
 import math
 import os
 import random
@@ -38,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import common
 import data
 from model import Llama, ModelArgs
 
@@ -71,29 +76,36 @@ def read_iob2(path):
     a blank line ends a sentence. OTH (Croatian/Serbian only) is read as O, giving the usual three
     types. Any other tag is kept as written: a stray I-X stays I-X and get_spans reads it as B-X."""
     sents, words, tags = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if line.startswith("#"):
-                continue
-            if not line.strip():
-                if words:
-                    sents.append((words, tags))
-                    words, tags = [], []
-                continue
-            cols = line.split("\t")
-            if len(cols) < 3 or not cols[0].isdigit() or not cols[1]:
-                raise ValueError(f"{path}:{lineno}: expected TAB-separated columns 'position, "
-                                 f"token, tag, ...', got {line!r}")
-            tag = cols[2]
-            prefix, _, typ = tag.partition("-")
-            if typ == "OTH" and prefix in ("B", "I"):
-                tag = "O"
-            elif tag not in LABEL_ID:
-                raise ValueError(f"{path}:{lineno}: tag {tag!r} is not O, B-X or I-X with X in "
-                                 f"{', '.join(TYPES)} (or OTH, read as O)")
-            words.append(cols[1])
-            tags.append(tag)
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e.reason})") from None
+    # newline=None: \n, \r\n and \r all end a line, as when reading the file in text mode
+    for lineno, line in enumerate(io.StringIO(text, newline=None), 1):
+        line = line.rstrip("\n")
+        if line.startswith("#"):
+            continue
+        if not line.strip():
+            if words:
+                sents.append((words, tags))
+                words, tags = [], []
+            continue
+        cols = line.split("\t")
+        if len(cols) < 3 or not cols[0].isdigit() or not cols[1]:
+            raise ValueError(f"{path}:{lineno}: expected TAB-separated columns 'position, "
+                             f"token, tag, ...', got {line!r}")
+        tag = cols[2]
+        prefix, _, typ = tag.partition("-")
+        if typ == "OTH" and prefix in ("B", "I"):
+            tag = "O"
+        elif tag not in LABEL_ID:
+            raise ValueError(f"{path}:{lineno}: tag {tag!r} is not O, B-X or I-X with X in "
+                             f"{', '.join(TYPES)} (or OTH, read as O)")
+        words.append(cols[1])
+        tags.append(tag)
     if words:  # a file need not end with a blank line
         sents.append((words, tags))
     return sents
@@ -180,30 +192,38 @@ def uses_spaces(name):
     return name.split("_")[0] not in NO_SPACE_LANGS
 
 
-def encode_sentence(words, tags, enc, max_len, spaces=True):
+def encode_sentence(words, tags, enc, max_len, spaces=True, subtoken="first"):
     """Tokenize one sentence word by word. With spaces, every word gets a leading space (GPT-2 BPE
     codes a word differently at the start of a text; ' word' is how it appears inside running
     text, and this way a word has the same tokens wherever it stands); Chinese words are coded as
-    written. The label sits on a word's first sub-token; later sub-tokens get IGNORE.
+    written. The label sits on a word's first sub-token (the paper's), or with subtoken 'last' on
+    its last, which under causal attention is the only one that has seen the whole word; the
+    other sub-tokens get IGNORE.
     Returns ids and labels (both at most max_len long), the gold tags of the whole sentence, the
-    number of words that kept their label, and whether the sentence was cut at max_len."""
+    number of words that kept their label, whether the sentence was cut at max_len, its gold
+    entities and how many of them the cut puts out of reach."""
     ids, labels = [], []
     for word, tag in zip(words, tags):
         toks = enc.encode_ordinary(" " + word if spaces else word)
         ids += toks
-        labels += [LABEL_ID[tag]] + [IGNORE] * (len(toks) - 1)
+        rest = [IGNORE] * (len(toks) - 1)
+        labels += [LABEL_ID[tag]] + rest if subtoken == "first" else rest + [LABEL_ID[tag]]
     cut = len(ids) > max_len
     ids, labels = ids[:max_len], labels[:max_len]
     n_words = sum(label != IGNORE for label in labels)
-    return {"ids": ids, "labels": labels, "tags": tags, "n_words": n_words, "cut": cut}
+    # the words that kept their label are the first n_words; the others are predicted O, so an
+    # entity ending past them can never be found
+    spans = get_spans(tags)
+    return {"ids": ids, "labels": labels, "tags": tags, "n_words": n_words, "cut": cut,
+            "entities": len(spans), "cut_entities": sum(end > n_words for _, _, end in spans)}
 
 
-def encode_sentences(sents, enc, max_len, spaces=True):
-    return [encode_sentence(words, tags, enc, max_len, spaces) for words, tags in sents]
+def encode_sentences(sents, enc, max_len, spaces=True, subtoken="first"):
+    return [encode_sentence(words, tags, enc, max_len, spaces, subtoken) for words, tags in sents]
 
 
 def word_features(model, batch, ctx):
-    """Final hidden states at the labelled positions (first sub-tokens) of a batch of encoded
+    """Final hidden states at the labelled positions (one sub-token a word) of a batch of encoded
     sentences: features (N, C) and label ids (N,), N = labelled words in the batch, in order."""
     device = model.tok_embeddings.weight.device
     T = max(len(e["ids"]) for e in batch)
@@ -408,7 +428,18 @@ def load_uner(args):
     needed = [(n, s) for n in sources for s in ("train", "dev")] + [(n, "test") for n in tests]
     uner = {"runs": runs, "tests": tests, "sents": defaultdict(dict), "total": defaultdict(dict)}
     for n, split in needed:
-        sents = read_iob2(found[n][split])
+        path = found[n][split]
+        try:
+            sents = read_iob2(path)
+        except ValueError as e:  # its message names the file and line: no traceback needed
+            raise SystemExit(str(e)) from None
+        # an error, not a warning: an empty test set would score 0 and pull the mean down, and
+        # leaving it out silently would change which sets the mean covers
+        if not sents:
+            fix = ("leave the set out with --test_sets" if split == "test"
+                   else "choose other --train_sets")
+            raise SystemExit(f"{path}: no sentences (empty, or only comments and blank lines); "
+                             f"fix the file or {fix}")
         limit = args.max_train_sentences if split == "train" else args.max_eval_sentences
         uner["sents"][n][split] = cap(sents, limit, f"{n}-{split}")
         uner["total"][n][split] = len(sents)
@@ -425,15 +456,11 @@ def checkpoint_path(path):
 
 def load_checkpoint(path, tokenizer=None):
     """The checkpoint dict and its tiktoken encoding (tokenizer: a name that overrides its own)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise SystemExit(f"cannot read checkpoint {path}: {e}")
     need = ["model_args", "model"] + ([] if tokenizer else ["tokenizer"])
-    missing = [k for k in need if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise SystemExit(f"{path} is not a meta_train.py checkpoint: no key "
-                         f"{', '.join(map(repr, missing))}")
+    try:
+        ckpt = common.load_checkpoint(path, "cpu", need)
+    except common.CheckpointError as e:
+        raise SystemExit(str(e)) from None
     name = tokenizer or ckpt["tokenizer"]
     try:
         enc = data.get_encoding(name)
@@ -456,10 +483,12 @@ def evaluate_checkpoint(path, uner, args):
     examples, sentences = defaultdict(dict), defaultdict(dict)
     for n, splits in uner["sents"].items():
         for split, sents in splits.items():
-            exs = encode_sentences(sents, enc, max_len, uses_spaces(n))
+            exs = encode_sentences(sents, enc, max_len, uses_spaces(n), args.label_subtoken)
             examples[n][split] = exs
             sentences[n][split] = {"used": len(exs), "total": uner["total"][n][split],
-                                   "cut": sum(e["cut"] for e in exs)}
+                                   "cut": sum(e["cut"] for e in exs),
+                                   "entities": sum(e["entities"] for e in exs),
+                                   "cut_entities": sum(e["cut_entities"] for e in exs)}
     tests = {t: examples[t]["test"] for t in uner["tests"]}
     cache = {}  # frozen-backbone features, shared by every head-regime run of this checkpoint
     runs = {}
@@ -487,7 +516,8 @@ def format_settings(args, res):
              f"{args.head_lr or args.lr:g} (head), warm-up {args.warmup_ratio:g}, "
              f"{args.decay} decay, weight decay {args.weight_decay:g}, seed {args.seed}",
              f"sentences per file: train <= {args.max_train_sentences or 'all'}, dev and test <= "
-             f"{args.max_eval_sentences or 'all'}; {cut} of {used} cut at {res['max_len']} tokens",
+             f"{args.max_eval_sentences or 'all'}; {cut} of {used} cut at {res['max_len']} tokens; "
+             f"labels on each word's {args.label_subtoken} sub-token",
              f"{'sentences':<14}{'train':>14}{'dev':>14}{'test':>14}{'cut':>6}"]
     for name, splits in n.items():
         cells = [f"{splits[s]['used']}/{splits[s]['total']}" if s in splits else "-"
@@ -497,21 +527,38 @@ def format_settings(args, res):
     return "\n".join(lines)
 
 
+def unreachable(res, test):
+    """'cut/gold': the test set's gold entities that the cut at max_len puts out of reach."""
+    n = res["sentences"][test]["test"]
+    return f"{n['cut_entities']}/{n['entities']}"
+
+
+def unreachable_note(max_len):
+    return (f"unreachable: gold entities with a word that lost its label to the cut at {max_len} "
+            f"tokens (recall <= 1 - unreachable/gold)")
+
+
 def format_table(res, which):
-    """Test F1 x 100: rows test sets, columns train set/regime; which = 'final' or 'best'."""
+    """Test F1 x 100: rows test sets, columns train set/regime, then the entities the cut at
+    max_len puts out of reach; which = 'final' or 'best'."""
     runs, tests = res["runs"], res["test_sets"]
     w = max([12] + [len(c) + 2 for c in runs])
-    row = lambda label, cells: f"{label:<14}" + "".join(f"{c:>{w}}" for c in cells)
+
+    def row(label, cells, cut=""):
+        return (f"{label:<14}" + "".join(f"{c:>{w}}" for c in cells) + f"{cut:>13}").rstrip()
+
     f1 = {c: [r["test"][t][which]["f1"] for t in tests] for c, r in runs.items()}
     title = {"final": "final model", "best": "model of the best-dev epoch"}[which]
-    lines = [f"test F1 x100, {title}", row("test set", runs)]
-    lines += [row(t, [f"{100 * f1[c][i]:.1f}" for c in runs]) for i, t in enumerate(tests)]
+    lines = [f"test F1 x100, {title}", row("test set", runs, "unreachable")]
+    lines += [row(t, [f"{100 * f1[c][i]:.1f}" for c in runs], unreachable(res, t))
+              for i, t in enumerate(tests)]
     lines.append(row("mean", [f"{100 * sum(f1[c]) / len(tests):.1f}" for c in runs]))
     if which == "final":
         lines.append(row("minutes", [f"{r['seconds'] / 60:.1f}" for r in runs.values()]))
     else:
         lines.append(row("dev F1", [f"{100 * r['best_dev_f1']:.1f}" for r in runs.values()]))
         lines.append(row("best epoch", [r["best_epoch"] for r in runs.values()]))
+    lines.append(unreachable_note(res["max_len"]))
     return "\n".join(lines)
 
 
@@ -520,18 +567,26 @@ def format_compare(a, b):
     def f1(res, key, test, which):  # test 'mean': the mean over the test sets
         tests = res["test_sets"] if test == "mean" else [test]
         return sum(res["runs"][key]["test"][t][which]["f1"] for t in tests) / len(tests)
+    # the same for A and B unless their tokenizers or max_len differ
+    pairs = {t: (unreachable(a, t), unreachable(b, t)) for t in a["test_sets"]}
+    cut = {t: ua if ua == ub else f"{ua.split('/')[0]}|{ub}" for t, (ua, ub) in pairs.items()}
     heads = ("A final", "B final", "B-A", "A best", "B best", "B-A")
     out = [f"A = {a['checkpoint']} (step {a['step']})", f"B = {b['checkpoint']} (step {b['step']})"]
     for key in a["runs"]:
-        out += ["", f"{key}: test F1 x100", f"{'test set':<14}" + "".join(f"{h:>9}" for h in heads)]
+        out += ["", f"{key}: test F1 x100", f"{'test set':<14}" + "".join(f"{h:>9}" for h in heads)
+                + f"{'unreachable':>14}"]
         for t in a["test_sets"] + ["mean"]:
             cells = []
             for which in ("final", "best"):
                 fa, fb = f1(a, key, t, which), f1(b, key, t, which)
                 cells += [fa, fb, fb - fa]
-            out.append(f"{t:<14}" + "".join(f"{100 * x:>9.1f}" for x in cells))
+            out.append((f"{t:<14}" + "".join(f"{100 * x:>9.1f}" for x in cells)
+                        + f"{cut.get(t, ''):>14}").rstrip())
         out.append(f"{'minutes':<14}" + "".join(f"{r['runs'][key]['seconds'] / 60:>9.1f}"
                                                    for r in (a, b)))
+    max_len = a["max_len"] if a["max_len"] == b["max_len"] else f"{a['max_len']}|{b['max_len']}"
+    same = all(ua == ub for ua, ub in pairs.values())
+    out += ["", unreachable_note(max_len) + ("" if same else "; A|B where the two differ")]
     return "\n".join(out)
 
 
@@ -568,6 +623,10 @@ def get_args(argv=None):
     p.add_argument("--beta2", type=float, default=0.999, help="AdamW's")
     p.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm; 0: off")
     p.add_argument("--max_len", type=int, default=128, help="tokens per sentence; longer are cut")
+    p.add_argument("--label_subtoken", choices=["first", "last"], default="first",
+                   help="the sub-token of a word that carries its label: first (the paper's) or "
+                   "last, which with a causal backbone is the only one that has seen the whole "
+                   "word (a first sub-token of Chinese is often a byte fragment)")
     p.add_argument("--max_train_sentences", type=int, default=0,
                    help="cap per training file, a fixed random sample; 0: all (for CPU runs)")
     p.add_argument("--max_eval_sentences", "--max_test_sentences", type=int, default=0,

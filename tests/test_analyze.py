@@ -1,5 +1,8 @@
 import json
 import math
+import os
+import pickle
+import subprocess
 import sys
 import types
 from dataclasses import asdict
@@ -127,6 +130,45 @@ def test_probe_pass_attention_and_gradients_match_references():
     assert len(grads) == 7 * ARGS["n_layers"]
 
 
+def test_paper_grads_are_those_of_the_mean_logit_without_rope():
+    model = tiny_model()
+    cos, sin = model.rope_cos, model.rope_sin
+    idx = torch.randint(0, ARGS["vocab_size"], (2, 17), generator=torch.Generator().manual_seed(1))
+    x, y = idx[:, :-1], idx[:, 1:]
+    value, blocks, attn, weights, grads = analyze.probe_pass(model, x, y, grads="paper")
+    assert model.rope_cos is cos and model.rope_sin is sin  # the model's own tables are back
+    L = ARGS["n_layers"]
+    assert set(grads) == {(i, n) for i in range(L) for n in ("wq", "wk", "wv", "wo")}
+    assert len(weights) == 7 * L  # weight metrics keep all seven
+    # the reference, by hand: a model whose RoPE tables rotate nothing, d mean(logits)
+    ref = tiny_model()
+    ref.rope_cos, ref.rope_sin = torch.ones_like(cos), torch.zeros_like(sin)
+    logits, _ = ref(x)
+    logits.mean().backward()
+    assert value == pytest.approx(logits.mean().item(), rel=1e-6)
+    for (i, name), g in grads.items():
+        ref_w = ref.layers[i].get_submodule(analyze.MATRICES[name]).weight
+        torch.testing.assert_close(g, ref_w.grad, rtol=1e-4, atol=1e-9)
+    # with RoPE the same quantity has other gradients: the identity is what the test pins down
+    rope = tiny_model()
+    rope(x)[0].mean().backward()
+    assert not torch.allclose(grads[0, "wq"], rope.layers[0].attention.wq.weight.grad, rtol=1e-2)
+    # the activations and attention of that same pass: no RoPE either
+    T = x.shape[1]
+    one, zero = torch.ones_like(cos[:T]), torch.zeros_like(sin[:T])
+    with torch.no_grad():
+        h = ref.tok_embeddings(x)
+        for i, layer in enumerate(ref.layers):
+            probs = naive_attention_probs(layer.attention, layer.attention_norm(h), one, zero)
+            torch.testing.assert_close(attn[i], probs, rtol=1e-5, atol=1e-6)
+            h = layer(h, one, zero)[0]
+            torch.testing.assert_close(blocks[i], h.reshape(-1, ARGS["dim"]))
+    # the tables come back even when the pass fails
+    with pytest.raises(RuntimeError), analyze.identity_rope(model):
+        raise RuntimeError("inside")
+    assert model.rope_cos is cos and model.rope_sin is sin
+
+
 def test_peak_rises_then_falls_only_with_an_interior_peak_beyond_tol():
     s = [0, 10, 20, 30]
     assert analyze.peak(s, [0.5, 0.8, 0.9, 0.7], 0.01) == (20, 0.9, True)
@@ -209,9 +251,9 @@ def test_no_checkpoints_is_a_clear_error(tmp_path, capsys):
         analyze.list_checkpoints(str(tmp_path / "missing_run"))
     with pytest.raises(FileNotFoundError, match="ckpt.pt is a file: pass the directory"):
         analyze.list_checkpoints(str(run / "ckpt.pt"))
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         analyze.main([str(run)])
-    assert "no numbered checkpoints" in capsys.readouterr().err
+    assert e.value.code.startswith("no numbered checkpoints (ckpt_NNNNNN.pt) in ")
     assert not (run / "analysis").exists()
 
 
@@ -251,9 +293,93 @@ def test_end_to_end_cli_writes_csv_summary_and_plots(tmp_path, monkeypatch, tiny
         assert sum(l.startswith(metric) for l in summary.splitlines()) == L
     assert summary in capsys.readouterr().out
     assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{m}.png" for m in analyze.METRICS)
-    with pytest.raises(SystemExit):  # longer than the model's context: a clear error, not a crash
+    with pytest.raises(SystemExit) as e:  # longer than the model's context: an error, no crash
         analyze.main([str(tmp_path / "run"), "--probe_text", str(text), "--probe_len", "64"])
-    assert "probe_len 64 > the model's max_seq_len 32" in capsys.readouterr().err
+    assert e.value.code == "probe_len 64 > the model's max_seq_len 32"
+
+
+def test_cli_paper_grads(tmp_path, monkeypatch, tiny_enc):
+    monkeypatch.setitem(tiktoken.registry.ENCODINGS, "tiny", tiny_enc)
+    monkeypatch.setattr(analyze, "plot_metrics", lambda rows, out: [])  # seconds, tested above
+    make_run(tmp_path / "run", [0, 50])
+    text = tmp_path / "probe.txt"
+    text.write_text("the cat and the dog by the green tree " * 10)
+    analyze.main([str(tmp_path / "run"), "--probe_text", str(text), "--probe_batch", "2",
+                  "--probe_len", "8", "--grads", "paper"])
+    out = tmp_path / "run" / "analysis_paper"  # beside, not over, the default analysis
+    assert not (tmp_path / "run" / "analysis").exists()
+    rows = [line.split(",") for line in (out / "metrics.csv").read_text().splitlines()[1:]]
+    grad = {r[2] for r in rows if r[3].startswith("grad_")}
+    assert grad == {"wq", "wk", "wv", "wo"}
+    assert {r[2] for r in rows if r[3].startswith("weight_")} == set(analyze.MATRICES)
+    summary = (out / "summary.txt").read_text()
+    assert "gradients (--grads paper): of the mean of the logits, RoPE as the identity" in summary
+    assert "grad_per over wq, wk, wv, wo;" in summary
+
+
+def bad_checkpoints(tmp_path, good):
+    """{case: path} of files that are not usable checkpoints, made from the good one."""
+    raw = good.read_bytes()
+    files = {"zero-byte": b"", "truncated": raw[:len(raw) // 2], "text": b"step = 100\n",
+             "foreign pickle": pickle.dumps({"weights": [1.0, 2.0]})}
+    paths = {}
+    for case, content in files.items():
+        paths[case] = tmp_path / f"{case.replace(' ', '_')}.pt"
+        paths[case].write_bytes(content)
+    paths["missing keys"] = tmp_path / "missing_keys.pt"
+    torch.save({"model": {}, "step": 3}, paths["missing keys"])
+    return paths
+
+
+CASES = ["zero-byte", "truncated", "text", "foreign pickle", "missing keys"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_bad_checkpoint_is_skipped_with_a_warning_naming_it(tmp_path, monkeypatch, tiny_enc,
+                                                              capsys, case):
+    monkeypatch.setitem(tiktoken.registry.ENCODINGS, "tiny", tiny_enc)
+    monkeypatch.setattr(analyze, "plot_metrics", lambda rows, out: [])
+    run = tmp_path / "run"
+    make_run(run, [0, 50, 100])
+    bad = run / "ckpt_000050.pt"
+    bad.write_bytes(bad_checkpoints(tmp_path, bad)[case].read_bytes())
+    text = tmp_path / "probe.txt"
+    text.write_text("the cat and the dog by the green tree " * 10)
+    analyze.main([str(run), "--probe_text", str(text), "--probe_batch", "2", "--probe_len", "8"])
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and str(bad) in warnings[0] and "Traceback" not in err
+    reason = warnings[0].removeprefix("warning: skipped: ")
+    if case == "missing keys":
+        assert reason == (f"{bad} is not a meta_train.py checkpoint: no key 'model_args', "
+                          f"'config', 'tokenizer'")
+    else:
+        assert reason.startswith(f"cannot read checkpoint {bad}: ")
+    rows = (run / "analysis" / "metrics.csv").read_text().splitlines()[1:]
+    assert sorted({int(r.split(",")[0]) for r in rows}) == [0, 100]  # the others are analysed
+    summary = (run / "analysis" / "summary.txt").read_text().splitlines()
+    assert summary[1:4] == ["2 checkpoints, steps 0..100",
+                            "skipped 1 of 3 numbered checkpoints, which cannot be read:",
+                            f"  {reason}"]
+
+
+def test_no_readable_checkpoint_is_a_one_line_error(tmp_path):
+    run = tmp_path / "run"
+    make_run(run, [0, 50])
+    bad = bad_checkpoints(tmp_path, run / "ckpt_000000.pt")
+    for step, case in ((0, "truncated"), (50, "zero-byte")):
+        (run / f"ckpt_{step:06d}.pt").write_bytes(bad[case].read_bytes())
+    r = subprocess.run([sys.executable, "analyze.py", str(run)], capture_output=True, text=True,
+                       cwd=os.path.dirname(analyze.__file__), timeout=120)
+    lines = r.stderr.splitlines()  # tqdm's progress bar writes to stderr too
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    warnings = [line for line in lines if line.startswith("warning: skipped: ")]
+    assert len(warnings) == 2
+    for line, step in zip(warnings, (0, 50)):
+        assert line.startswith(f"warning: skipped: cannot read checkpoint {run}/ckpt_{step:06d}.pt")
+    assert lines[-1] == f"none of the 2 numbered checkpoints in {run} can be read (the warnings " \
+                        "above say why)"
+    assert not (run / "analysis").exists()
 
 
 def test_without_matplotlib_plots_are_skipped(tmp_path, monkeypatch):

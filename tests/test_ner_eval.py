@@ -1,6 +1,10 @@
 import io
 import json
+import os
+import pickle
 import random
+import subprocess
+import sys
 import time
 from argparse import Namespace
 
@@ -140,6 +144,80 @@ def test_cut_at_max_len(tiny_enc):
     assert not exact["cut"] and exact["n_words"] == 3
 
 
+def test_cut_entities_count_entities_the_cut_puts_out_of_reach(tiny_enc):
+    # ' cat' | ' dog' 's' | ' bird' | ' river' | ' tree': 6 tokens
+    words = ["cat", "dogs", "bird", "river", "tree"]
+    tags = ["B-PER", "O", "B-LOC", "I-LOC", "B-ORG"]
+    e = encode_sentence(words, tags, tiny_enc, 4)
+    # 'river' lost its label, so LOC(2,4) is out of reach although 'bird' kept its own; ORG too
+    assert (e["n_words"], e["entities"], e["cut_entities"]) == (3, 3, 2)
+    assert encode_sentence(words, tags, tiny_enc, 5)["cut_entities"] == 1  # ORG only
+    assert encode_sentence(words, tags, tiny_enc, 6)["cut_entities"] == 0
+    # a stray I- starts an entity, as the metric reads gold
+    e = encode_sentence(["cat", "dog"], ["O", "I-PER"], tiny_enc, 1)
+    assert (e["entities"], e["cut_entities"]) == (1, 1)
+
+
+# Label on the last sub-token: a sentence whose words have several sub-tokens
+# ' cat' 's' | ' ' 'x' 'y' | ' dog' | ' tree' 's': labels at 0 2 5 6 (first) or 1 4 5 7 (last)
+MULTI = (["cats", "xy", "dog", "trees"], ["B-PER", "B-ORG", "O", "B-LOC"])
+
+
+def test_last_subtoken_labels(tiny_enc):
+    L = LABEL_ID
+    first = encode_sentence(*MULTI, tiny_enc, 128)
+    last = encode_sentence(*MULTI, tiny_enc, 128, subtoken="last")
+    assert first["ids"] == last["ids"] and len(first["ids"]) == 8
+    assert first["labels"] == [L["B-PER"], IGNORE, L["B-ORG"], IGNORE, IGNORE, L["O"], L["B-LOC"],
+                               IGNORE]
+    assert last["labels"] == [IGNORE, L["B-PER"], IGNORE, IGNORE, L["B-ORG"], L["O"], IGNORE,
+                              L["B-LOC"]]
+    # cut at 7 tokens inside 'trees': its first sub-token is kept, its last is not
+    first, last = (encode_sentence(*MULTI, tiny_enc, 7, subtoken=s) for s in ("first", "last"))
+    assert (first["n_words"], first["cut_entities"]) == (4, 0)
+    assert (last["n_words"], last["cut_entities"]) == (3, 1)
+
+
+def test_last_subtoken_features_and_predictions_map_back_to_words(tiny_enc):
+    sents = [MULTI, (["dog", "xy"], ["B-ORG", "O"])]  # ' dog' | ' ' 'x' 'y'
+    model = tiny_model(tiny_enc)
+    hidden = []  # every position's final hidden state, sentence by sentence
+    with torch.no_grad():
+        for words, tags in sents:
+            ids = encode_sentence(words, tags, tiny_enc, 128)["ids"]
+            hidden.append(model(torch.tensor([ids]), return_hidden=True)[2]["hidden"][0])
+    last_pos, first_pos = [[1, 4, 5, 7], [0, 3]], [[0, 2, 5, 6], [0, 1]]
+    # a head that reads the gold tag at each last sub-token and I-LOC everywhere else, so a
+    # prediction taken from any other position shows
+    target = [[LABEL_ID["I-LOC"]] * len(h) for h in hidden]
+    for b, (_, tags) in enumerate(sents):
+        for p, tag in zip(last_pos[b], tags):
+            target[b][p] = LABEL_ID[tag]
+    H = torch.cat(hidden).double()
+    Y = 10 * torch.eye(len(ner_eval.LABELS), dtype=torch.float64)[sum(target, [])]
+    head = torch.nn.Linear(model.args.dim, len(ner_eval.LABELS), bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.linalg.lstsq(H, Y).solution.T)
+    args = settings(eval_batch_size=2)
+    for subtoken, pos in (("last", last_pos), ("first", first_pos)):
+        exs = ner_eval.encode_sentences(sents, tiny_enc, 128, subtoken=subtoken)
+        feats, labels = ner_eval.word_features(model, exs, ner_eval.nullcontext())
+        torch.testing.assert_close(feats, torch.cat([h[p] for h, p in zip(hidden, pos)]))
+        assert labels.tolist() == [LABEL_ID[t] for _, tags in sents for t in tags]
+        cache = {}
+        ner_eval.cache_features(model, exs, cache, args, ner_eval.nullcontext())
+        for c in (None, cache):  # the full regime's path and the head regime's cached features
+            preds = ner_eval.predict(model, head, exs, args, ner_eval.nullcontext(), c)
+            if subtoken == "last":
+                assert preds == [tags for _, tags in sents]
+            else:  # ' dog' is one token, its own first and last
+                assert preds == [["I-LOC", "I-LOC", "O", "I-LOC"], ["B-ORG", "I-LOC"]]
+    # cut inside the last word: it is predicted O, its entity is lost
+    exs = ner_eval.encode_sentences(sents[:1], tiny_enc, 7, subtoken="last")
+    preds = ner_eval.predict(model, head, exs, args, ner_eval.nullcontext())
+    assert preds == [["B-PER", "B-ORG", "O", "O"]]
+
+
 def test_cap_is_a_fixed_sample():
     sents = list(range(100))
     a, b = ner_eval.cap(sents, 10, "en_ewt-train"), ner_eval.cap(sents, 10, "en_ewt-train")
@@ -269,26 +347,68 @@ def test_cli_end_to_end(tmp_path, tiny_enc, monkeypatch, capsys):
         ckpts.append(str(tmp_path / name / "ckpt.pt"))
     monkeypatch.setattr(ner_eval.data, "get_encoding", lambda name: tiny_enc)
     common = ["--data_dir", str(data), "--train_sets", "xx_one", "--epochs", "2", "--device", "cpu",
-              "--max_train_sentences", "40"]
+              "--max_train_sentences", "40", "--max_len", "6"]
     ner_eval.main([str(tmp_path / "a")] + common)  # a run directory: its ckpt.pt
     out = capsys.readouterr().out
     res = json.loads((tmp_path / "a" / "ner_ckpt.json").read_text())
     assert res["test_sets"] == ["xx_one", "yy_pud"]  # the test-only set is found too
     assert list(res["runs"]) == ["xx_one/head", "xx_one/full"]
-    assert res["sentences"]["xx_one"]["train"] == {"used": 40, "total": 48, "cut": 0}
+    train = res["sentences"]["xx_one"]["train"]
+    assert (train["used"], train["total"]) == (40, 48)
     assert res["settings"]["epochs"] == 2 and res["step"] == 7
+    # a word is a token here, so at --max_len 6 an entity ending past word 6 is out of reach
+    spans = [ner_eval.get_spans(tags) for _, tags in synthetic(10, 3)]
+    gold, cut = sum(map(len, spans)), sum(end > 6 for s in spans for _, _, end in s)
+    assert 0 < cut < gold
+    test = res["sentences"]["yy_pud"]["test"]
+    assert (test["entities"], test["cut_entities"]) == (gold, cut)
     for run in res["runs"].values():
         assert len(run["epochs"]) == 2 and run["train_sentences"] == 40
         assert set(run["test"]["yy_pud"]) == {"final", "best"}
+        assert run["test"]["yy_pud"]["final"]["gold"] == gold  # the metric's count of gold spans
     assert "xx_one/head" in out and "yy_pud" in out and "train <= 40" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("yy_pud ")]
+    # the settings block, then the final and best-dev F1 tables with the unreachable column
+    assert len(rows) == 3 and rows[1][-1] == rows[2][-1] == f"{cut}/{gold}"
+    assert out.count("unreachable: gold entities with a word that lost its label to the cut at 6 "
+                     "tokens") == 2
 
-    ner_eval.main(["--compare", *ckpts, "--regime", "head", "--out", str(tmp_path / "c.json")]
-                  + common)
+    ner_eval.main(["--compare", *ckpts, "--regime", "head", "--out", str(tmp_path / "c.json"),
+                   "--label_subtoken", "last"] + common)
     out = capsys.readouterr().out
     pair = json.loads((tmp_path / "c.json").read_text())
     a, b = (pair[k]["runs"]["xx_one/head"]["test"]["yy_pud"]["final"]["f1"] for k in "ab")
     assert f"{100 * a:9.1f}{100 * b:9.1f}{100 * (b - a):9.1f}" in out
+    row = [line.split() for line in out.splitlines() if line.startswith("yy_pud ")][-1]
+    assert len(row) == 8 and row[-1] == f"{cut}/{gold}"  # the name, 6 F1 columns, unreachable
     assert "\nminutes " in out  # run times of A and B
+    assert pair["a"]["settings"]["label_subtoken"] == "last"
+    assert out.count("labels on each word's last sub-token") == 2
+
+
+def result(cut, max_len=128, tokenizer="gpt2"):
+    """A results dict as evaluate_checkpoint writes it, one run and one test set, ru_pud."""
+    score = {"f1": 0.5}
+    return {"checkpoint": "ckpt.pt", "step": 1, "max_len": max_len, "tokenizer": tokenizer,
+            "test_sets": ["ru_pud"], "sentences": {"ru_pud": {"test": {
+                "used": 1000, "total": 1000, "cut": 440, "entities": 1036, "cut_entities": cut}}},
+            "runs": {"all/head": {"test": {"ru_pud": {"final": score, "best": score}},
+                                  "seconds": 60, "best_dev_f1": 0.5, "best_epoch": 3}}}
+
+
+def test_unreachable_entities_next_to_f1():
+    table = ner_eval.format_table(result(134), "best").splitlines()
+    assert table[1].split() == ["test", "set", "all/head", "unreachable"]
+    assert table[2].split() == ["ru_pud", "50.0", "134/1036"]
+    assert table[-1].startswith("unreachable: gold entities with a word that lost its label to "
+                                "the cut at 128 tokens")
+    same = ner_eval.format_compare(result(134), result(134)).splitlines()
+    assert same[-1].endswith("(recall <= 1 - unreachable/gold)")
+    assert [line.split()[-1] for line in same if line.startswith("ru_pud")] == ["134/1036"]
+    # checkpoints with other max_len (their max_seq_len) or tokenizers may lose other entities
+    differ = ner_eval.format_compare(result(134), result(120, max_len=100)).splitlines()
+    assert [line.split()[-1] for line in differ if line.startswith("ru_pud")] == ["134|120/1036"]
+    assert "cut at 128|100 tokens" in differ[-1] and differ[-1].endswith("A|B where the two differ")
 
 
 def test_seed_makes_runs_repeatable(tiny_enc):
@@ -392,6 +512,106 @@ def test_bad_input_errors(tmp_path, tiny_enc, capsys):
     with pytest.raises(SystemExit):
         ner_eval.get_args([ok, "--max_train_sentences", "-1"])
     assert "must be 0 (no cap) or more" in capsys.readouterr().err
+
+
+def uner_dir(root, **texts):
+    """A UNER folder: xx_one (train, dev, test) and the test-only yy_pud, each a few synthetic
+    sentences, except the files named as texts (e.g. xx_one_dev='...')."""
+    files = {"xx_one_train": "UNER_Tiny-One/xx_one-ud-train.iob2",
+             "xx_one_dev": "UNER_Tiny-One/xx_one-ud-dev.iob2",
+             "xx_one_test": "UNER_Tiny-One/xx_one-ud-test.iob2",
+             "yy_pud_test": "UNER_Tiny-PUD/yy_pud-ud-test.iob2"}
+    for i, (key, rel) in enumerate(files.items()):
+        write(root / rel, texts.get(key, iob2(synthetic(4, i))))
+    return {key: str(root / rel) for key, rel in files.items()}
+
+
+def save_checkpoint(path, enc):
+    model = tiny_model(enc)
+    torch.save({"model_args": vars(model.args), "model": model.state_dict(), "tokenizer": "tiny",
+                "config": {}, "step": 1}, path)
+    return str(path)
+
+
+def cli_error(argv):
+    """The message main(argv) exits with: one line, as Python prints a SystemExit's text."""
+    with pytest.raises(SystemExit) as e:
+        ner_eval.main(argv + ["--train_sets", "xx_one", "--device", "cpu", "--epochs", "1",
+                              "--regime", "head"])
+    msg = e.value.code
+    assert isinstance(msg, str) and "\n" not in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("bad, what", [
+    ("2 dog O - -", "expected TAB-separated columns"),
+    ("2\tdog\tB-MISC\t-\t-", "tag 'B-MISC' is not O, B-X or I-X"),
+])
+def test_cli_bad_iob2_line_is_a_one_line_error(tmp_path, tiny_enc, bad, what):
+    files = uner_dir(tmp_path / "uner", yy_pud_test=f"# c\n1\tcat\tO\t-\t-\n{bad}\n\n")
+    ckpt = save_checkpoint(tmp_path / "ckpt.pt", tiny_enc)
+    msg = cli_error([ckpt, "--data_dir", str(tmp_path / "uner")])
+    assert msg.startswith(f"{files['yy_pud_test']}:3: {what}")
+
+
+def test_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.iob2"
+    path.write_bytes("1\tcat\tO\t-\t-\n\n1\tMalmö\tB-LOC\t-\t-\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"^{path}:3: not UTF-8 text"):
+        read_iob2(path)
+
+
+@pytest.mark.parametrize("key, fix", [("xx_one_train", "choose other --train_sets"),
+                                      ("xx_one_dev", "choose other --train_sets"),
+                                      ("yy_pud_test", "leave the set out with --test_sets")])
+def test_cli_empty_file_is_an_error_naming_it(tmp_path, tiny_enc, monkeypatch, key, fix):
+    # before: an empty training file failed with 'xx_one/head: no training sentences' (no file),
+    # an empty dev or test file scored F1 0 over 0 sentences, counted in the mean
+    files = uner_dir(tmp_path / "uner", **{key: "# sent_id = 1\n\n"})
+    ckpt = save_checkpoint(tmp_path / "ckpt.pt", tiny_enc)
+    monkeypatch.setattr(ner_eval.data, "get_encoding", lambda name: tiny_enc)
+    msg = cli_error([ckpt, "--data_dir", str(tmp_path / "uner")])
+    assert msg == (f"{files[key]}: no sentences (empty, or only comments and blank lines); "
+                   f"fix the file or {fix}")
+
+
+def bad_checkpoints(tmp_path, good):
+    """{case: path} of files that are not usable checkpoints; good: a real one to damage."""
+    raw = open(good, "rb").read()
+    files = {"zero-byte": b"", "truncated": raw[:len(raw) // 2], "text": b"step = 100\n",
+             "foreign pickle": pickle.dumps({"weights": [1.0, 2.0]})}
+    paths = {}
+    for case, content in files.items():
+        paths[case] = tmp_path / f"{case.replace(' ', '_')}.pt"
+        paths[case].write_bytes(content)
+    paths["missing keys"] = tmp_path / "missing_keys.pt"
+    torch.save({"model": {}, "step": 3}, paths["missing keys"])
+    return {case: str(p) for case, p in paths.items()}
+
+
+@pytest.mark.parametrize("case", ["zero-byte", "truncated", "text", "foreign pickle",
+                                  "missing keys"])
+def test_cli_bad_checkpoint_is_a_one_line_error_naming_it(tmp_path, tiny_enc, case):
+    uner_dir(tmp_path / "uner")
+    path = bad_checkpoints(tmp_path, save_checkpoint(tmp_path / "ok.pt", tiny_enc))[case]
+    msg = cli_error([path, "--data_dir", str(tmp_path / "uner")])
+    # common.load_checkpoint's message, the one every script gives for the same file
+    if case == "missing keys":
+        assert msg == f"{path} is not a meta_train.py checkpoint: no key 'model_args', 'tokenizer'"
+    else:
+        assert msg.startswith(f"cannot read checkpoint {path}: ")
+        assert msg.endswith(" (truncated, damaged or not a checkpoint)")
+
+
+def test_cli_errors_print_one_line_without_traceback(tmp_path, tiny_enc):
+    files = uner_dir(tmp_path / "uner", xx_one_dev="1\tcat\tB-MISC\t-\t-\n")
+    ckpt = save_checkpoint(tmp_path / "ckpt.pt", tiny_enc)
+    argv = [ckpt, "--data_dir", str(tmp_path / "uner"), "--train_sets", "xx_one", "--device", "cpu"]
+    r = subprocess.run([sys.executable, "ner_eval.py", *argv], capture_output=True, text=True,
+                       cwd=os.path.dirname(ner_eval.__file__), timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.splitlines() == [f"{files['xx_one_dev']}:1: tag 'B-MISC' is not O, B-X or "
+                                     f"I-X with X in PER, ORG, LOC (or OTH, read as O)"]
 
 
 def test_help():
