@@ -48,6 +48,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
@@ -144,14 +145,30 @@ def identity_rope(model):
         model.rope_cos, model.rope_sin = cos, sin
 
 
+def block_pass(model, x):
+    """The model's forward pass, block by block -> (logits (B, T, V), block outputs
+    [L x (B, T, C)], attention probabilities [L x (B, H, T, T)]). The probabilities, softmax of
+    q k^T / sqrt(D) under the causal mask, are written out here: SDPA never forms them."""
+    T = x.shape[1]
+    cos, sin = model.rope(T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    h, blocks, attn = model.tok_embeddings(x), [], []
+    for layer in model.layers:
+        with torch.no_grad():
+            q, k, _ = layer.attention.qkv(layer.attention_norm(h), cos, sin)  # (B, H, T, D)
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            attn.append(scores.float().masked_fill(~causal, float("-inf")).softmax(-1))
+        h = layer(h, cos, sin)
+        blocks.append(h)
+    return model.output(model.norm(h)).float(), blocks, attn
+
+
 def probe_pass(model, x, y, grads="loss"):
     """One forward and backward pass on the probe batch x, y (B, T): of the next-token loss
     (grads 'loss'), or of the mean of the logits with RoPE as the identity (grads 'paper').
     Returns (the value differentiated, blocks [L x (B*T, C)], attn [L x (B, H, T, T)], weights
     and grads: dicts (layer, name) -> 2-D tensor, grads for the matrices GRADS[grads] names).
-    Attention probabilities come from model.py's explicit path, which here also carries the
-    forward pass (the same function as its SDPA path). Leaves only those matrices requiring
-    grad."""
+    Leaves only those matrices requiring grad."""
     model.eval()
     # only the analysed matrices need their weight gradients: leaving everything else out of
     # autograd skips the rest, the largest being the output projection's (V, B*T) x (B*T, C)
@@ -163,14 +180,13 @@ def probe_pass(model, x, y, grads="loss"):
     model.zero_grad(set_to_none=True)
     if grads == "paper":
         with identity_rope(model):
-            logits, _, extras = model(x, return_blocks=True, return_attn=True)
+            logits, blocks, attn = block_pass(model, x)
         value = logits.mean()
     else:
-        _, value, extras = model(x, y, return_blocks=True, return_attn=True)
+        logits, blocks, attn = block_pass(model, x)
+        value = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1)
     value.backward()
-    C = model.args.dim
-    blocks = [b.detach().reshape(-1, C) for b in extras["blocks"]]
-    attn = [a.detach() for a in extras["attn"]]
+    blocks = [b.detach().reshape(-1, model.args.dim) for b in blocks]
     weights, grad = {}, {}
     for i, layer in enumerate(model.layers):
         for name, path in MATRICES.items():

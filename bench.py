@@ -26,6 +26,7 @@ from types import SimpleNamespace
 
 import torch
 
+import common
 import data
 import meta_train
 from model import Llama, estimate_mfu, model_summary, peak_flops
@@ -180,8 +181,7 @@ def run(cfg, reps=10, warmup=2, compile=True, peak_n=None, text=(), num_proc=1):
     cuda = dev.type == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
-    bf16 = meta_train.uses_bf16(c, dev.type)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    autocast, bf16 = common.autocast(c.dtype, dev.type)
     sync = torch.cuda.synchronize if cuda else None
     # data first: the tokenizer benchmark forks worker processes, best before torch's threads exist
     later, notes = data_rows(c, text, num_proc), []
@@ -195,7 +195,7 @@ def run(cfg, reps=10, warmup=2, compile=True, peak_n=None, text=(), num_proc=1):
     rows = [dict(name=f"matmul {peak_n}^3 {str(mm_dtype)[6:]} (fastest of {reps})", flop_s=measured)]
 
     torch.manual_seed(c.seed)
-    model = Llama(meta_train.config_model_args(c)).to(dev).train()
+    model = Llama(common.model_args(c)).to(dev).train()
     head = meta_train.MetaHead(c.dim, c.vocab_size, c.meta_hidden).to(dev)
     if os.path.isdir(c.data_dir):
         x, y = data.ShardReader(c.data_dir, "train", c.batch_size, c.seq_len).next_batch()
@@ -365,12 +365,12 @@ def main(argv=None):
     if os.path.isdir(os.path.join(SHARED, "tiktoken", "cache")):  # offline GPT-2 vocabulary
         os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken", "cache"))
     # as meta_train.py does on CPU: without it, large tensors are page-faulted in every step
-    kept = not torch.cuda.is_available() and meta_train.keep_freed_memory()
+    kept = not torch.cuda.is_available() and common.keep_freed_memory()
     config = args.config or os.path.join(ROOT, "configs", "181m.py" if torch.cuda.is_available()
                                          else "cpu.py")
     try:
-        cfg = meta_train.configure(meta_train.DEFAULTS, [config] + overrides)
-    except meta_train.ConfigError as e:
+        cfg = common.configure(meta_train.DEFAULTS, [config] + overrides)
+    except common.ConfigError as e:
         sys.exit(f"config error: {e}")
     facts, rows = run(cfg, args.reps, args.warmup, args.compile, args.peak_n, args.text,
                       args.num_proc)

@@ -1,13 +1,220 @@
 """
-Run bookkeeping that every nanoMAML script shares and no reader of the method needs.
+Run bookkeeping that every nanoMAML script shares and no reader of the method needs: the
+configurator, the device / rank / autocast choice, files written atomically, the tokenizer,
+checkpoints with clear errors, and the run directory (its lock, its log, resume or refuse).
 """
+import ast
+import builtins
+import ctypes
+import datetime
+import difflib
+import fcntl
+import glob
+import json
 import os
+import re
+import tempfile
+import traceback
+from contextlib import nullcontext
+from types import ModuleType, SimpleNamespace
 
 import torch
+import torch.distributed as dist
+
+
+class ConfigError(ValueError):
+    """A bad key, value, file or directory, found before any work; the message names it."""
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+def configure(defaults, argv):
+    """nanoGPT-style: config files (plain assignments) then --key=value, each checked against
+    the defaults' keys and types. Files apply first wherever they stand, so a flag always wins."""
+    cfg = dict(defaults)
+    for arg in sorted(argv, key=lambda a: a.startswith("--")):  # stable: files, then flags
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                raise ConfigError(f"expected --key=value, got '{arg}'")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a bare word is a string: --meta_task=lm
+            if isinstance(defaults.get(key), str):
+                value = text  # a string key takes the text as written: --out_dir=2024
+            items, source = [(key, value)], "command line"
+        else:
+            items, source = read_config_file(arg), arg
+        for key, value in items:
+            if key not in defaults:
+                close = difflib.get_close_matches(key, list(defaults), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(f"unknown config key '{key}' ({source}){hint}")
+            want = type(defaults[key])
+            if want is float and type(value) is int:
+                value = float(value)
+            if type(value) is not want:
+                raise ConfigError(f"config key '{key}' ({source}) must be {want.__name__}, "
+                                  f"got {type(value).__name__} {value!r}")
+            cfg[key] = value
+    return cfg
+
+
+def read_config_file(path):
+    """The assignments of a config file -> [(key, value)]; an error in it names file and line."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' not found")
+    namespace = {}
+    try:
+        with open(path) as f:
+            # builtins.compile: meta_train's `compile` key shadows the builtin there
+            exec(builtins.compile(f.read(), path, "exec"), namespace)
+    except Exception as e:
+        line = e.lineno if isinstance(e, SyntaxError) else next(
+            (fr.lineno for fr in reversed(traceback.extract_tb(e.__traceback__))
+             if fr.filename == path), "?")
+        raise ConfigError(f"config file {path}, line {line}: {type(e).__name__}: {e}") from None
+    return [(k, v) for k, v in namespace.items()  # skip imports and helpers
+            if not k.startswith("_") and not isinstance(v, ModuleType) and not callable(v)]
+
+
+CHOICES = {"meta_task": ("smlmt", "lm"), "inner_params": ("head", "all"),
+           "lr_schedule": ("linear", "cosine"), "decay_params": ("all", "matrices"),
+           "meta_head_init": ("xavier", "default"), "dtype": ("auto", "float32", "bfloat16")}
+
+
+def check_config(c, world_size):
+    """meta_train.py's config errors, found before any data is read or model built: each names
+    its key, and what torch would reject later (a negative lr, betas outside [0, 1)) is here."""
+    for key, allowed in CHOICES.items():
+        if getattr(c, key) not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, allowed))}, "
+                              f"got {getattr(c, key)!r}")
+    if not 0.0 <= c.meta_ratio <= 1.0:
+        raise ConfigError(f"meta_ratio must be in [0, 1], got {c.meta_ratio}")
+    if c.meta_task == "lm" and c.inner_params != "all":
+        raise ConfigError("meta_task 'lm' adapts the whole model: set inner_params='all'")
+    if c.n_way < 2 or c.k_shot < 1 or c.q_query < 1 or c.inner_steps < 0:
+        raise ConfigError("need n_way >= 2, k_shot >= 1, q_query >= 1, inner_steps >= 0")
+    for key in ("batch_size", "total_batch_size", "seq_len", "meta_seq_len", "eval_interval",
+                "eval_sequences", "save_interval", "log_interval", "episodes_per_step"):
+        if getattr(c, key) < 1:
+            raise ConfigError(f"{key} must be at least 1, got {getattr(c, key)}")
+    for key in ("max_steps", "warmup_steps", "lr_decay_steps", "eval_episodes"):
+        if getattr(c, key) < 0:
+            raise ConfigError(f"{key} must be at least 0, got {getattr(c, key)}")
+    for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "inner_lr"):
+        if not getattr(c, key) >= 0.0:  # also refuses nan
+            raise ConfigError(f"{key} must be at least 0, got {getattr(c, key)}")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(c, key) < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {getattr(c, key)}")
+    if c.total_batch_size % (c.batch_size * world_size):
+        raise ConfigError(f"total_batch_size {c.total_batch_size} is not a multiple of batch_size "
+                          f"{c.batch_size} x {world_size} ranks")
+    if c.meta_ratio > 0 and c.episodes_per_step % world_size:
+        raise ConfigError(f"episodes_per_step {c.episodes_per_step} does not split evenly over "
+                          f"{world_size} ranks")
+    try:
+        model_args(c)  # ModelArgs checks the head counts itself
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if not os.path.isdir(c.data_dir):
+        raise ConfigError(f"data_dir '{c.data_dir}' not found: write shards with data.py first")
+
+
+def model_args(c):
+    """The model a meta_train config describes; its context covers AR batches and episodes."""
+    from model import ModelArgs
+    return ModelArgs(dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
+                     vocab_size=c.vocab_size, max_seq_len=max(c.seq_len, c.meta_seq_len))
+
+
+def init_device(device="auto"):
+    """The device this process computes on, and its place in a torchrun job ->
+    SimpleNamespace(dev, type, ddp, rank, local_rank, world_size, master). "auto": cuda when
+    available (the local rank's GPU under torchrun), else cpu."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world_size = 0, 0, 1
+    if ddp:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev == "cuda":
+        dev = f"cuda:{local_rank}"
+    if dev.startswith("cuda"):
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return SimpleNamespace(dev=dev, type=torch.device(dev).type, ddp=ddp, rank=rank,
+                           local_rank=local_rank, world_size=world_size, master=rank == 0)
+
+
+def init_process_group(env):
+    if env.ddp:
+        # while rank 0 writes a checkpoint (6.9 GB at 570m) the others wait in the next
+        # all-reduce: give a slow disk far longer than NCCL's default 10 minutes
+        dist.init_process_group(backend="nccl" if env.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=60))
+
+
+def autocast(dtype, device_type):
+    """-> (context, uses bf16). dtype "auto": bf16 autocast on CUDA, fp32 on the CPU."""
+    bf16 = dtype == "bfloat16" or (dtype == "auto" and device_type == "cuda")
+    return (torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()), bf16
+
+
+def keep_freed_memory():
+    """Make glibc keep freed memory for reuse instead of handing it back to the OS. By default each
+    block over 32 MiB (one 8 x 256 x 50304 fp32 logits tensor is 393 MiB) is mmap'd fresh and
+    unmapped when freed, so every micro-step page-faults its largest tensors in again, on the CPU
+    about as costly as the step's arithmetic. The price is a resident set that stays at its peak.
+    -> whether glibc accepted it."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from malloc.h; a threshold of -1 never trims
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
+
+
+def n_cpus():
+    """The CPUs this process may use (sched_getaffinity respects taskset and containers)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def atomic_write(path, write):
+    """Write `path` through write(f) under a temporary name in the same directory, then rename it
+    into place, so neither a crash nor an error leaves a half-written file or damages the file it
+    replaces. The temporary is '.<name>.<random>', which RunDir removes when a crash left it."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                               prefix="." + os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path, obj):
+    """Every JSON file nanoMAML writes (meta.json, results, bench tables) goes through here."""
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def get_encoding(name="gpt2"):
+    import tiktoken
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as e:  # tiktoken downloads its vocabulary on first use; offline that fails
+        raise RuntimeError(f"cannot load tiktoken encoding {name!r} ({type(e).__name__}); "
+                           f"offline, point TIKTOKEN_CACHE_DIR at a cache holding it") from e
 
 
 def load_checkpoint(path, device="cpu", need=("model_args", "model", "config", "step")):
@@ -29,3 +236,126 @@ def load_checkpoint(path, device="cpu", need=("model_args", "model", "config", "
         raise CheckpointError(f"{path} is not a meta_train.py checkpoint: no key "
                               f"{', '.join(map(repr, missing))}")
     return ckpt
+
+
+def save_checkpoint(path, obj):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def numbered_checkpoints(out_dir):
+    """[(step, path)] of the ckpt_NNNNNN.pt files in out_dir, in step order."""
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(out_dir), "ckpt_*.pt")):
+        m = re.fullmatch(r"ckpt_(\d+)\.pt", os.path.basename(path))
+        if m:
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+LOG_KEYS = ["step", "lr", "ar_loss", "meta_loss", "support_acc", "query_acc", "val_loss",
+            "val_query_acc", "grad_norm", "ar_tokens", "meta_tokens", "flops", "time", "tok_per_s",
+            "mfu", "ar_ms", "meta_ms"]
+
+
+class RunDir:
+    """The out_dir of one training run, held while the run lives. Entering it makes the directory,
+    takes an OS lock (a second run into the same directory is refused while the first lives; the
+    OS drops the lock when the process ends, however it ends) and removes the temporaries a crash
+    left mid-write. Only the master rank writes, so only it locks."""
+
+    def __init__(self, out_dir, master=True, resume=False):
+        self.out_dir, self.master, self.resume, self.lock = out_dir, master, resume, None
+        self.ckpt = os.path.join(out_dir, "ckpt.pt")
+        self.log = os.path.join(out_dir, "log.jsonl")
+
+    def __enter__(self):
+        if self.resume and not (os.path.isdir(self.out_dir) and self.checkpoints()):
+            raise ConfigError(f"resume=True but {self.out_dir} holds no checkpoint (ckpt.pt or "
+                              f"ckpt_NNNNNN.pt)")
+        os.makedirs(self.out_dir, exist_ok=True)
+        if self.master:
+            self.lock = open(os.path.join(self.out_dir, ".lock"), "a+")
+            try:
+                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.lock.seek(0)
+                pid = self.lock.read().strip() or "?"
+                self.lock.close()
+                raise ConfigError(f"out_dir '{self.out_dir}' is in use by another run (pid {pid});"
+                                  f" wait for it to end, or choose another out_dir") from None
+            self.lock.truncate(0)
+            self.lock.write(f"{os.getpid()}\n")
+            self.lock.flush()
+            for name in os.listdir(self.out_dir):  # atomic_write's temporaries, left by a crash
+                if re.fullmatch(r"\.(ckpt(_\d+)?\.pt|log\.jsonl)\..+", name):
+                    os.remove(os.path.join(self.out_dir, name))
+        return self
+
+    def __exit__(self, *exc):
+        if self.lock is not None:
+            self.lock.close()  # closing the file releases the lock
+
+    def checkpoints(self):
+        return [os.path.join(self.out_dir, f) for f in sorted(os.listdir(self.out_dir))
+                if f.startswith("ckpt") and f.endswith(".pt")]
+
+    def load_resume_checkpoint(self, device):
+        """The checkpoint to resume from -> (dict, path): ckpt.pt, which holds the optimizer
+        state; else, with a warning, the newest numbered checkpoint that loads, which does not."""
+        candidates = [self.ckpt] + [p for _, p in reversed(numbered_checkpoints(self.out_dir))]
+        for path in candidates:
+            if not os.path.exists(path):
+                continue
+            try:
+                ckpt = load_checkpoint(path, device, need=("model", "config", "step", "rng",
+                                                           "counters"))
+            except CheckpointError as e:
+                print(f"warning: {e}; trying an older checkpoint")
+                continue
+            if path != self.ckpt:
+                print(f"warning: resuming from {path}: {self.ckpt} is missing or unreadable, and "
+                      f"numbered checkpoints hold no optimizer state, so AdamW's moments restart "
+                      f"from zero and this run will not match an uninterrupted one bit for bit")
+            return ckpt, path
+        raise ConfigError(f"resume=True but {self.out_dir} holds no readable checkpoint "
+                          f"(ckpt.pt or ckpt_NNNNNN.pt)")
+
+    def refuse_earlier_run(self):
+        """A fresh run would overwrite ckpt.pt and mix its numbered checkpoints with the old run's
+        in analyze.py: refuse rather than lose or muddle either run."""
+        old = [os.path.basename(p) for p in self.checkpoints()]
+        if old:
+            raise ConfigError(f"out_dir '{self.out_dir}' holds checkpoints of an earlier run "
+                              f"({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}): continue "
+                              f"it with --resume=True, or choose another out_dir")
+        if self.master and os.path.exists(self.log):
+            os.remove(self.log)
+
+    def append_log(self, row):
+        """One JSON object per line, always with every key of LOG_KEYS (null where unknown)."""
+        with open(self.log, "a") as f:
+            f.write(json.dumps({k: row.get(k) for k in LOG_KEYS}) + "\n")
+
+    def truncate_log(self, step):
+        """Keep the log lines up to `step` (a resumed run writes the later ones again). A crash
+        while a line was written leaves it torn: a torn last line is dropped with a warning; a
+        line that is not JSON anywhere else is an error naming it (the log was edited)."""
+        if not os.path.exists(self.log):
+            return
+        with open(self.log, "rb") as f:
+            lines = f.read().split(b"\n")
+        keep = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if n == len(lines):  # no newline after it: the write was cut short
+                    print(f"warning: {self.log}: dropped its torn last line {line[:60]!r}...")
+                    continue
+                raise ConfigError(f"{self.log} line {n} is not JSON ({line[:60]!r}); "
+                                  f"fix or remove that line, then resume") from None
+            if row["step"] <= step:
+                keep.append(line + b"\n")
+        atomic_write(self.log, lambda f: f.write(b"".join(keep)))

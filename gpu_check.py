@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import bench
+import common
 import data
 import meta_train
 from model import Llama
@@ -50,18 +51,18 @@ def train_run(cfg, out_dir, copy_at=None, copy_to=None, resume=False):
     copy_to (the state an interrupted run would leave). -> (log rows, compile counters)."""
     from torch._dynamo.utils import counters
     counters.clear()
-    save = meta_train.save_checkpoint
+    save = common.save_checkpoint
 
     def save_and_copy(path, obj):
         save(path, obj)
         if obj["step"] == copy_at:
             shutil.copy(path, os.path.join(copy_to, os.path.basename(path)))
 
-    meta_train.save_checkpoint = save_and_copy
+    common.save_checkpoint = save_and_copy
     try:
         meta_train.train(SimpleNamespace(**{**cfg, "out_dir": out_dir, "resume": resume}))
     finally:
-        meta_train.save_checkpoint = save
+        common.save_checkpoint = save
     breaks = dict(counters["graph_break"])
     return (read_log(out_dir), {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(breaks.values()),
              "break_reasons": list(breaks)[:5]})
@@ -100,7 +101,7 @@ def check(text, enc, work, config, overrides, steps=6, max_tokens=5_000_000, run
     meta = build_data(text, enc, os.path.join(work, "data"), max_tokens)
     report = {"torch": torch.__version__, "data": f"{meta['train_tokens']:,} train + "
               f"{meta['val_tokens']:,} val tokens, {meta['index']['n_words']:,} candidate words"}
-    cfg = meta_train.configure(meta_train.DEFAULTS, [config] + list(overrides) + [
+    cfg = common.configure(meta_train.DEFAULTS, [config] + list(overrides) + [
         f"--data_dir={os.path.join(work, 'data')}", f"--max_steps={steps}", "--log_interval=1",
         f"--eval_interval={steps // 2}", f"--save_interval={steps // 2}", "--warmup_steps=2",
         "--eval_sequences=64", "--eval_episodes=4"])
@@ -128,9 +129,7 @@ def check(text, enc, work, config, overrides, steps=6, max_tokens=5_000_000, run
     diffs = [(a - b).abs().max().item() for part in ("model", "head") if final[0][part]
              for a, b in zip(final[0][part].values(), final[1][part].values())]
     report["resume_max_abs_diff"] = max(diffs)
-    bf16 = meta_train.uses_bf16(c, torch.device(dev).type)
-    autocast = (torch.autocast(torch.device(dev).type, dtype=torch.bfloat16) if bf16
-                else nullcontext())
+    autocast, _ = common.autocast(c.dtype, torch.device(dev).type)
     report["inner_loop"] = inner_loop_check(os.path.join(work, "full", f"ckpt_{steps:06d}.pt"),
                                             cfg, dev, autocast)
     if run_bench:
@@ -178,7 +177,7 @@ def main(argv=None):
     try:
         report = check(args.text, data.get_encoding("gpt2"), args.work, args.config, overrides,
                        args.steps, args.max_tokens, not args.no_bench)
-    except (meta_train.ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (common.ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"gpu_check.py: error: {e}")
     print(format_report(report))
 

@@ -1,9 +1,8 @@
 """
 A small Llama-style decoder (the pico-decoder family of the paper): RMSNorm, rotary position
 embeddings, grouped-query attention through scaled_dot_product_attention, SwiGLU, no biases,
-untied input embedding and output projection. Close to llama2.c's model.py, plus the extras the
-rest of nanoMAML reads: final hidden states (meta head, NER heads), per-block outputs and explicit
-attention probabilities (learning-dynamics analysis), FLOPs per token and MFU.
+untied input embedding and output projection. Close to llama2.c's model.py, plus what the rest
+of nanoMAML reads: final hidden states (meta head, NER heads), FLOPs per token and MFU.
 """
 import math
 import re
@@ -80,27 +79,21 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, return_attn=False):
+    def qkv(self, x, cos, sin):
+        """x (B, T, C) -> q, k, v (B, H, T, D): RoPE on q and k, each kv head repeated for the
+        query heads it serves."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         rep = self.n_heads // self.n_kv_heads
-        q = q.transpose(1, 2)  # (B, H, T, D)
-        k = repeat_kv(k, rep).transpose(1, 2)
-        v = repeat_kv(v, rep).transpose(1, 2)
-        att = None
-        if return_attn:
-            # explicit softmax(QK^T / sqrt(d)) for analysis only; SDPA never materialises it
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, T)
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            att = scores.float().masked_fill(~causal, float("-inf")).softmax(-1)
-            y = att.type_as(v) @ v
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H * D)
-        return self.wo(y), att
+        return q.transpose(1, 2), repeat_kv(k, rep).transpose(1, 2), repeat_kv(v, rep).transpose(1, 2)
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        y = F.scaled_dot_product_attention(*self.qkv(x, cos, sin), is_causal=True)  # (B, H, T, D)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):
@@ -122,10 +115,9 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, return_attn=False):
-        a, att = self.attention(self.attention_norm(x), cos, sin, return_attn)
-        h = x + a
-        return h + self.feed_forward(self.ffn_norm(h)), att
+    def forward(self, x, cos, sin):
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Llama(nn.Module):
@@ -151,43 +143,37 @@ class Llama(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, return_hidden=False, return_blocks=False,
-                return_attn=False):
-        """idx (B, T) token ids -> (logits (B, T, V), None), or with targets (B, T) (-1 marks
-        padding) -> (None, next-token cross-entropy): whoever asks for the loss does not need the
-        fp32 logits, and a caller holding them until its next step would keep 3.3 GB alive at 570m.
-        Any return_* flag adds a third value, a dict with the requested extras:
-          hidden (B, T, C) final hidden states after the last norm,
-          blocks [n_layers x (B, T, C)] every block's output,
-          attn   [n_layers x (B, H, T, T)] attention probabilities (the slow explicit path).
-        return_hidden without targets skips the vocabulary projection (logits is None): the meta
-        and NER heads read hidden states only, and in the small models the projection is a large
-        share of the FLOPs."""
-        B, T = idx.shape
+    def rope(self, T):
+        """cos, sin tables (T, head_dim / 2) of positions 0..T-1."""
         if T > self.args.max_seq_len:
             raise ValueError(f"sequence length {T} > max_seq_len {self.args.max_seq_len}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        h = self.tok_embeddings(idx)  # (B, T, C)
-        blocks, attn = [], []
+        return self.rope_cos[:T], self.rope_sin[:T]
+
+    def hidden(self, idx):
+        """idx (B, T) token ids -> final hidden states (B, T, C) after the last norm: what the meta
+        and NER heads read. It skips the vocabulary projection, in the small models a large
+        share of the FLOPs."""
+        cos, sin = self.rope(idx.shape[1])
+        h = self.tok_embeddings(idx)
         for layer in self.layers:
-            h, att = layer(h, cos, sin, return_attn)
-            if return_blocks:
-                blocks.append(h)
-            if return_attn:
-                attn.append(att)
-        h = self.norm(h)
-        logits = loss = None
-        if targets is not None or not return_hidden:
-            logits = self.output(h).float()  # fp32 logits: the loss over 50k classes needs it
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-1)
-            logits = None
-        if not (return_hidden or return_blocks or return_attn):
-            return logits, loss
-        extras = {"hidden": h if return_hidden else None, "blocks": blocks or None,
-                  "attn": attn or None}
-        return logits, loss, extras
+            h = layer(h, cos, sin)
+        return self.norm(h)
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) -> (logits (B, T, V) in fp32, None); with targets (B, T) (-1 marks padding)
+        -> (None, next-token cross-entropy): whoever asks for the loss does not need the logits,
+        and a caller holding them until its next step would keep 3.3 GB alive at 570m."""
+        logits = self.output(self.hidden(idx)).float()  # fp32: the loss over 50k classes needs it
+        if targets is None:
+            return logits, None
+        return None, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                                     ignore_index=-1)
+
+    def compile(self, **kwargs):
+        """torch.compile both entry points, forward and hidden, in place: parameter names stay as
+        they are (torch.compile(model) would prefix them with _orig_mod.)."""
+        super().compile(**kwargs)
+        self.hidden = torch.compile(self.hidden, **kwargs)
 
     def num_params(self, embedding=True):
         """All parameters; embedding=False drops the input embedding table (a lookup, no FLOPs)."""

@@ -235,9 +235,9 @@ def word_features(model, batch, ctx):
         labels[b, :len(e["labels"])] = torch.tensor(e["labels"])
     idx, labels = idx.to(device), labels.to(device)
     with ctx:
-        _, _, extras = model(idx, return_hidden=True)  # skips the vocabulary projection
+        hidden = model.hidden(idx)  # (B, T, C), without the vocabulary projection
     keep = labels != IGNORE
-    return extras["hidden"][keep].float(), labels[keep]  # (N, C), (N,)
+    return hidden[keep].float(), labels[keep]  # (N, C), (N,)
 
 
 def by_length(examples, batch_size):

@@ -116,7 +116,7 @@ def test_probe_pass_attention_and_gradients_match_references():
         for i, layer in enumerate(model.layers):
             ref = naive_attention_probs(layer.attention, layer.attention_norm(h), cos, sin)
             torch.testing.assert_close(attn[i], ref, rtol=1e-5, atol=1e-6)
-            h = layer(h, cos, sin)[0]
+            h = layer(h, cos, sin)
             torch.testing.assert_close(blocks[i], h.reshape(-1, ARGS["dim"]))
     # gradients: those of the plain (SDPA) forward pass's next-token loss
     ref_model = tiny_model()
@@ -161,7 +161,7 @@ def test_paper_grads_are_those_of_the_mean_logit_without_rope():
         for i, layer in enumerate(ref.layers):
             probs = naive_attention_probs(layer.attention, layer.attention_norm(h), one, zero)
             torch.testing.assert_close(attn[i], probs, rtol=1e-5, atol=1e-6)
-            h = layer(h, one, zero)[0]
+            h = layer(h, one, zero)
             torch.testing.assert_close(blocks[i], h.reshape(-1, ARGS["dim"]))
     # the tables come back even when the pass fails
     with pytest.raises(RuntimeError), analyze.identity_rope(model):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import bench
+import common
 import meta_train
 from model import Llama, ModelArgs
 
@@ -18,7 +19,7 @@ ROW_KEYS = {"name", "ms", "rate", "unit", "flop_s", "mfu", "mem_bytes", "ratio",
 
 
 def tiny_cfg(tmp_path):
-    return meta_train.configure(meta_train.DEFAULTS, [
+    return common.configure(meta_train.DEFAULTS, [
         "--dim=16", "--n_layers=1", "--n_heads=2", "--n_kv_heads=1", "--vocab_size=64",
         "--seq_len=8", "--batch_size=2", "--n_way=2", "--k_shot=1", "--q_query=1",
         "--meta_seq_len=8", "--inner_steps=2", "--meta_hidden=8", "--device=cpu",

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import data
 import meta_train
 from conftest import ROOT, make_tiny_encoding
-from meta_train import ConfigError, configure
+from common import ConfigError, configure
 
 # Topic documents: each is about one target word and otherwise made of that topic's two cue
 # words, so a window ending at a masked target tells its word by its context: the synthetic
@@ -94,14 +95,14 @@ def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
     full, part = tmp_path / "full", tmp_path / "part"
     part.mkdir()
     args = ["--meta_ratio=0.5", "--max_steps=8", "--eval_interval=4", "--save_interval=4"]
-    save = meta_train.save_checkpoint
+    save = common.save_checkpoint
 
     def keep_step_4(path, obj):  # the interrupted run: its files as they were at step 4
         save(path, obj)
         if obj["step"] == 4:
             shutil.copy(path, part / os.path.basename(path))
 
-    monkeypatch.setattr(meta_train, "save_checkpoint", keep_step_4)
+    monkeypatch.setattr(common, "save_checkpoint", keep_step_4)
     run(data_dir, full, *args)
     monkeypatch.undo()
     assert "optimizer" not in torch.load(part / "ckpt_000004.pt", weights_only=False)
@@ -125,14 +126,14 @@ def test_bf16_compiled_hybrid_run_resumes_exactly(data_dir, tmp_path, monkeypatc
     part.mkdir()
     args = ["--meta_ratio=0.5", "--max_steps=4", "--eval_interval=2", "--save_interval=2",
             "--dtype=bfloat16", "--compile=True", "--episodes_per_step=2"]
-    save = meta_train.save_checkpoint
+    save = common.save_checkpoint
 
     def keep_step_2(path, obj):
         save(path, obj)
         if obj["step"] == 2:
             shutil.copy(path, part / os.path.basename(path))
 
-    monkeypatch.setattr(meta_train, "save_checkpoint", keep_step_2)
+    monkeypatch.setattr(common, "save_checkpoint", keep_step_2)
     run(data_dir, full, *args)
     monkeypatch.undo()
     shutil.copy(full / "log.jsonl", part / "log.jsonl")
@@ -215,7 +216,7 @@ def test_data_parallel_matches_one_process(data_dir, tmp_path):
     (["--batch_size=0"], ["batch_size must be at least 1, got 0"]),
     (["--eval_interval=0"], ["eval_interval must be at least 1, got 0"]),
     (["--n_heads=3"], ["dim 32 must be a multiple of n_heads 3"]),
-    (["--resume=True"], ["resume=True but", "ckpt.pt does not exist"]),
+    (["--resume=True"], ["resume=True but", "holds no checkpoint"]),
 ])
 def test_bad_config_stops_before_training(data_dir, tmp_path, override, words):
     with pytest.raises(ConfigError) as e:

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import meta_train
-from meta_train import ConfigError, MetaHead, configure, lm_episode, smlmt_episode
+from common import ConfigError, configure
+from meta_train import MetaHead, lm_episode, smlmt_episode
 from model import Llama, ModelArgs
 
 V, N, K, Q, T = 40, 4, 3, 2, 8
@@ -35,7 +36,7 @@ def cfg(**kw):
 
 def ref_logits(model, head, x, word_ids):
     """The head read the slow way: full-vocabulary logits, then the sampled words' columns."""
-    h = model(x, return_hidden=True)[2]["hidden"][:, -1]
+    h = model.hidden(x)[:, -1]
     return head.out(head.mlp(h))[:, word_ids]
 
 
@@ -52,7 +53,7 @@ def test_fomaml_head_mode_gradients():
     # reference: adapt a full copy of the head with explicit SGD on the frozen support features
     fast = copy.deepcopy(head)
     with torch.no_grad():
-        s_feat = model(ep.support_x, return_hidden=True)[2]["hidden"][:, -1]
+        s_feat = model.hidden(ep.support_x)[:, -1]
     for _ in range(c.inner_steps):
         loss = F.cross_entropy(fast.out(fast.mlp(s_feat))[:, ep.word_ids], ep.support_y)
         grads = torch.autograd.grad(loss, list(fast.parameters()))
@@ -84,7 +85,7 @@ def test_fomaml_head_mode_gradients():
 def test_fomaml_head_mode_never_reruns_backbone_in_inner_loop():
     model, head, ep = setup()
     calls = []
-    model.register_forward_hook(lambda *a: calls.append(1))
+    model.norm.register_forward_hook(lambda *a: calls.append(1))  # once per backbone pass
     smlmt_episode(model, head, ep, cfg(inner_steps=10), loss_scale=1.0)
     assert len(calls) == 2  # support features once, query once
 
@@ -271,7 +272,7 @@ def test_support_accuracy_is_measured_after_adaptation():
     _, s_acc, _ = smlmt_episode(model, head, ep, c)
     fast = copy.deepcopy(head)
     with torch.no_grad():
-        s_feat = model(ep.support_x, return_hidden=True)[2]["hidden"][:, -1]
+        s_feat = model.hidden(ep.support_x)[:, -1]
     acc = lambda: (fast.out(fast.mlp(s_feat))[:, ep.word_ids].argmax(-1) == ep.support_y).float().mean()
     before = acc()
     loss = F.cross_entropy(fast.out(fast.mlp(s_feat))[:, ep.word_ids], ep.support_y)

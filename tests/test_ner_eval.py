@@ -185,7 +185,7 @@ def test_last_subtoken_features_and_predictions_map_back_to_words(tiny_enc):
     with torch.no_grad():
         for words, tags in sents:
             ids = encode_sentence(words, tags, tiny_enc, 128)["ids"]
-            hidden.append(model(torch.tensor([ids]), return_hidden=True)[2]["hidden"][0])
+            hidden.append(model.hidden(torch.tensor([ids]))[0])
     last_pos, first_pos = [[1, 4, 5, 7], [0, 3]], [[0, 2, 5, 6], [0, 1]]
     # a head that reads the gold tag at each last sub-token and I-LOC everywhere else, so a
     # prediction taken from any other position shows
@@ -273,8 +273,8 @@ def test_head_training_learns_synthetic_ner(tiny_enc):
     model = tiny_model(tiny_enc)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calls = []
-    forward = model.forward
-    model.forward = lambda *a, **kw: calls.append(1) or forward(*a, **kw)
+    hidden = model.hidden
+    model.hidden = lambda *a, **kw: calls.append(1) or hidden(*a, **kw)
     # the paper's settings, except the head's own lr (3e-5 hardly moves a linear probe)
     res = ner_eval.fine_tune(model, train, dev, {"syn": test}, "head", settings(head_lr=1e-3))
     assert res["lr"] == 1e-3
@@ -293,8 +293,8 @@ def test_features_cached_across_runs(tiny_enc):
     train, dev = enc(synthetic(40, 0)), enc(synthetic(8, 1))
     model = tiny_model(tiny_enc)
     calls = []
-    forward = model.forward
-    model.forward = lambda *a, **kw: calls.append(1) or forward(*a, **kw)
+    hidden = model.hidden
+    model.hidden = lambda *a, **kw: calls.append(1) or hidden(*a, **kw)
     cache = {}
     res = ner_eval.fine_tune(model, train, dev, {"syn": dev}, "head", settings(epochs=1),
                              cache=cache)
