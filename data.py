@@ -7,7 +7,7 @@ occurrence index, in one command:
     python data.py --text ../shared/data/corpus/en_wikipedia.train.txt \
                    --val_text ../shared/data/corpus/en_wikipedia.valid.txt --out data/wiki
     python data.py --dataset HuggingFaceFW/fineweb-edu --name sample-10BT --out data/fineweb --max_tokens 2_000_000_000
-    python data.py --reindex --out data/wiki --min_count 200      # rebuild only the index, e.g. with another band
+    python data.py --reindex --out data/wiki --min_per_million 20  # only the index, other band
 
 As a library it gives ShardReader (random next-token windows), SMLMTSampler (N-way K-shot masked-word
 episodes) and LMTaskSampler (K chunks of a document as support, the next chunk as query).
@@ -47,11 +47,11 @@ HEADER_INTS = 256
 SPLITS = ("train", "val")
 DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
 DEFAULT_DATASET_CONFIG = "sample-10BT"
-# Candidate-word band, tuned for GPT-2 on ~10M tokens (../shared/data/corpus): above max_count are function
-# words (' the', ' and', ' was', ' for', ' with', ...), below min_count too few occurrences to draw varied
-# windows from. Scale both with the corpus size.
-DEFAULT_MIN_COUNT = 100
-DEFAULT_MAX_COUNT = 3000
+# Candidate-word band in occurrences per million train tokens, for GPT-2 BPE: above it are function
+# words (' the', ' and', ' was', ' for', ' with', ...), below it words too rare for varied windows.
+# 10 and 300 per million are train counts 103.2 and 3097.0 on the 10M-token ../shared/data/corpus.
+DEFAULT_MIN_PER_MILLION = 10.0
+DEFAULT_MAX_PER_MILLION = 300.0
 DEFAULT_MAX_OCCURRENCES = 1000
 DEFAULT_CONTEXT = 512
 
@@ -438,22 +438,30 @@ def _keep_lowest(keys, pos, k):
     return keys[keep], pos[keep]
 
 
-def build_index(data_dir, enc, min_count=DEFAULT_MIN_COUNT, max_count=DEFAULT_MAX_COUNT,
-                max_occurrences=DEFAULT_MAX_OCCURRENCES, context=DEFAULT_CONTEXT, seed=0):
+def _check_band(min_per_million, max_per_million):
+    if not 0 <= min_per_million <= max_per_million:  # also refuses NaN
+        raise ValueError(f"need 0 <= --min_per_million <= --max_per_million, got {min_per_million} "
+                         f"and {max_per_million}")
+
+
+def build_index(data_dir, enc, min_per_million=DEFAULT_MIN_PER_MILLION,
+                max_per_million=DEFAULT_MAX_PER_MILLION, max_occurrences=DEFAULT_MAX_OCCURRENCES,
+                context=DEFAULT_CONTEXT, seed=0):
     """Write the SMLMT occurrence index of data_dir and record it in meta.json -> meta["index"].
 
-    Candidate words: tokens that decode to a space and at least 3 letters (word-initial, so masking a token masks
-    a word start), never special tokens, whose count over the TRAIN shards lies in [min_count, max_count]. Both
-    splits index the same candidates; for each candidate and split, up to max_occurrences positions chosen
-    uniformly at random, only positions with at least context - 1 tokens before them in the same shard, so any
-    window of up to `context` tokens ending at the occurrence lies inside one shard.
+    Candidate words: tokens that decode to a space and at least 3 letters (word-initial, so masking
+    a token masks a word start), never special tokens, that occur in the TRAIN shards with a
+    frequency in [min_per_million, max_per_million] occurrences per million train tokens. Both
+    splits index the same candidates; for each candidate and split, up to max_occurrences positions
+    chosen uniformly at random, only positions with at least context - 1 tokens before them in the
+    same shard, so any window of up to `context` tokens ending at the occurrence lies inside one
+    shard.
     """
     meta = read_meta(data_dir)
     if (meta["tokenizer"], meta["vocab_size"]) != (enc.name, enc.n_vocab):
         raise ValueError(f"{os.path.join(data_dir, 'meta.json')}: shards of tokenizer {meta['tokenizer']!r}, "
                          f"index asked for with {enc.name!r}")
-    if not 1 <= min_count <= max_count:
-        raise ValueError(f"need 1 <= min_count <= max_count, got {min_count}, {max_count}")
+    _check_band(min_per_million, max_per_million)
     t0 = time.time()
     shards, _ = _load_split(data_dir, "train", meta)
     counts = np.zeros(enc.n_vocab, dtype=np.int64)
@@ -461,21 +469,39 @@ def build_index(data_dir, enc, min_count=DEFAULT_MIN_COUNT, max_count=DEFAULT_MA
         counts += np.bincount(shard, minlength=enc.n_vocab)[:enc.n_vocab]
     special = {enc.encode_single_token(s) for s in enc.special_tokens_set}
     words = []
-    for t in np.flatnonzero((counts >= min_count) & (counts <= max_count)):
+    for t in np.flatnonzero(counts):
         try:
             s = enc.decode_single_token_bytes(int(t)).decode("utf-8")
         except (UnicodeDecodeError, KeyError):
             continue
         if t not in special and s[0] == " " and len(s) >= 4 and s[1:].isalpha():
             words.append(t)
-    words = np.array(words, dtype=np.int32)
-    if len(words) == 0:
-        raise ValueError(f"{data_dir}: no candidate word has a train count in [{min_count}, {max_count}]; "
-                         f"widen --min_count/--max_count")
+    words = np.array(words, dtype=np.int32)  # (every word token that occurs in train,)
+    # A band of frequencies, not of counts or ranks: frequency decides whether a word is a function
+    # word or too rare, and it is the same for the same text at any size, while counts grow with the
+    # corpus and ranks shift as a larger corpus brings more word types. (c / n is correctly rounded,
+    # so the text repeated k times, kc / kn, gives the very same floats.)
+    per_million = counts[words] / meta["train_tokens"] * 1e6  # (len(words),)
+    in_band = (per_million >= min_per_million) & (per_million <= max_per_million)
+    if not in_band.any():
+        if len(words):
+            found = (f"its {len(words):,} words occur {per_million.min():.3g} to "
+                     f"{per_million.max():.3g} times per million; widen "
+                     f"--min_per_million/--max_per_million")
+        else:
+            found = "it holds no word at all (a token of a space and 3+ letters); is it text?"
+        raise ValueError(f"{data_dir}: no candidate word occurs {min_per_million:g} to "
+                         f"{max_per_million:g} times per million train tokens; {found}")
+    words, per_million = words[in_band], per_million[in_band]
+    by_freq = words[np.argsort(-per_million, kind="stable")]
+    examples = [enc.decode([int(t)]) for t in  # 10 from the most to the least frequent
+                by_freq[np.linspace(0, len(words) - 1, min(10, len(words))).astype(np.int64)]]
     is_word = np.zeros(2 ** 16, dtype=bool)  # indexed by uint16 tokens
     is_word[words] = True
-    index = {"n_words": len(words), "words": "index_words.npy", "min_count": min_count, "max_count": max_count,
-             "max_occurrences": max_occurrences, "context": context, "seed": seed}
+    index = {"n_words": len(words), "words": "index_words.npy", "min_per_million": min_per_million,
+             "max_per_million": max_per_million, "train_tokens": meta["train_tokens"],
+             "examples": examples, "max_occurrences": max_occurrences, "context": context,
+             "seed": seed}
     _write_npy(os.path.join(data_dir, "index_words.npy"), words)
     for i, split in enumerate(SPLITS):
         if not meta["shards"].get(split):
@@ -765,8 +791,10 @@ def main(argv=None):
                         help="tokenizer processes (default: the CPUs this process may use)")
     parser.add_argument("--tokenizer", default="gpt2", help="tiktoken encoding name")
     parser.add_argument("--overwrite", action="store_true", help="replace shards of the same tokenizer in --out")
-    parser.add_argument("--min_count", type=int, default=DEFAULT_MIN_COUNT, help="candidate words: lowest train count")
-    parser.add_argument("--max_count", type=int, default=DEFAULT_MAX_COUNT, help="candidate words: highest train count")
+    parser.add_argument("--min_per_million", type=float, default=DEFAULT_MIN_PER_MILLION,
+                        help="candidate words: lowest train frequency, per million train tokens")
+    parser.add_argument("--max_per_million", type=float, default=DEFAULT_MAX_PER_MILLION,
+                        help="candidate words: highest train frequency, per million train tokens")
     parser.add_argument("--max_occurrences", type=int, default=DEFAULT_MAX_OCCURRENCES,
                         help="indexed occurrences per word and split")
     parser.add_argument("--context", type=int, default=DEFAULT_CONTEXT, help="longest SMLMT window the index serves")
@@ -778,6 +806,7 @@ def main(argv=None):
         parser.error("give --val_text or --val_tokens, not both")
     val_tokens = 0 if args.val_text else (1_000_000 if args.val_tokens is None else args.val_tokens)
     try:
+        _check_band(args.min_per_million, args.max_per_million)  # before any work
         if args.reindex:
             enc = get_encoding(read_meta(args.out)["tokenizer"])
         else:
@@ -800,13 +829,15 @@ def main(argv=None):
             n, seconds = meta["train_tokens"] + meta["val_tokens"], time.time() - t0
             print(f"tokenized {n:,} tokens in {seconds:.1f}s ({n / seconds / 1e6:.2f}M tokens/s, "
                   f"{args.num_proc} processes) -> {args.out}")
-        index = build_index(args.out, enc, args.min_count, args.max_count, args.max_occurrences, args.context,
-                            args.seed)
+        index = build_index(args.out, enc, args.min_per_million, args.max_per_million,
+                            args.max_occurrences, args.context, args.seed)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"data.py: error: {e}")
     occurrences = ", ".join(f"{index[s]['n_positions']:,} {s}" for s in SPLITS if s in index)
-    print(f"SMLMT index: {index['n_words']:,} candidate words (train count in [{args.min_count}, {args.max_count}]), "
-          f"{occurrences} occurrences, context {args.context}, {index['seconds']:.1f}s")
+    print(f"SMLMT index: {index['n_words']:,} candidate words ({args.min_per_million:g} to "
+          f"{args.max_per_million:g} per million of {index['train_tokens']:,} train tokens), "
+          f"{occurrences} occurrences, context {args.context}, {index['seconds']:.1f}s\n"
+          f"  e.g., most to least frequent: {', '.join(map(repr, index['examples']))}")
 
 
 if __name__ == "__main__":

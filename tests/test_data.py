@@ -68,7 +68,8 @@ def ds(tmp_path_factory, tiny_enc, docs):
     out = str(d / "out")
     data.write_shards(data.iter_text_docs(data.text_files([str(d / "*.txt")])), tiny_enc, out, val_tokens=2000,
                       shard_tokens=5000, num_proc=1, progress=False)
-    data.build_index(out, tiny_enc, min_count=1, max_count=10 ** 9, max_occurrences=300, context=CONTEXT)
+    data.build_index(out, tiny_enc, min_per_million=0, max_per_million=10 ** 6, max_occurrences=300,
+                     context=CONTEXT)
     assert sorted(paths) == data.text_files([str(d / "*.txt")])
     return out
 
@@ -383,8 +384,8 @@ def test_index_sampling(tmp_path, ds, tiny_enc):
     eligible = np.concatenate([st + np.arange(CONTEXT - 1, len(s)) for s, st in zip(shards, starts)])
 
     def index(seed):
-        data.build_index(out, tiny_enc, min_count=1, max_count=10 ** 9, max_occurrences=10,
-                         context=CONTEXT, seed=seed)
+        data.build_index(out, tiny_enc, min_per_million=0, max_per_million=10 ** 6,
+                         max_occurrences=10, context=CONTEXT, seed=seed)
         return [np.load(os.path.join(out, f"index_{a}.npy")) for a in ("words", "train_offsets", "train_positions")]
 
     words, offsets, positions = index(0)
@@ -398,30 +399,62 @@ def test_index_sampling(tmp_path, ds, tiny_enc):
             assert not np.array_equal(p, all_p[:10])  # a random sample, not the first ones
 
 
+def test_band_is_a_frequency_not_a_count(tmp_path, tiny_enc, docs):
+    # train is exactly the text, or exactly the text 3 times (val given apart): the same candidates
+    outs = [str(tmp_path / "x1"), str(tmp_path / "x3")]
+    for out, times in zip(outs, (1, 3)):
+        data.write_shards(docs[:100] * times, tiny_enc, out, val_tokens=0, val_docs=docs[250:],
+                          progress=False)
+    stream = split_stream(outs[0], "train")
+    per_million = np.bincount(stream, minlength=tiny_enc.n_vocab) / len(stream) * 1e6
+    ids = [tiny_enc.encode_single_token(" " + w) for w in TINY_WORDS if len(w) >= 3]
+    rates = sorted(per_million[ids])
+    lo, hi = (rates[1] + rates[2]) / 2, (rates[-3] + rates[-2]) / 2  # a band cutting both ends
+    expected = sorted(i for i in ids if lo <= per_million[i] <= hi)
+    assert 0 < len(expected) < len(ids) - 3
+    for out in outs:
+        index = data.build_index(out, tiny_enc, min_per_million=lo, max_per_million=hi, context=8)
+        assert np.load(os.path.join(out, "index_words.npy")).tolist() == expected
+        assert (index["min_per_million"], index["max_per_million"]) == (lo, hi)
+        assert index["train_tokens"] == data.read_meta(out)["train_tokens"]
+    assert data.read_meta(outs[1])["train_tokens"] == 3 * len(stream)
+    for bad in ((-1, 10), (5, 1), (float("nan"), 10)):
+        with pytest.raises(ValueError, match="0 <= --min_per_million <= --max_per_million"):
+            data.build_index(outs[0], tiny_enc, *bad)
+
+
 def test_cli_end_to_end(tmp_path, tiny_enc, docs, monkeypatch, capsys):
     monkeypatch.setattr(data, "get_encoding", lambda name="gpt2": tiny_enc)
     train, valid = write_text(tmp_path / "t.txt", docs[:200]), write_text(tmp_path / "v.txt", docs[200:])
     out = str(tmp_path / "out")
-    args = ["--text", train, "--val_text", valid, "--out", out, "--num_proc", "1", "--min_count", "20",
-            "--max_count", "100000", "--context", "16"]
+    args = ["--text", train, "--val_text", valid, "--out", out, "--num_proc", "1",
+            "--min_per_million", "1000", "--max_per_million", "1e6", "--context", "16"]
     data.main(args)
     printed = capsys.readouterr().out
     meta = data.read_meta(out)
     assert meta["val_docs"] == 100 and meta["train_docs"] == 200 and "--val_text" in meta["command"]
     assert f"{meta['index']['n_words']:,} candidate words" in printed and "tokens/s" in printed
-    words = [tiny_enc.decode([int(w)]) for w in np.load(os.path.join(out, "index_words.npy"))]
+    word_ids = np.load(os.path.join(out, "index_words.npy"))
+    words = [tiny_enc.decode([int(w)]) for w in word_ids]
     assert " cat" in words and " of" not in words and " is" not in words  # at least 3 letters
+    # the printed sample: decoded candidates from the most to the least frequent
+    counts = np.bincount(split_stream(out, "train"), minlength=tiny_enc.n_vocab)
+    examples = meta["index"]["examples"]
+    assert ", ".join(map(repr, examples)) in printed and set(examples) <= set(words)
+    assert examples[0] == tiny_enc.decode([int(word_ids[np.argmax(counts[word_ids])])])
+    assert examples[-1] == tiny_enc.decode([int(word_ids[np.argmin(counts[word_ids])])])
     assert data.SMLMTSampler(out, 4, 2, 2, 16, split="val").sample().query_x.shape == (8, 16)
     with pytest.raises(SystemExit, match="--overwrite"):
         data.main(args)
     # --reindex with a band that keeps only some of the tiny words: exactly those, never ' of' (2 letters)
-    counts = np.bincount(split_stream(out, "train"), minlength=tiny_enc.n_vocab)
+    per_million = counts / meta["train_tokens"] * 1e6
     tiny_ids = {w: tiny_enc.encode_single_token(" " + w) for w in TINY_WORDS}
-    lo, hi = sorted(counts[i] for i in tiny_ids.values())[5:7]
-    data.main(["--reindex", "--out", out, "--min_count", str(lo), "--max_count", str(hi), "--context", "8"])
+    lo, hi = sorted(float(per_million[i]) for i in tiny_ids.values())[5:7]
+    data.main(["--reindex", "--out", out, "--min_per_million", repr(lo), "--max_per_million",
+               repr(hi), "--context", "8"])
     index = data.read_meta(out)["index"]
-    assert index["context"] == 8 and index["max_count"] == hi
-    expected = sorted(i for w, i in tiny_ids.items() if len(w) >= 3 and lo <= counts[i] <= hi)
+    assert index["context"] == 8 and index["max_per_million"] == hi
+    expected = sorted(i for w, i in tiny_ids.items() if len(w) >= 3 and lo <= per_million[i] <= hi)
     assert 0 < len(expected) < 10 and np.load(os.path.join(out, "index_words.npy")).tolist() == expected
     with pytest.raises(SystemExit) as e:
         data.main(args + ["--val_tokens", "100"])
@@ -441,7 +474,7 @@ def test_dataset_reader(tmp_path, tiny_enc, docs, monkeypatch):
     monkeypatch.setattr(data, "get_encoding", lambda name="gpt2": tiny_enc)
     out = str(tmp_path / "out")
     data.main(["--dataset", "org/set", "--name", "cfg", "--out", out, "--val_tokens", "100", "--num_proc", "1",
-               "--min_count", "1", "--max_count", "100000", "--context", "8"])
+               "--min_per_million", "0", "--max_per_million", "1e6", "--context", "8"])
     assert calls == [("org/set", "cfg", "train", True)]
     tokens = np.concatenate([split_stream(out, "val"), split_stream(out, "train")])
     assert tiny_enc.decode(tokens.tolist()) == "".join(d + EOT for d in docs[:30])  # the blank row is skipped
