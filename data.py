@@ -20,6 +20,7 @@ One data directory holds:
     index_words.npy            (W,) int32      candidate word ids, shared by both splits
     index_{split}_offsets.npy  (W+1,) int64    occurrences of word i are positions[offsets[i]:offsets[i+1]]
     index_{split}_positions.npy (P,) int64     global positions into the concatenation of the split's shards
+    index_{split}_docs.npy     (P,) int64      document (numbered within the split) of each position
 """
 
 import argparse
@@ -455,7 +456,8 @@ def build_index(data_dir, enc, min_per_million=DEFAULT_MIN_PER_MILLION,
     splits index the same candidates; for each candidate and split, up to max_occurrences positions
     chosen uniformly at random, only positions with at least context - 1 tokens before them in the
     same shard, so any window of up to `context` tokens ending at the occurrence lies inside one
-    shard.
+    shard; and the document of each (documents end at <|endoftext|>), so that an episode can take a
+    word from distinct documents.
     """
     meta = read_meta(data_dir)
     if (meta["tokenizer"], meta["vocab_size"]) != (enc.name, enc.n_vocab):
@@ -508,22 +510,26 @@ def build_index(data_dir, enc, min_per_million=DEFAULT_MIN_PER_MILLION,
             continue
         shards, _ = _load_split(data_dir, split, meta)
         rng = np.random.default_rng([seed, i])
-        keys, pos = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        keys, pos, eots = np.zeros(0, np.int64), np.zeros(0, np.int64), []
         start = 0
         for shard in shards:
             p = np.flatnonzero(is_word[shard])
             p = p[p >= context - 1]
             new_keys = (shard[p].astype(np.int64) << 32) | rng.integers(0, 2 ** 32, len(p))
-            keys, pos = _keep_lowest(np.concatenate([keys, new_keys]), np.concatenate([pos, p + start]),
-                                     max_occurrences)
+            keys, pos = _keep_lowest(np.concatenate([keys, new_keys]),
+                                     np.concatenate([pos, p + start]), max_occurrences)
+            eots.append(np.flatnonzero(shard == meta["eot_id"]) + start)
             start += len(shard)
         # sort by word, then position: word << 40 | position (a split holds < 2**40 tokens)
         by_word = np.sort(((keys >> 32) << 40) | pos)
         w_kept, p_kept = by_word >> 40, by_word & (2 ** 40 - 1)
-        offsets = np.append(np.searchsorted(w_kept, words, side="left"), len(w_kept)).astype(np.int64)
-        _write_npy(os.path.join(data_dir, f"index_{split}_offsets.npy"), offsets)
-        _write_npy(os.path.join(data_dir, f"index_{split}_positions.npy"), p_kept)
-        index[split] = {"offsets": f"index_{split}_offsets.npy", "positions": f"index_{split}_positions.npy",
+        offsets = np.searchsorted(w_kept, words, side="left")
+        offsets = np.append(offsets, len(w_kept)).astype(np.int64)
+        docs = np.searchsorted(np.concatenate(eots), p_kept)  # (P,) the <|endoftext|>s before
+        files = {"offsets": offsets, "positions": p_kept, "docs": docs}
+        for key, arr in files.items():
+            _write_npy(os.path.join(data_dir, f"index_{split}_{key}.npy"), arr)
+        index[split] = {**{key: f"index_{split}_{key}.npy" for key in files},
                         "n_positions": len(p_kept), "shards": meta["shards"][split]}
     index["seconds"] = round(time.time() - t0, 2)
     meta["index"] = index
@@ -532,8 +538,9 @@ def build_index(data_dir, enc, min_per_million=DEFAULT_MIN_PER_MILLION,
 
 
 def _load_index(data_dir, meta, split, shards, starts):
-    """Memory-map the index of one split -> (words (W,), offsets (W+1,), positions (P,)), after checking that it
-    was built from exactly these shards; raises naming the index file otherwise."""
+    """Memory-map the index of one split -> (words (W,), offsets (W+1,), positions (P,), docs (P,)),
+    after checking that it was built from exactly these shards; raises naming the index file
+    otherwise."""
     index = meta.get("index")
     meta_path = os.path.join(data_dir, "meta.json")
     rebuild = f"build it with `python data.py --reindex --out {data_dir}`"
@@ -541,10 +548,14 @@ def _load_index(data_dir, meta, split, shards, starts):
         raise FileNotFoundError(f"{meta_path}: no SMLMT index; {rebuild}")
     if split not in index:
         raise ValueError(f"{meta_path}: the SMLMT index has no {split} split")
+    if "docs" not in index[split]:
+        raise ValueError(f"{meta_path}: the SMLMT index has no document numbers (an older data.py "
+                         f"wrote it); rebuild it with `python data.py --reindex --out {data_dir}`")
     words_path = os.path.join(data_dir, index["words"])
     offsets_path = os.path.join(data_dir, index[split]["offsets"])
     positions_path = os.path.join(data_dir, index[split]["positions"])
-    for path in (words_path, offsets_path, positions_path):
+    docs_path = os.path.join(data_dir, index[split]["docs"])
+    for path in (words_path, offsets_path, positions_path, docs_path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"index file {path} does not exist; {rebuild}")
     if index[split]["shards"] != meta["shards"][split]:
@@ -553,11 +564,14 @@ def _load_index(data_dir, meta, split, shards, starts):
     words = np.load(words_path, mmap_mode="r")
     offsets = np.load(offsets_path, mmap_mode="r")
     positions = np.load(positions_path, mmap_mode="r")
+    docs = np.load(docs_path, mmap_mode="r")
     n_tokens = int(starts[-1]) + len(shards[-1])
     if (len(words) != index["n_words"] or len(offsets) != len(words) + 1 or offsets[-1] != len(positions)
-            or len(positions) != index[split]["n_positions"] or (len(positions) and positions.max() >= n_tokens)):
+            or len(positions) != index[split]["n_positions"] or len(docs) != len(positions)
+            or (len(positions) and positions.max() >= n_tokens)):
         raise ValueError(f"{positions_path}: index arrays do not agree with each other or with meta.json "
-                         f"(words {len(words)}, offsets {len(offsets)}, positions {len(positions)}); {rebuild}")
+                         f"(words {len(words)}, offsets {len(offsets)}, positions "
+                         f"{len(positions)}, docs {len(docs)}); {rebuild}")
     # spot-check that occurrences hold their word: catches an index of other shards with the same sizes
     check = np.linspace(0, len(positions) - 1, min(1000, len(positions))).astype(np.int64)
     if len(check):
@@ -566,7 +580,37 @@ def _load_index(data_dir, meta, split, shards, starts):
         if not np.array_equal(got, words[owner]):
             raise ValueError(f"{positions_path}: occurrences do not hold their words in the {split} shards; the index "
                              f"belongs to other data; {rebuild}")
-    return words, offsets, positions
+    return words, offsets, positions, docs
+
+
+def _room(p, T):
+    """Sorted positions p (m,) -> nxt, room, lists for the scalar loop of _apart. nxt[i] (m) is the
+    first index whose window of T tokens does not overlap i's (position >= p[i] + T); room[i] (m+1)
+    is the most pairwise non-overlapping windows among p[i:] (taking each next window as early as
+    possible is optimal)."""
+    nxt = np.searchsorted(p, p + T).tolist()
+    room = [0] * (len(p) + 1)
+    for i in range(len(p) - 1, -1, -1):
+        room[i] = 1 + room[nxt[i]]
+    return nxt, room
+
+
+def _apart(nxt, room, n, rng):
+    """n random indices of sorted positions whose windows pairwise do not overlap -> (n,) int64, in
+    text order. Selection sampling: scanning left to right, take index i with probability (still
+    wanted) / (indices left), as for a uniform sample, but surely where skipping it would leave too
+    little room, and after taking it jump to nxt[i]. Needs room[0] >= n; then room[i] >= (still
+    wanted) wherever the scan is, so it always ends with n."""
+    u = rng.random(len(nxt)).tolist()
+    picked, i = [], 0
+    while len(picked) < n:
+        wanted = n - len(picked)
+        if room[i + 1] < wanted or u[i] * (len(nxt) - i) < wanted:
+            picked.append(i)
+            i = nxt[i]
+        else:
+            i += 1
+    return np.array(picked, dtype=np.int64)
 
 
 def _tensor(a):
@@ -619,10 +663,14 @@ class Episode:
 class SMLMTSampler:
     """N-way K-shot subset-masked LM episodes (Bansal et al. 2020) from the occurrence index of data.py.
 
-    An episode draws n_way distinct candidate words (those with at least k_shot + q_query indexed occurrences in
-    the split) and, per word, k_shot + q_query distinct occurrences: the first k_shot are support, the rest query.
-    Each example is the window of seq_len tokens ENDING at the occurrence, with every token of the window equal to
-    the word replaced by mask_id (so the last token is always mask_id); its label is the word's class 0..N-1.
+    An episode draws n_way distinct usable candidate words and, per word, k_shot + q_query
+    occurrences: the first k_shot are support, the rest query. Each example is the window of seq_len
+    tokens ENDING at the occurrence, with every token of the window equal to the word replaced by
+    mask_id (so the last token is always mask_id); its label is the word's class 0..N-1.
+    A word's occurrences come from k_shot + q_query distinct documents if its indexed occurrences in
+    the split span that many, else from occurrences whose windows do not overlap; a word that allows
+    neither is not usable. Otherwise the small val split, where a word's occurrences cluster in a
+    few documents, gave easier episodes than train: queries that share their support's context.
     """
 
     def __init__(self, data_dir, n_way, k_shot, q_query, seq_len, seed=0, rank=0, split="train"):
@@ -630,18 +678,37 @@ class SMLMTSampler:
         self.n_way, self.k_shot, self.q_query, self.seq_len = n_way, k_shot, q_query, seq_len
         self.mask_id = self.meta["mask_id"]
         self.shards, self.shard_starts = _load_split(data_dir, split, self.meta)
-        self.words, self.offsets, self.positions = _load_index(data_dir, self.meta, split, self.shards,
-                                                               self.shard_starts)
+        self.words, self.offsets, self.positions, docs = _load_index(data_dir, self.meta, split,
+                                                                     self.shards, self.shard_starts)
         index_path = os.path.join(data_dir, self.meta["index"][split]["positions"])
         if seq_len > self.meta["index"]["context"]:
             raise ValueError(f"{index_path}: seq_len {seq_len} > the index's context {self.meta['index']['context']}; "
                              f"rebuild it with `python data.py --reindex --context {seq_len} --out {data_dir}`")
-        self.counts = np.diff(self.offsets)
-        self.usable = np.flatnonzero(self.counts >= k_shot + q_query)  # indices into words
+        n = k_shot + q_query
+        self.counts = np.diff(self.offsets)  # (W,)
+        # An episode takes n distinct groups of a word's occurrences, then one occurrence of each.
+        # The groups are its documents (the index is sorted by word, then position); for a word in
+        # fewer than n documents, its single occurrences, taken so that windows do not overlap.
+        word_of = np.repeat(np.arange(len(self.words)), self.counts)  # (P,)
+        new_doc = np.ones(len(docs), dtype=bool)
+        new_doc[1:] = (docs[1:] != docs[:-1]) | (word_of[1:] != word_of[:-1])
+        few_docs = np.bincount(word_of[new_doc], minlength=len(self.words)) < n  # (W,)
+        self.group_starts = np.flatnonzero(new_doc | few_docs[word_of])  # (G,) into positions
+        self.group_lens = np.diff(np.append(self.group_starts, len(docs)))  # (G,)
+        self.group_offsets = np.searchsorted(self.group_starts, self.offsets)  # (W+1,)
+        self.n_groups = np.diff(self.group_offsets)  # (W,)
+        self.spread = {}  # word index -> _room of its positions, for usable words of few documents
+        for c in np.flatnonzero(few_docs & (self.counts >= n)):
+            nxt, room = _room(self.positions[self.offsets[c]:self.offsets[c + 1]], seq_len)
+            if room[0] >= n:
+                self.spread[c] = (nxt, room)
+        spread = np.array(sorted(self.spread), dtype=np.int64)
+        self.usable = np.union1d(np.flatnonzero(~few_docs), spread)  # indices into words
         self.n_words = len(self.usable)
         if n_way > self.n_words:
-            raise ValueError(f"{index_path}: n_way {n_way} > {self.n_words} candidate words with at least "
-                             f"k_shot + q_query = {k_shot + q_query} {split} occurrences")
+            raise ValueError(f"{index_path}: n_way {n_way} > {self.n_words} candidate words whose "
+                             f"{split} occurrences give k_shot + q_query = {n} windows from "
+                             f"distinct documents or windows that do not overlap")
         self.rng = np.random.default_rng([seed, rank, 1, SPLITS.index(split)])
 
     def sample(self, rng=None):
@@ -649,8 +716,23 @@ class SMLMTSampler:
         rng = self.rng if rng is None else rng
         N, K, Q, T = self.n_way, self.k_shot, self.q_query, self.seq_len
         cls = rng.choice(self.usable, N, replace=False)  # (N,) class c is word self.words[cls[c]]
-        occ = np.stack([rng.choice(self.counts[c], K + Q, replace=False) for c in cls])  # (N, K+Q)
-        pos = self.positions[occ + self.offsets[cls, None]]  # (N, K+Q) global positions of the occurrences
+        picks = np.empty((N, K + Q), dtype=np.int64)  # K+Q of each class's groups
+        for j, c in enumerate(cls):
+            if c in self.spread:  # shuffled: _apart returns them in text order
+                picks[j] = rng.permutation(_apart(*self.spread[c], K + Q, rng))
+            else:
+                picks[j] = rng.choice(self.n_groups[c], K + Q, replace=False)
+        g = self.group_offsets[cls, None] + picks  # (N, K+Q) indices into the groups
+        # one occurrence of each group, uniformly (u * len < len for u < 1): documents are drawn
+        # uniformly, so one that repeats the word does not outweigh the others
+        occ = self.group_starts[g] + (rng.random(g.shape) * self.group_lens[g]).astype(np.int64)
+        pos = self.positions[occ]  # (N, K+Q) global positions of the occurrences
+        # A window may hold an <|endoftext|> and the end of the document before it (wiki: 26% of
+        # 128-token windows, 14% of 64-token ones). Kept: AR windows are packed across documents too
+        # (nanoGPT-style), so the backbone learns <|endoftext|> as a context reset and an episode
+        # window is the same kind of input as an AR window; cutting windows at the boundary would
+        # need left padding and an attention mask, another input distribution without SDPA's causal
+        # fast path.
         x = _gather(self.shards, self.shard_starts, pos.reshape(-1) - T + 1, T).reshape(N, K + Q, T)
         word_ids = self.words[cls].astype(np.int64)
         x[x == word_ids[:, None, None]] = self.mask_id

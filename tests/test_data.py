@@ -288,6 +288,50 @@ def test_smlmt_val_split_and_errors(ds):
         data.SMLMTSampler(ds, 2, 2, 2, CONTEXT + 1)
 
 
+def test_smlmt_classes_from_distinct_documents_or_apart(tmp_path, tiny_enc):
+    T, n = 8, 4  # window, k_shot + q_query
+    spaced_dog = " dog" + " of" * (T - 1)  # the next ' dog' is T tokens after this one
+    text = ([" of to is" * 10]  # enough tokens before any occurrence
+            + [" of to cat is of tree to"] * 6 + [" cat" * 30]  # cat: 7 documents, 30 times in one
+            + [spaced_dog * 3 + " dog" * 6, spaced_dog * 2]  # dog: 2 documents, 6 windows apart
+            + [" bird" * 6])  # bird: 6 occurrences, but no 2 windows apart
+    out = str(tmp_path / "out")
+    data.write_shards(text, tiny_enc, out, val_tokens=0, progress=False)
+    data.build_index(out, tiny_enc, min_per_million=0, max_per_million=10 ** 6, context=16)
+    stream = split_stream(out, "train")
+    doc_of = np.cumsum(stream == tiny_enc.eot_token) - (stream == tiny_enc.eot_token)  # (n_tokens,)
+    sampler = data.SMLMTSampler(out, 3, 2, 2, T)
+    cat, tree, dog = (tiny_enc.encode_single_token(" " + w) for w in ("cat", "tree", "dog"))
+    assert sorted(sampler.words[sampler.usable].tolist()) == sorted([cat, tree, dog])
+    dog_sets, dog_mixed = set(), False
+    for _ in range(50):
+        ep = sampler.sample()
+        for c, word in enumerate(ep.word_ids.tolist()):
+            s, q = ep.support_pos[ep.support_y == c].numpy(), ep.query_pos[ep.query_y == c].numpy()
+            p = np.concatenate([s, q])
+            assert (stream[p] == word).all()
+            if word == dog:  # in 2 documents only: windows that do not overlap
+                assert (np.diff(np.sort(p)) >= T).all()
+                dog_sets.add(frozenset(p.tolist()))
+                dog_mixed |= q.min() < s.max()
+            else:
+                assert len(set(doc_of[p])) == n
+    assert len(dog_sets) > 1 and dog_mixed  # at random, support not always before query
+    with pytest.raises(ValueError, match="index_train_positions.npy.*n_way 4 > 3"):
+        data.SMLMTSampler(out, 4, 2, 2, T)  # bird is not usable
+
+
+def test_index_without_documents_refused(tmp_path, ds):
+    out = str(tmp_path / "out")
+    shutil.copytree(ds, out)
+    meta = data.read_meta(out)
+    for split in ("train", "val"):  # as the index of the old data.py
+        os.remove(os.path.join(out, meta["index"][split].pop("docs")))
+    data.write_json(os.path.join(out, "meta.json"), meta)
+    with pytest.raises(ValueError, match=r"meta.json.*document.*python data.py --reindex --out"):
+        data.SMLMTSampler(out, 4, 2, 2, CONTEXT)
+
+
 def make_reader(kind, ds, seed=0, rank=0, split="train"):
     if kind == "shard":
         return data.ShardReader(ds, split, 4, 8, seed=seed, rank=rank)
@@ -386,11 +430,16 @@ def test_index_sampling(tmp_path, ds, tiny_enc):
     def index(seed):
         data.build_index(out, tiny_enc, min_per_million=0, max_per_million=10 ** 6,
                          max_occurrences=10, context=CONTEXT, seed=seed)
-        return [np.load(os.path.join(out, f"index_{a}.npy")) for a in ("words", "train_offsets", "train_positions")]
+        return [np.load(os.path.join(out, f"index_{a}.npy"))
+                for a in ("words", "train_offsets", "train_positions", "train_docs")]
 
-    words, offsets, positions = index(0)
+    words, offsets, positions, docs = index(0)
     assert np.array_equal(positions, index(0)[2])  # deterministic
     assert not np.array_equal(positions, index(1)[2])
+    # an occurrence's document number counts the <|endoftext|>s before it in the split
+    eots = np.flatnonzero(stream == tiny_enc.eot_token)
+    assert np.array_equal(docs, np.searchsorted(eots, positions))
+    assert len(data.list_shards(out, "train")) > 1 and docs.max() > 100  # numbered across shards
     for i, w in enumerate(words):
         p = positions[offsets[i]:offsets[i + 1]]
         all_p = eligible[stream[eligible] == w]
