@@ -364,8 +364,9 @@ def _check_out_dir(out_dir, enc, overwrite):
 
 
 def write_shards(docs, enc, out_dir, val_tokens=1_000_000, shard_tokens=100_000_000, num_proc=1, max_tokens=None,
-                 val_docs=None, overwrite=False, command="", batch_chars=1 << 18, progress=True):
-    """Tokenize documents into train/val shards of out_dir and write meta.json (without an index) -> meta.
+                 val_docs=None, overwrite=False, command="", batch_chars=1 << 18, progress=True,
+                 index_args=None):
+    """Tokenize documents into train/val shards of out_dir and write meta.json -> meta.
 
     docs: iterable of str. The first val_tokens tokens (whole documents: the document that reaches val_tokens is
     kept whole) go to val, the rest to train. Or val_docs: an iterable of str that is the val split instead
@@ -373,6 +374,9 @@ def write_shards(docs, enc, out_dir, val_tokens=1_000_000, shard_tokens=100_000_
     document end). Every file is written under a temporary directory in out_dir first and renamed into place only
     once everything is written; an error leaves out_dir as it was. With overwrite, the old shards of the same
     tokenizer are replaced and the old index is dropped from meta.json (build_index writes a new one).
+    index_args: keyword arguments of build_index, to build the index in that temporary directory
+    too, so that a failing index (a band no word falls in) leaves out_dir as it was; without,
+    meta["index"] is None.
     """
     if val_docs is not None and val_tokens:
         raise ValueError("give either val_docs or val_tokens > 0, not both")
@@ -381,6 +385,7 @@ def write_shards(docs, enc, out_dir, val_tokens=1_000_000, shard_tokens=100_000_
     if enc.max_token_value >= 2 ** 16:
         raise ValueError(f"tokenizer {enc.name} has ids up to {enc.max_token_value}, which do not fit uint16 shards")
     _check_out_dir(out_dir, enc, overwrite)
+    created = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     staging = tempfile.mkdtemp(dir=out_dir, prefix=".write_shards-")
     try:
@@ -412,21 +417,28 @@ def write_shards(docs, enc, out_dir, val_tokens=1_000_000, shard_tokens=100_000_
         if train.n_tokens == 0:
             raise ValueError(f"all {val.n_tokens} tokens went to val (val_tokens={val_tokens}); nothing left for train")
         seconds = time.time() - t0
-        # everything is written: move it into place, then drop old shards the new set does not replace
-        for name in list(train.shards) + list(val.shards):
-            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
-        for split, writer in (("train", train), ("val", val)):
-            for path in glob.glob(os.path.join(glob.escape(out_dir), f"{split}_{'[0-9]' * 6}.bin")):
-                if os.path.basename(path) not in writer.shards:
-                    os.remove(path)
         meta = {"tokenizer": enc.name, "vocab_size": enc.n_vocab, "eot_id": enc.eot_token, "mask_id": enc.n_vocab,
                 "train_tokens": train.n_tokens, "val_tokens": val.n_tokens, "train_docs": train.n_docs,
                 "val_docs": val.n_docs, "shards": {"train": train.shards, "val": val.shards}, "command": command,
                 "seconds": round(seconds, 2), "index": None}
-        write_json(os.path.join(out_dir, "meta.json"), meta)
+        write_json(os.path.join(staging, "meta.json"), meta)
+        if index_args is not None:
+            meta["index"] = build_index(staging, enc, **index_args)
+        # everything is written: move it into place, drop old shards the new set does not replace,
+        # and only then replace meta.json, which names the shards
+        for name in sorted(os.listdir(staging)):
+            if name != "meta.json":
+                os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+        for split, writer in (("train", train), ("val", val)):
+            for path in glob.glob(os.path.join(glob.escape(out_dir), f"{split}_{'[0-9]' * 6}.bin")):
+                if os.path.basename(path) not in writer.shards:
+                    os.remove(path)
+        os.replace(os.path.join(staging, "meta.json"), os.path.join(out_dir, "meta.json"))
         return meta
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not os.listdir(out_dir):  # a failed first run leaves no empty --out behind
+            os.rmdir(out_dir)
 
 
 def _keep_lowest(keys, pos, k):
@@ -447,7 +459,7 @@ def _check_band(min_per_million, max_per_million):
 
 def build_index(data_dir, enc, min_per_million=DEFAULT_MIN_PER_MILLION,
                 max_per_million=DEFAULT_MAX_PER_MILLION, max_occurrences=DEFAULT_MAX_OCCURRENCES,
-                context=DEFAULT_CONTEXT, seed=0):
+                context=DEFAULT_CONTEXT, seed=0, source=None):
     """Write the SMLMT occurrence index of data_dir and record it in meta.json -> meta["index"].
 
     Candidate words: tokens that decode to a space and at least 3 letters (word-initial, so masking
@@ -457,9 +469,12 @@ def build_index(data_dir, enc, min_per_million=DEFAULT_MIN_PER_MILLION,
     chosen uniformly at random, only positions with at least context - 1 tokens before them in the
     same shard, so any window of up to `context` tokens ending at the occurrence lies inside one
     shard; and the document of each (documents end at <|endoftext|>), so that an episode can take a
-    word from distinct documents.
+    word from distinct documents. The files are written to a staging directory and renamed into
+    place at the end, meta.json last, so a failure leaves the previous index as it was.
+    source: what the train split was made from (input files, a dataset), for errors about the text.
     """
     meta = read_meta(data_dir)
+    source = source or f"{data_dir} (train shards)"
     if (meta["tokenizer"], meta["vocab_size"]) != (enc.name, enc.n_vocab):
         raise ValueError(f"{os.path.join(data_dir, 'meta.json')}: shards of tokenizer {meta['tokenizer']!r}, "
                          f"index asked for with {enc.name!r}")
@@ -492,7 +507,7 @@ def build_index(data_dir, enc, min_per_million=DEFAULT_MIN_PER_MILLION,
                      f"--min_per_million/--max_per_million")
         else:
             found = "it holds no word at all (a token of a space and 3+ letters); is it text?"
-        raise ValueError(f"{data_dir}: no candidate word occurs {min_per_million:g} to "
+        raise ValueError(f"{source}: no candidate word occurs {min_per_million:g} to "
                          f"{max_per_million:g} times per million train tokens; {found}")
     words, per_million = words[in_band], per_million[in_band]
     by_freq = words[np.argsort(-per_million, kind="stable")]
@@ -504,33 +519,39 @@ def build_index(data_dir, enc, min_per_million=DEFAULT_MIN_PER_MILLION,
              "max_per_million": max_per_million, "train_tokens": meta["train_tokens"],
              "examples": examples, "max_occurrences": max_occurrences, "context": context,
              "seed": seed}
-    _write_npy(os.path.join(data_dir, "index_words.npy"), words)
-    for i, split in enumerate(SPLITS):
-        if not meta["shards"].get(split):
-            continue
-        shards, _ = _load_split(data_dir, split, meta)
-        rng = np.random.default_rng([seed, i])
-        keys, pos, eots = np.zeros(0, np.int64), np.zeros(0, np.int64), []
-        start = 0
-        for shard in shards:
-            p = np.flatnonzero(is_word[shard])
-            p = p[p >= context - 1]
-            new_keys = (shard[p].astype(np.int64) << 32) | rng.integers(0, 2 ** 32, len(p))
-            keys, pos = _keep_lowest(np.concatenate([keys, new_keys]),
-                                     np.concatenate([pos, p + start]), max_occurrences)
-            eots.append(np.flatnonzero(shard == meta["eot_id"]) + start)
-            start += len(shard)
-        # sort by word, then position: word << 40 | position (a split holds < 2**40 tokens)
-        by_word = np.sort(((keys >> 32) << 40) | pos)
-        w_kept, p_kept = by_word >> 40, by_word & (2 ** 40 - 1)
-        offsets = np.searchsorted(w_kept, words, side="left")
-        offsets = np.append(offsets, len(w_kept)).astype(np.int64)
-        docs = np.searchsorted(np.concatenate(eots), p_kept)  # (P,) the <|endoftext|>s before
-        files = {"offsets": offsets, "positions": p_kept, "docs": docs}
-        for key, arr in files.items():
-            _write_npy(os.path.join(data_dir, f"index_{split}_{key}.npy"), arr)
-        index[split] = {**{key: f"index_{split}_{key}.npy" for key in files},
-                        "n_positions": len(p_kept), "shards": meta["shards"][split]}
+    staging = tempfile.mkdtemp(dir=data_dir, prefix=".build_index-")
+    try:
+        _write_npy(os.path.join(staging, "index_words.npy"), words)
+        for i, split in enumerate(SPLITS):
+            if not meta["shards"].get(split):
+                continue
+            shards, _ = _load_split(data_dir, split, meta)
+            rng = np.random.default_rng([seed, i])
+            keys, pos, eots = np.zeros(0, np.int64), np.zeros(0, np.int64), []
+            start = 0
+            for shard in shards:
+                p = np.flatnonzero(is_word[shard])
+                p = p[p >= context - 1]
+                new_keys = (shard[p].astype(np.int64) << 32) | rng.integers(0, 2 ** 32, len(p))
+                keys, pos = _keep_lowest(np.concatenate([keys, new_keys]),
+                                         np.concatenate([pos, p + start]), max_occurrences)
+                eots.append(np.flatnonzero(shard == meta["eot_id"]) + start)
+                start += len(shard)
+            # sort by word, then position: word << 40 | position (a split holds < 2**40 tokens)
+            by_word = np.sort(((keys >> 32) << 40) | pos)
+            w_kept, p_kept = by_word >> 40, by_word & (2 ** 40 - 1)
+            offsets = np.searchsorted(w_kept, words, side="left")
+            offsets = np.append(offsets, len(w_kept)).astype(np.int64)
+            docs = np.searchsorted(np.concatenate(eots), p_kept)  # (P,) the <|endoftext|>s before
+            files = {"offsets": offsets, "positions": p_kept, "docs": docs}
+            for key, arr in files.items():
+                _write_npy(os.path.join(staging, f"index_{split}_{key}.npy"), arr)
+            index[split] = {**{key: f"index_{split}_{key}.npy" for key in files},
+                            "n_positions": len(p_kept), "shards": meta["shards"][split]}
+        for name in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, name), os.path.join(data_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     index["seconds"] = round(time.time() - t0, 2)
     meta["index"] = index
     write_json(os.path.join(data_dir, "meta.json"), meta)
@@ -887,10 +908,13 @@ def main(argv=None):
     if args.val_text and args.val_tokens:
         parser.error("give --val_text or --val_tokens, not both")
     val_tokens = 0 if args.val_text else (1_000_000 if args.val_tokens is None else args.val_tokens)
+    index_args = dict(min_per_million=args.min_per_million, max_per_million=args.max_per_million,
+                      max_occurrences=args.max_occurrences, context=args.context, seed=args.seed)
     try:
         _check_band(args.min_per_million, args.max_per_million)  # before any work
         if args.reindex:
             enc = get_encoding(read_meta(args.out)["tokenizer"])
+            index = build_index(args.out, enc, **index_args)
         else:
             # inputs are checked before the tokenizer is loaded (which may need the network)
             text_paths = text_files(args.text) if args.text else None
@@ -901,18 +925,22 @@ def main(argv=None):
             else:
                 docs = iter_hf_docs(args.dataset, args.name, args.split, args.text_column)
             val_docs = iter_text_docs(val_paths, args.one_doc_per_file) if val_paths else None
-            t0 = time.time()
+            # the index is built before anything is moved into --out, so a band no word of the text
+            # falls in leaves --out as it was; its error names the text
+            index_args["source"] = (f"--text {' '.join(args.text)}" if args.text else
+                                    f"dataset {args.dataset}")
             meta = write_shards(docs, enc, args.out, val_tokens=val_tokens, shard_tokens=args.shard_tokens,
                                 num_proc=args.num_proc, max_tokens=args.max_tokens, val_docs=val_docs,
-                                overwrite=args.overwrite, command=shlex.join(["python", "data.py"] + argv))
+                                overwrite=args.overwrite, index_args=index_args,
+                                command=shlex.join(["python", "data.py"] + argv))
+            index = meta["index"]
             for split in SPLITS:
                 print(f"{split + ':':6s} {meta[split + '_tokens']:,} tokens, {meta[split + '_docs']:,} docs, "
                       f"{len(meta['shards'][split])} shards")
-            n, seconds = meta["train_tokens"] + meta["val_tokens"], time.time() - t0
+            # tokenizing and writing, not the index; meta.json rounds it to 0.01 s
+            n, seconds = meta["train_tokens"] + meta["val_tokens"], max(meta["seconds"], 0.01)
             print(f"tokenized {n:,} tokens in {seconds:.1f}s ({n / seconds / 1e6:.2f}M tokens/s, "
                   f"{args.num_proc} processes) -> {args.out}")
-        index = build_index(args.out, enc, args.min_per_million, args.max_per_million,
-                            args.max_occurrences, args.context, args.seed)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"data.py: error: {e}")
     occurrences = ", ".join(f"{index[s]['n_positions']:,} {s}" for s in SPLITS if s in index)

@@ -154,7 +154,7 @@ def test_everything_to_val_refused(tmp_path, tiny_enc, docs):
     a = write_text(tmp_path / "a.txt", docs[:5])
     with pytest.raises(ValueError, match="nothing left for train"):
         data.write_shards(data.iter_text_docs([a]), tiny_enc, tmp_path / "out", val_tokens=10 ** 6, progress=False)
-    assert os.listdir(tmp_path / "out") == []
+    assert not os.path.exists(tmp_path / "out")  # not even an empty --out is left behind
 
 
 def test_shard_header_checks(tmp_path):
@@ -511,6 +511,49 @@ def test_cli_end_to_end(tmp_path, tiny_enc, docs, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         data.main(["--help"])
     assert e.value.code == 0
+
+
+def test_failed_build_leaves_out_as_it_was(tmp_path, tiny_enc, docs, monkeypatch):
+    monkeypatch.setattr(data, "get_encoding", lambda name="gpt2": tiny_enc)
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"\0" * 1000)  # one document, and not a single word
+    out = tmp_path / "out"
+    cmd = ["--out", str(out), "--val_tokens", "0", "--num_proc", "1", "--overwrite"]
+    with pytest.raises(SystemExit, match=f"--text {nul}: .*no word at all"):
+        data.main(["--text", str(nul)] + cmd)
+    assert not out.exists()
+    good = write_text(tmp_path / "good.txt", docs[:50])
+    data.main(["--text", good, "--min_per_million", "0", "--max_per_million", "1e6"] + cmd)
+    before = dir_snapshot(out)
+    with pytest.raises(SystemExit, match=f"--text {nul}: .*no word at all"):
+        data.main(["--text", str(nul)] + cmd)
+    assert dir_snapshot(out) == before and not glob.glob(str(out / ".*"))
+    # a band none of the words falls in: named, with what to change
+    with pytest.raises(SystemExit, match=f"--text {good}: no candidate word occurs 500000 to "
+                                         f"1e\\+06 .*widen --min_per_million/--max_per_million"):
+        data.main(["--text", good, "--min_per_million", "5e5", "--max_per_million", "1e6"] + cmd)
+    with pytest.raises(SystemExit, match="0 <= --min_per_million"):
+        data.main(["--text", good, "--min_per_million", "-1"] + cmd)
+    assert dir_snapshot(out) == before and not glob.glob(str(out / ".*"))
+
+
+def test_failed_reindex_leaves_old_index(tmp_path, ds, tiny_enc, monkeypatch):
+    monkeypatch.setattr(data, "get_encoding", lambda name="gpt2": tiny_enc)
+    out = str(tmp_path / "out")
+    shutil.copytree(ds, out)
+    before = dir_snapshot(out)
+    with pytest.raises(SystemExit, match=f"{out} \\(train shards\\): no candidate word.*widen"):
+        data.main(["--reindex", "--out", out, "--min_per_million", "5e5",
+                   "--max_per_million", "1e6"])
+    assert dir_snapshot(out) == before
+    # a failure once the train index is written (a val shard that no longer matches meta.json)
+    data.write_shard(data.list_shards(out, "val")[0], np.zeros(10, dtype=np.int64))
+    before = dir_snapshot(out)
+    with pytest.raises(SystemExit, match="val_000000.bin"):
+        data.main(["--reindex", "--out", out, "--seed", "1", "--min_per_million", "0",
+                   "--max_per_million", "1e6", "--context", str(CONTEXT)])
+    assert dir_snapshot(out) == before and not glob.glob(os.path.join(out, ".*"))
+    data.SMLMTSampler(out, 4, 2, 2, CONTEXT)  # the old train index still loads
 
 
 def test_dataset_reader(tmp_path, tiny_enc, docs, monkeypatch):
