@@ -7,7 +7,7 @@ occurrence index, in one command:
     python data.py --text ../shared/data/corpus/en_wikipedia.train.txt \
                    --val_text ../shared/data/corpus/en_wikipedia.valid.txt --out data/wiki
     python data.py --dataset HuggingFaceFW/fineweb-edu --name sample-10BT --out data/fineweb --max_tokens 2_000_000_000
-    python data.py --reindex --out data/wiki --min_count 200      # rebuild only the index, e.g. with another band
+    python data.py --reindex --out data/wiki --min_per_million 20  # only the index, other band
 
 As a library it gives ShardReader (random next-token windows), SMLMTSampler (N-way K-shot masked-word
 episodes) and LMTaskSampler (K chunks of a document as support, the next chunk as query).
@@ -20,6 +20,7 @@ One data directory holds:
     index_words.npy            (W,) int32      candidate word ids, shared by both splits
     index_{split}_offsets.npy  (W+1,) int64    occurrences of word i are positions[offsets[i]:offsets[i+1]]
     index_{split}_positions.npy (P,) int64     global positions into the concatenation of the split's shards
+    index_{split}_docs.npy     (P,) int64      document (numbered within the split) of each position
 """
 
 import argparse
@@ -47,11 +48,11 @@ HEADER_INTS = 256
 SPLITS = ("train", "val")
 DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
 DEFAULT_DATASET_CONFIG = "sample-10BT"
-# Candidate-word band, tuned for GPT-2 on ~10M tokens (../shared/data/corpus): above max_count are function
-# words (' the', ' and', ' was', ' for', ' with', ...), below min_count too few occurrences to draw varied
-# windows from. Scale both with the corpus size.
-DEFAULT_MIN_COUNT = 100
-DEFAULT_MAX_COUNT = 3000
+# Candidate-word band in occurrences per million train tokens, for GPT-2 BPE: above it are function
+# words (' the', ' and', ' was', ' for', ' with', ...), below it words too rare for varied windows.
+# 10 and 300 per million are train counts 103.2 and 3097.0 on the 10M-token ../shared/data/corpus.
+DEFAULT_MIN_PER_MILLION = 10.0
+DEFAULT_MAX_PER_MILLION = 300.0
 DEFAULT_MAX_OCCURRENCES = 1000
 DEFAULT_CONTEXT = 512
 
@@ -363,8 +364,9 @@ def _check_out_dir(out_dir, enc, overwrite):
 
 
 def write_shards(docs, enc, out_dir, val_tokens=1_000_000, shard_tokens=100_000_000, num_proc=1, max_tokens=None,
-                 val_docs=None, overwrite=False, command="", batch_chars=1 << 18, progress=True):
-    """Tokenize documents into train/val shards of out_dir and write meta.json (without an index) -> meta.
+                 val_docs=None, overwrite=False, command="", batch_chars=1 << 18, progress=True,
+                 index_args=None):
+    """Tokenize documents into train/val shards of out_dir and write meta.json -> meta.
 
     docs: iterable of str. The first val_tokens tokens (whole documents: the document that reaches val_tokens is
     kept whole) go to val, the rest to train. Or val_docs: an iterable of str that is the val split instead
@@ -372,6 +374,9 @@ def write_shards(docs, enc, out_dir, val_tokens=1_000_000, shard_tokens=100_000_
     document end). Every file is written under a temporary directory in out_dir first and renamed into place only
     once everything is written; an error leaves out_dir as it was. With overwrite, the old shards of the same
     tokenizer are replaced and the old index is dropped from meta.json (build_index writes a new one).
+    index_args: keyword arguments of build_index, to build the index in that temporary directory
+    too, so that a failing index (a band no word falls in) leaves out_dir as it was; without,
+    meta["index"] is None.
     """
     if val_docs is not None and val_tokens:
         raise ValueError("give either val_docs or val_tokens > 0, not both")
@@ -380,6 +385,7 @@ def write_shards(docs, enc, out_dir, val_tokens=1_000_000, shard_tokens=100_000_
     if enc.max_token_value >= 2 ** 16:
         raise ValueError(f"tokenizer {enc.name} has ids up to {enc.max_token_value}, which do not fit uint16 shards")
     _check_out_dir(out_dir, enc, overwrite)
+    created = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     staging = tempfile.mkdtemp(dir=out_dir, prefix=".write_shards-")
     try:
@@ -411,21 +417,28 @@ def write_shards(docs, enc, out_dir, val_tokens=1_000_000, shard_tokens=100_000_
         if train.n_tokens == 0:
             raise ValueError(f"all {val.n_tokens} tokens went to val (val_tokens={val_tokens}); nothing left for train")
         seconds = time.time() - t0
-        # everything is written: move it into place, then drop old shards the new set does not replace
-        for name in list(train.shards) + list(val.shards):
-            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
-        for split, writer in (("train", train), ("val", val)):
-            for path in glob.glob(os.path.join(glob.escape(out_dir), f"{split}_{'[0-9]' * 6}.bin")):
-                if os.path.basename(path) not in writer.shards:
-                    os.remove(path)
         meta = {"tokenizer": enc.name, "vocab_size": enc.n_vocab, "eot_id": enc.eot_token, "mask_id": enc.n_vocab,
                 "train_tokens": train.n_tokens, "val_tokens": val.n_tokens, "train_docs": train.n_docs,
                 "val_docs": val.n_docs, "shards": {"train": train.shards, "val": val.shards}, "command": command,
                 "seconds": round(seconds, 2), "index": None}
-        write_json(os.path.join(out_dir, "meta.json"), meta)
+        write_json(os.path.join(staging, "meta.json"), meta)
+        if index_args is not None:
+            meta["index"] = build_index(staging, enc, **index_args)
+        # everything is written: move it into place, drop old shards the new set does not replace,
+        # and only then replace meta.json, which names the shards
+        for name in sorted(os.listdir(staging)):
+            if name != "meta.json":
+                os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+        for split, writer in (("train", train), ("val", val)):
+            for path in glob.glob(os.path.join(glob.escape(out_dir), f"{split}_{'[0-9]' * 6}.bin")):
+                if os.path.basename(path) not in writer.shards:
+                    os.remove(path)
+        os.replace(os.path.join(staging, "meta.json"), os.path.join(out_dir, "meta.json"))
         return meta
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not os.listdir(out_dir):  # a failed first run leaves no empty --out behind
+            os.rmdir(out_dir)
 
 
 def _keep_lowest(keys, pos, k):
@@ -438,22 +451,34 @@ def _keep_lowest(keys, pos, k):
     return keys[keep], pos[keep]
 
 
-def build_index(data_dir, enc, min_count=DEFAULT_MIN_COUNT, max_count=DEFAULT_MAX_COUNT,
-                max_occurrences=DEFAULT_MAX_OCCURRENCES, context=DEFAULT_CONTEXT, seed=0):
+def _check_band(min_per_million, max_per_million):
+    if not 0 <= min_per_million <= max_per_million:  # also refuses NaN
+        raise ValueError(f"need 0 <= --min_per_million <= --max_per_million, got {min_per_million} "
+                         f"and {max_per_million}")
+
+
+def build_index(data_dir, enc, min_per_million=DEFAULT_MIN_PER_MILLION,
+                max_per_million=DEFAULT_MAX_PER_MILLION, max_occurrences=DEFAULT_MAX_OCCURRENCES,
+                context=DEFAULT_CONTEXT, seed=0, source=None):
     """Write the SMLMT occurrence index of data_dir and record it in meta.json -> meta["index"].
 
-    Candidate words: tokens that decode to a space and at least 3 letters (word-initial, so masking a token masks
-    a word start), never special tokens, whose count over the TRAIN shards lies in [min_count, max_count]. Both
-    splits index the same candidates; for each candidate and split, up to max_occurrences positions chosen
-    uniformly at random, only positions with at least context - 1 tokens before them in the same shard, so any
-    window of up to `context` tokens ending at the occurrence lies inside one shard.
+    Candidate words: tokens that decode to a space and at least 3 letters (word-initial, so masking
+    a token masks a word start), never special tokens, that occur in the TRAIN shards with a
+    frequency in [min_per_million, max_per_million] occurrences per million train tokens. Both
+    splits index the same candidates; for each candidate and split, up to max_occurrences positions
+    chosen uniformly at random, only positions with at least context - 1 tokens before them in the
+    same shard, so any window of up to `context` tokens ending at the occurrence lies inside one
+    shard; and the document of each (documents end at <|endoftext|>), so that an episode can take a
+    word from distinct documents. The files are written to a staging directory and renamed into
+    place at the end, meta.json last, so a failure leaves the previous index as it was.
+    source: what the train split was made from (input files, a dataset), for errors about the text.
     """
     meta = read_meta(data_dir)
+    source = source or f"{data_dir} (train shards)"
     if (meta["tokenizer"], meta["vocab_size"]) != (enc.name, enc.n_vocab):
         raise ValueError(f"{os.path.join(data_dir, 'meta.json')}: shards of tokenizer {meta['tokenizer']!r}, "
                          f"index asked for with {enc.name!r}")
-    if not 1 <= min_count <= max_count:
-        raise ValueError(f"need 1 <= min_count <= max_count, got {min_count}, {max_count}")
+    _check_band(min_per_million, max_per_million)
     t0 = time.time()
     shards, _ = _load_split(data_dir, "train", meta)
     counts = np.zeros(enc.n_vocab, dtype=np.int64)
@@ -461,44 +486,72 @@ def build_index(data_dir, enc, min_count=DEFAULT_MIN_COUNT, max_count=DEFAULT_MA
         counts += np.bincount(shard, minlength=enc.n_vocab)[:enc.n_vocab]
     special = {enc.encode_single_token(s) for s in enc.special_tokens_set}
     words = []
-    for t in np.flatnonzero((counts >= min_count) & (counts <= max_count)):
+    for t in np.flatnonzero(counts):
         try:
             s = enc.decode_single_token_bytes(int(t)).decode("utf-8")
         except (UnicodeDecodeError, KeyError):
             continue
         if t not in special and s[0] == " " and len(s) >= 4 and s[1:].isalpha():
             words.append(t)
-    words = np.array(words, dtype=np.int32)
-    if len(words) == 0:
-        raise ValueError(f"{data_dir}: no candidate word has a train count in [{min_count}, {max_count}]; "
-                         f"widen --min_count/--max_count")
+    words = np.array(words, dtype=np.int32)  # (every word token that occurs in train,)
+    # A band of frequencies, not of counts or ranks: frequency decides whether a word is a function
+    # word or too rare, and it is the same for the same text at any size, while counts grow with the
+    # corpus and ranks shift as a larger corpus brings more word types. (c / n is correctly rounded,
+    # so the text repeated k times, kc / kn, gives the very same floats.)
+    per_million = counts[words] / meta["train_tokens"] * 1e6  # (len(words),)
+    in_band = (per_million >= min_per_million) & (per_million <= max_per_million)
+    if not in_band.any():
+        if len(words):
+            found = (f"its {len(words):,} words occur {per_million.min():.3g} to "
+                     f"{per_million.max():.3g} times per million; widen "
+                     f"--min_per_million/--max_per_million")
+        else:
+            found = "it holds no word at all (a token of a space and 3+ letters); is it text?"
+        raise ValueError(f"{source}: no candidate word occurs {min_per_million:g} to "
+                         f"{max_per_million:g} times per million train tokens; {found}")
+    words, per_million = words[in_band], per_million[in_band]
+    by_freq = words[np.argsort(-per_million, kind="stable")]
+    examples = [enc.decode([int(t)]) for t in  # 10 from the most to the least frequent
+                by_freq[np.linspace(0, len(words) - 1, min(10, len(words))).astype(np.int64)]]
     is_word = np.zeros(2 ** 16, dtype=bool)  # indexed by uint16 tokens
     is_word[words] = True
-    index = {"n_words": len(words), "words": "index_words.npy", "min_count": min_count, "max_count": max_count,
-             "max_occurrences": max_occurrences, "context": context, "seed": seed}
-    _write_npy(os.path.join(data_dir, "index_words.npy"), words)
-    for i, split in enumerate(SPLITS):
-        if not meta["shards"].get(split):
-            continue
-        shards, _ = _load_split(data_dir, split, meta)
-        rng = np.random.default_rng([seed, i])
-        keys, pos = np.zeros(0, np.int64), np.zeros(0, np.int64)
-        start = 0
-        for shard in shards:
-            p = np.flatnonzero(is_word[shard])
-            p = p[p >= context - 1]
-            new_keys = (shard[p].astype(np.int64) << 32) | rng.integers(0, 2 ** 32, len(p))
-            keys, pos = _keep_lowest(np.concatenate([keys, new_keys]), np.concatenate([pos, p + start]),
-                                     max_occurrences)
-            start += len(shard)
-        # sort by word, then position: word << 40 | position (a split holds < 2**40 tokens)
-        by_word = np.sort(((keys >> 32) << 40) | pos)
-        w_kept, p_kept = by_word >> 40, by_word & (2 ** 40 - 1)
-        offsets = np.append(np.searchsorted(w_kept, words, side="left"), len(w_kept)).astype(np.int64)
-        _write_npy(os.path.join(data_dir, f"index_{split}_offsets.npy"), offsets)
-        _write_npy(os.path.join(data_dir, f"index_{split}_positions.npy"), p_kept)
-        index[split] = {"offsets": f"index_{split}_offsets.npy", "positions": f"index_{split}_positions.npy",
-                        "n_positions": len(p_kept), "shards": meta["shards"][split]}
+    index = {"n_words": len(words), "words": "index_words.npy", "min_per_million": min_per_million,
+             "max_per_million": max_per_million, "train_tokens": meta["train_tokens"],
+             "examples": examples, "max_occurrences": max_occurrences, "context": context,
+             "seed": seed}
+    staging = tempfile.mkdtemp(dir=data_dir, prefix=".build_index-")
+    try:
+        _write_npy(os.path.join(staging, "index_words.npy"), words)
+        for i, split in enumerate(SPLITS):
+            if not meta["shards"].get(split):
+                continue
+            shards, _ = _load_split(data_dir, split, meta)
+            rng = np.random.default_rng([seed, i])
+            keys, pos, eots = np.zeros(0, np.int64), np.zeros(0, np.int64), []
+            start = 0
+            for shard in shards:
+                p = np.flatnonzero(is_word[shard])
+                p = p[p >= context - 1]
+                new_keys = (shard[p].astype(np.int64) << 32) | rng.integers(0, 2 ** 32, len(p))
+                keys, pos = _keep_lowest(np.concatenate([keys, new_keys]),
+                                         np.concatenate([pos, p + start]), max_occurrences)
+                eots.append(np.flatnonzero(shard == meta["eot_id"]) + start)
+                start += len(shard)
+            # sort by word, then position: word << 40 | position (a split holds < 2**40 tokens)
+            by_word = np.sort(((keys >> 32) << 40) | pos)
+            w_kept, p_kept = by_word >> 40, by_word & (2 ** 40 - 1)
+            offsets = np.searchsorted(w_kept, words, side="left")
+            offsets = np.append(offsets, len(w_kept)).astype(np.int64)
+            docs = np.searchsorted(np.concatenate(eots), p_kept)  # (P,) the <|endoftext|>s before
+            files = {"offsets": offsets, "positions": p_kept, "docs": docs}
+            for key, arr in files.items():
+                _write_npy(os.path.join(staging, f"index_{split}_{key}.npy"), arr)
+            index[split] = {**{key: f"index_{split}_{key}.npy" for key in files},
+                            "n_positions": len(p_kept), "shards": meta["shards"][split]}
+        for name in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, name), os.path.join(data_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     index["seconds"] = round(time.time() - t0, 2)
     meta["index"] = index
     write_json(os.path.join(data_dir, "meta.json"), meta)
@@ -506,8 +559,9 @@ def build_index(data_dir, enc, min_count=DEFAULT_MIN_COUNT, max_count=DEFAULT_MA
 
 
 def _load_index(data_dir, meta, split, shards, starts):
-    """Memory-map the index of one split -> (words (W,), offsets (W+1,), positions (P,)), after checking that it
-    was built from exactly these shards; raises naming the index file otherwise."""
+    """Memory-map the index of one split -> (words (W,), offsets (W+1,), positions (P,), docs (P,)),
+    after checking that it was built from exactly these shards; raises naming the index file
+    otherwise."""
     index = meta.get("index")
     meta_path = os.path.join(data_dir, "meta.json")
     rebuild = f"build it with `python data.py --reindex --out {data_dir}`"
@@ -515,10 +569,14 @@ def _load_index(data_dir, meta, split, shards, starts):
         raise FileNotFoundError(f"{meta_path}: no SMLMT index; {rebuild}")
     if split not in index:
         raise ValueError(f"{meta_path}: the SMLMT index has no {split} split")
+    if "docs" not in index[split]:
+        raise ValueError(f"{meta_path}: the SMLMT index has no document numbers (an older data.py "
+                         f"wrote it); rebuild it with `python data.py --reindex --out {data_dir}`")
     words_path = os.path.join(data_dir, index["words"])
     offsets_path = os.path.join(data_dir, index[split]["offsets"])
     positions_path = os.path.join(data_dir, index[split]["positions"])
-    for path in (words_path, offsets_path, positions_path):
+    docs_path = os.path.join(data_dir, index[split]["docs"])
+    for path in (words_path, offsets_path, positions_path, docs_path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"index file {path} does not exist; {rebuild}")
     if index[split]["shards"] != meta["shards"][split]:
@@ -527,11 +585,14 @@ def _load_index(data_dir, meta, split, shards, starts):
     words = np.load(words_path, mmap_mode="r")
     offsets = np.load(offsets_path, mmap_mode="r")
     positions = np.load(positions_path, mmap_mode="r")
+    docs = np.load(docs_path, mmap_mode="r")
     n_tokens = int(starts[-1]) + len(shards[-1])
     if (len(words) != index["n_words"] or len(offsets) != len(words) + 1 or offsets[-1] != len(positions)
-            or len(positions) != index[split]["n_positions"] or (len(positions) and positions.max() >= n_tokens)):
+            or len(positions) != index[split]["n_positions"] or len(docs) != len(positions)
+            or (len(positions) and positions.max() >= n_tokens)):
         raise ValueError(f"{positions_path}: index arrays do not agree with each other or with meta.json "
-                         f"(words {len(words)}, offsets {len(offsets)}, positions {len(positions)}); {rebuild}")
+                         f"(words {len(words)}, offsets {len(offsets)}, positions "
+                         f"{len(positions)}, docs {len(docs)}); {rebuild}")
     # spot-check that occurrences hold their word: catches an index of other shards with the same sizes
     check = np.linspace(0, len(positions) - 1, min(1000, len(positions))).astype(np.int64)
     if len(check):
@@ -540,7 +601,37 @@ def _load_index(data_dir, meta, split, shards, starts):
         if not np.array_equal(got, words[owner]):
             raise ValueError(f"{positions_path}: occurrences do not hold their words in the {split} shards; the index "
                              f"belongs to other data; {rebuild}")
-    return words, offsets, positions
+    return words, offsets, positions, docs
+
+
+def _room(p, T):
+    """Sorted positions p (m,) -> nxt, room, lists for the scalar loop of _apart. nxt[i] (m) is the
+    first index whose window of T tokens does not overlap i's (position >= p[i] + T); room[i] (m+1)
+    is the most pairwise non-overlapping windows among p[i:] (taking each next window as early as
+    possible is optimal)."""
+    nxt = np.searchsorted(p, p + T).tolist()
+    room = [0] * (len(p) + 1)
+    for i in range(len(p) - 1, -1, -1):
+        room[i] = 1 + room[nxt[i]]
+    return nxt, room
+
+
+def _apart(nxt, room, n, rng):
+    """n random indices of sorted positions whose windows pairwise do not overlap -> (n,) int64, in
+    text order. Selection sampling: scanning left to right, take index i with probability (still
+    wanted) / (indices left), as for a uniform sample, but surely where skipping it would leave too
+    little room, and after taking it jump to nxt[i]. Needs room[0] >= n; then room[i] >= (still
+    wanted) wherever the scan is, so it always ends with n."""
+    u = rng.random(len(nxt)).tolist()
+    picked, i = [], 0
+    while len(picked) < n:
+        wanted = n - len(picked)
+        if room[i + 1] < wanted or u[i] * (len(nxt) - i) < wanted:
+            picked.append(i)
+            i = nxt[i]
+        else:
+            i += 1
+    return np.array(picked, dtype=np.int64)
 
 
 def _tensor(a):
@@ -593,10 +684,14 @@ class Episode:
 class SMLMTSampler:
     """N-way K-shot subset-masked LM episodes (Bansal et al. 2020) from the occurrence index of data.py.
 
-    An episode draws n_way distinct candidate words (those with at least k_shot + q_query indexed occurrences in
-    the split) and, per word, k_shot + q_query distinct occurrences: the first k_shot are support, the rest query.
-    Each example is the window of seq_len tokens ENDING at the occurrence, with every token of the window equal to
-    the word replaced by mask_id (so the last token is always mask_id); its label is the word's class 0..N-1.
+    An episode draws n_way distinct usable candidate words and, per word, k_shot + q_query
+    occurrences: the first k_shot are support, the rest query. Each example is the window of seq_len
+    tokens ENDING at the occurrence, with every token of the window equal to the word replaced by
+    mask_id (so the last token is always mask_id); its label is the word's class 0..N-1.
+    A word's occurrences come from k_shot + q_query distinct documents if its indexed occurrences in
+    the split span that many, else from occurrences whose windows do not overlap; a word that allows
+    neither is not usable. Otherwise the small val split, where a word's occurrences cluster in a
+    few documents, gave easier episodes than train: queries that share their support's context.
     """
 
     def __init__(self, data_dir, n_way, k_shot, q_query, seq_len, seed=0, rank=0, split="train"):
@@ -604,18 +699,37 @@ class SMLMTSampler:
         self.n_way, self.k_shot, self.q_query, self.seq_len = n_way, k_shot, q_query, seq_len
         self.mask_id = self.meta["mask_id"]
         self.shards, self.shard_starts = _load_split(data_dir, split, self.meta)
-        self.words, self.offsets, self.positions = _load_index(data_dir, self.meta, split, self.shards,
-                                                               self.shard_starts)
+        self.words, self.offsets, self.positions, docs = _load_index(data_dir, self.meta, split,
+                                                                     self.shards, self.shard_starts)
         index_path = os.path.join(data_dir, self.meta["index"][split]["positions"])
         if seq_len > self.meta["index"]["context"]:
             raise ValueError(f"{index_path}: seq_len {seq_len} > the index's context {self.meta['index']['context']}; "
                              f"rebuild it with `python data.py --reindex --context {seq_len} --out {data_dir}`")
-        self.counts = np.diff(self.offsets)
-        self.usable = np.flatnonzero(self.counts >= k_shot + q_query)  # indices into words
+        n = k_shot + q_query
+        self.counts = np.diff(self.offsets)  # (W,)
+        # An episode takes n distinct groups of a word's occurrences, then one occurrence of each.
+        # The groups are its documents (the index is sorted by word, then position); for a word in
+        # fewer than n documents, its single occurrences, taken so that windows do not overlap.
+        word_of = np.repeat(np.arange(len(self.words)), self.counts)  # (P,)
+        new_doc = np.ones(len(docs), dtype=bool)
+        new_doc[1:] = (docs[1:] != docs[:-1]) | (word_of[1:] != word_of[:-1])
+        few_docs = np.bincount(word_of[new_doc], minlength=len(self.words)) < n  # (W,)
+        self.group_starts = np.flatnonzero(new_doc | few_docs[word_of])  # (G,) into positions
+        self.group_lens = np.diff(np.append(self.group_starts, len(docs)))  # (G,)
+        self.group_offsets = np.searchsorted(self.group_starts, self.offsets)  # (W+1,)
+        self.n_groups = np.diff(self.group_offsets)  # (W,)
+        self.spread = {}  # word index -> _room of its positions, for usable words of few documents
+        for c in np.flatnonzero(few_docs & (self.counts >= n)):
+            nxt, room = _room(self.positions[self.offsets[c]:self.offsets[c + 1]], seq_len)
+            if room[0] >= n:
+                self.spread[c] = (nxt, room)
+        spread = np.array(sorted(self.spread), dtype=np.int64)
+        self.usable = np.union1d(np.flatnonzero(~few_docs), spread)  # indices into words
         self.n_words = len(self.usable)
         if n_way > self.n_words:
-            raise ValueError(f"{index_path}: n_way {n_way} > {self.n_words} candidate words with at least "
-                             f"k_shot + q_query = {k_shot + q_query} {split} occurrences")
+            raise ValueError(f"{index_path}: n_way {n_way} > {self.n_words} candidate words whose "
+                             f"{split} occurrences give k_shot + q_query = {n} windows from "
+                             f"distinct documents or windows that do not overlap")
         self.rng = np.random.default_rng([seed, rank, 1, SPLITS.index(split)])
 
     def sample(self, rng=None):
@@ -623,8 +737,23 @@ class SMLMTSampler:
         rng = self.rng if rng is None else rng
         N, K, Q, T = self.n_way, self.k_shot, self.q_query, self.seq_len
         cls = rng.choice(self.usable, N, replace=False)  # (N,) class c is word self.words[cls[c]]
-        occ = np.stack([rng.choice(self.counts[c], K + Q, replace=False) for c in cls])  # (N, K+Q)
-        pos = self.positions[occ + self.offsets[cls, None]]  # (N, K+Q) global positions of the occurrences
+        picks = np.empty((N, K + Q), dtype=np.int64)  # K+Q of each class's groups
+        for j, c in enumerate(cls):
+            if c in self.spread:  # shuffled: _apart returns them in text order
+                picks[j] = rng.permutation(_apart(*self.spread[c], K + Q, rng))
+            else:
+                picks[j] = rng.choice(self.n_groups[c], K + Q, replace=False)
+        g = self.group_offsets[cls, None] + picks  # (N, K+Q) indices into the groups
+        # one occurrence of each group, uniformly (u * len < len for u < 1): documents are drawn
+        # uniformly, so one that repeats the word does not outweigh the others
+        occ = self.group_starts[g] + (rng.random(g.shape) * self.group_lens[g]).astype(np.int64)
+        pos = self.positions[occ]  # (N, K+Q) global positions of the occurrences
+        # A window may hold an <|endoftext|> and the end of the document before it (wiki: 26% of
+        # 128-token windows, 14% of 64-token ones). Kept: AR windows are packed across documents too
+        # (nanoGPT-style), so the backbone learns <|endoftext|> as a context reset and an episode
+        # window is the same kind of input as an AR window; cutting windows at the boundary would
+        # need left padding and an attention mask, another input distribution without SDPA's causal
+        # fast path.
         x = _gather(self.shards, self.shard_starts, pos.reshape(-1) - T + 1, T).reshape(N, K + Q, T)
         word_ids = self.words[cls].astype(np.int64)
         x[x == word_ids[:, None, None]] = self.mask_id
@@ -765,8 +894,10 @@ def main(argv=None):
                         help="tokenizer processes (default: the CPUs this process may use)")
     parser.add_argument("--tokenizer", default="gpt2", help="tiktoken encoding name")
     parser.add_argument("--overwrite", action="store_true", help="replace shards of the same tokenizer in --out")
-    parser.add_argument("--min_count", type=int, default=DEFAULT_MIN_COUNT, help="candidate words: lowest train count")
-    parser.add_argument("--max_count", type=int, default=DEFAULT_MAX_COUNT, help="candidate words: highest train count")
+    parser.add_argument("--min_per_million", type=float, default=DEFAULT_MIN_PER_MILLION,
+                        help="candidate words: lowest train frequency, per million train tokens")
+    parser.add_argument("--max_per_million", type=float, default=DEFAULT_MAX_PER_MILLION,
+                        help="candidate words: highest train frequency, per million train tokens")
     parser.add_argument("--max_occurrences", type=int, default=DEFAULT_MAX_OCCURRENCES,
                         help="indexed occurrences per word and split")
     parser.add_argument("--context", type=int, default=DEFAULT_CONTEXT, help="longest SMLMT window the index serves")
@@ -777,9 +908,13 @@ def main(argv=None):
     if args.val_text and args.val_tokens:
         parser.error("give --val_text or --val_tokens, not both")
     val_tokens = 0 if args.val_text else (1_000_000 if args.val_tokens is None else args.val_tokens)
+    index_args = dict(min_per_million=args.min_per_million, max_per_million=args.max_per_million,
+                      max_occurrences=args.max_occurrences, context=args.context, seed=args.seed)
     try:
+        _check_band(args.min_per_million, args.max_per_million)  # before any work
         if args.reindex:
             enc = get_encoding(read_meta(args.out)["tokenizer"])
+            index = build_index(args.out, enc, **index_args)
         else:
             # inputs are checked before the tokenizer is loaded (which may need the network)
             text_paths = text_files(args.text) if args.text else None
@@ -790,23 +925,29 @@ def main(argv=None):
             else:
                 docs = iter_hf_docs(args.dataset, args.name, args.split, args.text_column)
             val_docs = iter_text_docs(val_paths, args.one_doc_per_file) if val_paths else None
-            t0 = time.time()
+            # the index is built before anything is moved into --out, so a band no word of the text
+            # falls in leaves --out as it was; its error names the text
+            index_args["source"] = (f"--text {' '.join(args.text)}" if args.text else
+                                    f"dataset {args.dataset}")
             meta = write_shards(docs, enc, args.out, val_tokens=val_tokens, shard_tokens=args.shard_tokens,
                                 num_proc=args.num_proc, max_tokens=args.max_tokens, val_docs=val_docs,
-                                overwrite=args.overwrite, command=shlex.join(["python", "data.py"] + argv))
+                                overwrite=args.overwrite, index_args=index_args,
+                                command=shlex.join(["python", "data.py"] + argv))
+            index = meta["index"]
             for split in SPLITS:
                 print(f"{split + ':':6s} {meta[split + '_tokens']:,} tokens, {meta[split + '_docs']:,} docs, "
                       f"{len(meta['shards'][split])} shards")
-            n, seconds = meta["train_tokens"] + meta["val_tokens"], time.time() - t0
+            # tokenizing and writing, not the index; meta.json rounds it to 0.01 s
+            n, seconds = meta["train_tokens"] + meta["val_tokens"], max(meta["seconds"], 0.01)
             print(f"tokenized {n:,} tokens in {seconds:.1f}s ({n / seconds / 1e6:.2f}M tokens/s, "
                   f"{args.num_proc} processes) -> {args.out}")
-        index = build_index(args.out, enc, args.min_count, args.max_count, args.max_occurrences, args.context,
-                            args.seed)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"data.py: error: {e}")
     occurrences = ", ".join(f"{index[s]['n_positions']:,} {s}" for s in SPLITS if s in index)
-    print(f"SMLMT index: {index['n_words']:,} candidate words (train count in [{args.min_count}, {args.max_count}]), "
-          f"{occurrences} occurrences, context {args.context}, {index['seconds']:.1f}s")
+    print(f"SMLMT index: {index['n_words']:,} candidate words ({args.min_per_million:g} to "
+          f"{args.max_per_million:g} per million of {index['train_tokens']:,} train tokens), "
+          f"{occurrences} occurrences, context {args.context}, {index['seconds']:.1f}s\n"
+          f"  e.g., most to least frequent: {', '.join(map(repr, index['examples']))}")
 
 
 if __name__ == "__main__":

@@ -68,7 +68,8 @@ def ds(tmp_path_factory, tiny_enc, docs):
     out = str(d / "out")
     data.write_shards(data.iter_text_docs(data.text_files([str(d / "*.txt")])), tiny_enc, out, val_tokens=2000,
                       shard_tokens=5000, num_proc=1, progress=False)
-    data.build_index(out, tiny_enc, min_count=1, max_count=10 ** 9, max_occurrences=300, context=CONTEXT)
+    data.build_index(out, tiny_enc, min_per_million=0, max_per_million=10 ** 6, max_occurrences=300,
+                     context=CONTEXT)
     assert sorted(paths) == data.text_files([str(d / "*.txt")])
     return out
 
@@ -153,7 +154,7 @@ def test_everything_to_val_refused(tmp_path, tiny_enc, docs):
     a = write_text(tmp_path / "a.txt", docs[:5])
     with pytest.raises(ValueError, match="nothing left for train"):
         data.write_shards(data.iter_text_docs([a]), tiny_enc, tmp_path / "out", val_tokens=10 ** 6, progress=False)
-    assert os.listdir(tmp_path / "out") == []
+    assert not os.path.exists(tmp_path / "out")  # not even an empty --out is left behind
 
 
 def test_shard_header_checks(tmp_path):
@@ -287,6 +288,50 @@ def test_smlmt_val_split_and_errors(ds):
         data.SMLMTSampler(ds, 2, 2, 2, CONTEXT + 1)
 
 
+def test_smlmt_classes_from_distinct_documents_or_apart(tmp_path, tiny_enc):
+    T, n = 8, 4  # window, k_shot + q_query
+    spaced_dog = " dog" + " of" * (T - 1)  # the next ' dog' is T tokens after this one
+    text = ([" of to is" * 10]  # enough tokens before any occurrence
+            + [" of to cat is of tree to"] * 6 + [" cat" * 30]  # cat: 7 documents, 30 times in one
+            + [spaced_dog * 3 + " dog" * 6, spaced_dog * 2]  # dog: 2 documents, 6 windows apart
+            + [" bird" * 6])  # bird: 6 occurrences, but no 2 windows apart
+    out = str(tmp_path / "out")
+    data.write_shards(text, tiny_enc, out, val_tokens=0, progress=False)
+    data.build_index(out, tiny_enc, min_per_million=0, max_per_million=10 ** 6, context=16)
+    stream = split_stream(out, "train")
+    doc_of = np.cumsum(stream == tiny_enc.eot_token) - (stream == tiny_enc.eot_token)  # (n_tokens,)
+    sampler = data.SMLMTSampler(out, 3, 2, 2, T)
+    cat, tree, dog = (tiny_enc.encode_single_token(" " + w) for w in ("cat", "tree", "dog"))
+    assert sorted(sampler.words[sampler.usable].tolist()) == sorted([cat, tree, dog])
+    dog_sets, dog_mixed = set(), False
+    for _ in range(50):
+        ep = sampler.sample()
+        for c, word in enumerate(ep.word_ids.tolist()):
+            s, q = ep.support_pos[ep.support_y == c].numpy(), ep.query_pos[ep.query_y == c].numpy()
+            p = np.concatenate([s, q])
+            assert (stream[p] == word).all()
+            if word == dog:  # in 2 documents only: windows that do not overlap
+                assert (np.diff(np.sort(p)) >= T).all()
+                dog_sets.add(frozenset(p.tolist()))
+                dog_mixed |= q.min() < s.max()
+            else:
+                assert len(set(doc_of[p])) == n
+    assert len(dog_sets) > 1 and dog_mixed  # at random, support not always before query
+    with pytest.raises(ValueError, match="index_train_positions.npy.*n_way 4 > 3"):
+        data.SMLMTSampler(out, 4, 2, 2, T)  # bird is not usable
+
+
+def test_index_without_documents_refused(tmp_path, ds):
+    out = str(tmp_path / "out")
+    shutil.copytree(ds, out)
+    meta = data.read_meta(out)
+    for split in ("train", "val"):  # as the index of the old data.py
+        os.remove(os.path.join(out, meta["index"][split].pop("docs")))
+    data.write_json(os.path.join(out, "meta.json"), meta)
+    with pytest.raises(ValueError, match=r"meta.json.*document.*python data.py --reindex --out"):
+        data.SMLMTSampler(out, 4, 2, 2, CONTEXT)
+
+
 def make_reader(kind, ds, seed=0, rank=0, split="train"):
     if kind == "shard":
         return data.ShardReader(ds, split, 4, 8, seed=seed, rank=rank)
@@ -383,13 +428,18 @@ def test_index_sampling(tmp_path, ds, tiny_enc):
     eligible = np.concatenate([st + np.arange(CONTEXT - 1, len(s)) for s, st in zip(shards, starts)])
 
     def index(seed):
-        data.build_index(out, tiny_enc, min_count=1, max_count=10 ** 9, max_occurrences=10,
-                         context=CONTEXT, seed=seed)
-        return [np.load(os.path.join(out, f"index_{a}.npy")) for a in ("words", "train_offsets", "train_positions")]
+        data.build_index(out, tiny_enc, min_per_million=0, max_per_million=10 ** 6,
+                         max_occurrences=10, context=CONTEXT, seed=seed)
+        return [np.load(os.path.join(out, f"index_{a}.npy"))
+                for a in ("words", "train_offsets", "train_positions", "train_docs")]
 
-    words, offsets, positions = index(0)
+    words, offsets, positions, docs = index(0)
     assert np.array_equal(positions, index(0)[2])  # deterministic
     assert not np.array_equal(positions, index(1)[2])
+    # an occurrence's document number counts the <|endoftext|>s before it in the split
+    eots = np.flatnonzero(stream == tiny_enc.eot_token)
+    assert np.array_equal(docs, np.searchsorted(eots, positions))
+    assert len(data.list_shards(out, "train")) > 1 and docs.max() > 100  # numbered across shards
     for i, w in enumerate(words):
         p = positions[offsets[i]:offsets[i + 1]]
         all_p = eligible[stream[eligible] == w]
@@ -398,30 +448,62 @@ def test_index_sampling(tmp_path, ds, tiny_enc):
             assert not np.array_equal(p, all_p[:10])  # a random sample, not the first ones
 
 
+def test_band_is_a_frequency_not_a_count(tmp_path, tiny_enc, docs):
+    # train is exactly the text, or exactly the text 3 times (val given apart): the same candidates
+    outs = [str(tmp_path / "x1"), str(tmp_path / "x3")]
+    for out, times in zip(outs, (1, 3)):
+        data.write_shards(docs[:100] * times, tiny_enc, out, val_tokens=0, val_docs=docs[250:],
+                          progress=False)
+    stream = split_stream(outs[0], "train")
+    per_million = np.bincount(stream, minlength=tiny_enc.n_vocab) / len(stream) * 1e6
+    ids = [tiny_enc.encode_single_token(" " + w) for w in TINY_WORDS if len(w) >= 3]
+    rates = sorted(per_million[ids])
+    lo, hi = (rates[1] + rates[2]) / 2, (rates[-3] + rates[-2]) / 2  # a band cutting both ends
+    expected = sorted(i for i in ids if lo <= per_million[i] <= hi)
+    assert 0 < len(expected) < len(ids) - 3
+    for out in outs:
+        index = data.build_index(out, tiny_enc, min_per_million=lo, max_per_million=hi, context=8)
+        assert np.load(os.path.join(out, "index_words.npy")).tolist() == expected
+        assert (index["min_per_million"], index["max_per_million"]) == (lo, hi)
+        assert index["train_tokens"] == data.read_meta(out)["train_tokens"]
+    assert data.read_meta(outs[1])["train_tokens"] == 3 * len(stream)
+    for bad in ((-1, 10), (5, 1), (float("nan"), 10)):
+        with pytest.raises(ValueError, match="0 <= --min_per_million <= --max_per_million"):
+            data.build_index(outs[0], tiny_enc, *bad)
+
+
 def test_cli_end_to_end(tmp_path, tiny_enc, docs, monkeypatch, capsys):
     monkeypatch.setattr(data, "get_encoding", lambda name="gpt2": tiny_enc)
     train, valid = write_text(tmp_path / "t.txt", docs[:200]), write_text(tmp_path / "v.txt", docs[200:])
     out = str(tmp_path / "out")
-    args = ["--text", train, "--val_text", valid, "--out", out, "--num_proc", "1", "--min_count", "20",
-            "--max_count", "100000", "--context", "16"]
+    args = ["--text", train, "--val_text", valid, "--out", out, "--num_proc", "1",
+            "--min_per_million", "1000", "--max_per_million", "1e6", "--context", "16"]
     data.main(args)
     printed = capsys.readouterr().out
     meta = data.read_meta(out)
     assert meta["val_docs"] == 100 and meta["train_docs"] == 200 and "--val_text" in meta["command"]
     assert f"{meta['index']['n_words']:,} candidate words" in printed and "tokens/s" in printed
-    words = [tiny_enc.decode([int(w)]) for w in np.load(os.path.join(out, "index_words.npy"))]
+    word_ids = np.load(os.path.join(out, "index_words.npy"))
+    words = [tiny_enc.decode([int(w)]) for w in word_ids]
     assert " cat" in words and " of" not in words and " is" not in words  # at least 3 letters
+    # the printed sample: decoded candidates from the most to the least frequent
+    counts = np.bincount(split_stream(out, "train"), minlength=tiny_enc.n_vocab)
+    examples = meta["index"]["examples"]
+    assert ", ".join(map(repr, examples)) in printed and set(examples) <= set(words)
+    assert examples[0] == tiny_enc.decode([int(word_ids[np.argmax(counts[word_ids])])])
+    assert examples[-1] == tiny_enc.decode([int(word_ids[np.argmin(counts[word_ids])])])
     assert data.SMLMTSampler(out, 4, 2, 2, 16, split="val").sample().query_x.shape == (8, 16)
     with pytest.raises(SystemExit, match="--overwrite"):
         data.main(args)
     # --reindex with a band that keeps only some of the tiny words: exactly those, never ' of' (2 letters)
-    counts = np.bincount(split_stream(out, "train"), minlength=tiny_enc.n_vocab)
+    per_million = counts / meta["train_tokens"] * 1e6
     tiny_ids = {w: tiny_enc.encode_single_token(" " + w) for w in TINY_WORDS}
-    lo, hi = sorted(counts[i] for i in tiny_ids.values())[5:7]
-    data.main(["--reindex", "--out", out, "--min_count", str(lo), "--max_count", str(hi), "--context", "8"])
+    lo, hi = sorted(float(per_million[i]) for i in tiny_ids.values())[5:7]
+    data.main(["--reindex", "--out", out, "--min_per_million", repr(lo), "--max_per_million",
+               repr(hi), "--context", "8"])
     index = data.read_meta(out)["index"]
-    assert index["context"] == 8 and index["max_count"] == hi
-    expected = sorted(i for w, i in tiny_ids.items() if len(w) >= 3 and lo <= counts[i] <= hi)
+    assert index["context"] == 8 and index["max_per_million"] == hi
+    expected = sorted(i for w, i in tiny_ids.items() if len(w) >= 3 and lo <= per_million[i] <= hi)
     assert 0 < len(expected) < 10 and np.load(os.path.join(out, "index_words.npy")).tolist() == expected
     with pytest.raises(SystemExit) as e:
         data.main(args + ["--val_tokens", "100"])
@@ -429,6 +511,49 @@ def test_cli_end_to_end(tmp_path, tiny_enc, docs, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         data.main(["--help"])
     assert e.value.code == 0
+
+
+def test_failed_build_leaves_out_as_it_was(tmp_path, tiny_enc, docs, monkeypatch):
+    monkeypatch.setattr(data, "get_encoding", lambda name="gpt2": tiny_enc)
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"\0" * 1000)  # one document, and not a single word
+    out = tmp_path / "out"
+    cmd = ["--out", str(out), "--val_tokens", "0", "--num_proc", "1", "--overwrite"]
+    with pytest.raises(SystemExit, match=f"--text {nul}: .*no word at all"):
+        data.main(["--text", str(nul)] + cmd)
+    assert not out.exists()
+    good = write_text(tmp_path / "good.txt", docs[:50])
+    data.main(["--text", good, "--min_per_million", "0", "--max_per_million", "1e6"] + cmd)
+    before = dir_snapshot(out)
+    with pytest.raises(SystemExit, match=f"--text {nul}: .*no word at all"):
+        data.main(["--text", str(nul)] + cmd)
+    assert dir_snapshot(out) == before and not glob.glob(str(out / ".*"))
+    # a band none of the words falls in: named, with what to change
+    with pytest.raises(SystemExit, match=f"--text {good}: no candidate word occurs 500000 to "
+                                         f"1e\\+06 .*widen --min_per_million/--max_per_million"):
+        data.main(["--text", good, "--min_per_million", "5e5", "--max_per_million", "1e6"] + cmd)
+    with pytest.raises(SystemExit, match="0 <= --min_per_million"):
+        data.main(["--text", good, "--min_per_million", "-1"] + cmd)
+    assert dir_snapshot(out) == before and not glob.glob(str(out / ".*"))
+
+
+def test_failed_reindex_leaves_old_index(tmp_path, ds, tiny_enc, monkeypatch):
+    monkeypatch.setattr(data, "get_encoding", lambda name="gpt2": tiny_enc)
+    out = str(tmp_path / "out")
+    shutil.copytree(ds, out)
+    before = dir_snapshot(out)
+    with pytest.raises(SystemExit, match=f"{out} \\(train shards\\): no candidate word.*widen"):
+        data.main(["--reindex", "--out", out, "--min_per_million", "5e5",
+                   "--max_per_million", "1e6"])
+    assert dir_snapshot(out) == before
+    # a failure once the train index is written (a val shard that no longer matches meta.json)
+    data.write_shard(data.list_shards(out, "val")[0], np.zeros(10, dtype=np.int64))
+    before = dir_snapshot(out)
+    with pytest.raises(SystemExit, match="val_000000.bin"):
+        data.main(["--reindex", "--out", out, "--seed", "1", "--min_per_million", "0",
+                   "--max_per_million", "1e6", "--context", str(CONTEXT)])
+    assert dir_snapshot(out) == before and not glob.glob(os.path.join(out, ".*"))
+    data.SMLMTSampler(out, 4, 2, 2, CONTEXT)  # the old train index still loads
 
 
 def test_dataset_reader(tmp_path, tiny_enc, docs, monkeypatch):
@@ -441,7 +566,7 @@ def test_dataset_reader(tmp_path, tiny_enc, docs, monkeypatch):
     monkeypatch.setattr(data, "get_encoding", lambda name="gpt2": tiny_enc)
     out = str(tmp_path / "out")
     data.main(["--dataset", "org/set", "--name", "cfg", "--out", out, "--val_tokens", "100", "--num_proc", "1",
-               "--min_count", "1", "--max_count", "100000", "--context", "8"])
+               "--min_per_million", "0", "--max_per_million", "1e6", "--context", "8"])
     assert calls == [("org/set", "cfg", "train", True)]
     tokens = np.concatenate([split_stream(out, "val"), split_stream(out, "train")])
     assert tiny_enc.decode(tokens.tolist()) == "".join(d + EOT for d in docs[:30])  # the blank row is skipped

@@ -41,7 +41,8 @@ def data_dir(tmp_path_factory):
         docs.append(" ".join(rng.choice([CUES[i], CUES[i + 8], TARGETS[i]]) for _ in range(40)))
     out = str(tmp_path_factory.mktemp("synth"))
     data.write_shards(docs, enc, out, val_tokens=3000, progress=False)
-    data.build_index(out, enc, min_count=1, max_count=10 ** 9, max_occurrences=500, context=16)
+    data.build_index(out, enc, min_per_million=0, max_per_million=10 ** 6, max_occurrences=500,
+                     context=16)
     assert enc.n_vocab + 1 <= 384  # the mask id fits the tiny model's vocab
     return out
 
