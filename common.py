@@ -303,6 +303,7 @@ class RunDir:
         """The checkpoint to resume from -> (dict, path): ckpt.pt, which holds the optimizer
         state; else, with a warning, the newest numbered checkpoint that loads, which does not."""
         candidates = [self.ckpt] + [p for _, p in reversed(numbered_checkpoints(self.out_dir))]
+        failed = []
         for path in candidates:
             if not os.path.exists(path):
                 continue
@@ -311,14 +312,15 @@ class RunDir:
                                                            "counters"))
             except CheckpointError as e:
                 print(f"warning: {e}; trying an older checkpoint")
+                failed.append(str(e))
                 continue
             if path != self.ckpt:
                 print(f"warning: resuming from {path}: {self.ckpt} is missing or unreadable, and "
                       f"numbered checkpoints hold no optimizer state, so AdamW's moments restart "
                       f"from zero and this run will not match an uninterrupted one bit for bit")
             return ckpt, path
-        raise ConfigError(f"resume=True but {self.out_dir} holds no readable checkpoint "
-                          f"(ckpt.pt or ckpt_NNNNNN.pt)")
+        raise ConfigError(f"resume=True but no checkpoint in {self.out_dir} can be read: "
+                          + "; ".join(failed))
 
     def refuse_earlier_run(self):
         """A fresh run would overwrite ckpt.pt and mix its numbered checkpoints with the old run's

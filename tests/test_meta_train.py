@@ -7,6 +7,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -269,3 +270,136 @@ def test_non_finite_weights_after_the_last_update_are_not_saved(data_dir, tmp_pa
             "--save_interval=1")
     assert not os.path.exists(tmp_path / "ckpt_000002.pt")
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 1
+
+
+RESUME = ["--meta_ratio=0.5", "--max_steps=6", "--eval_interval=2", "--save_interval=2"]
+
+
+def test_resume_drops_a_torn_last_log_line_and_stale_temporaries(data_dir, tmp_path, capsys):
+    full, part = tmp_path / "full", tmp_path / "part"
+    part.mkdir()
+    save = common.save_checkpoint
+
+    def keep_step_4(path, obj):
+        save(path, obj)
+        if obj["step"] == 4:
+            shutil.copy(path, part / os.path.basename(path))
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(common, "save_checkpoint", keep_step_4)
+        run(data_dir, full, *RESUME)
+    lines = (full / "log.jsonl").read_text().splitlines(keepends=True)
+    upto = [l for l in lines if json.loads(l)["step"] <= 4]
+    # a kill -9 in the middle of writing the next line, and of writing two checkpoints
+    (part / "log.jsonl").write_text("".join(upto) + lines[len(upto)][:25])
+    for junk in (".ckpt.pt.k2j3h4", ".ckpt_000006.pt.x8y9", ".log.jsonl.abc"):
+        (part / junk).write_bytes(b"\0" * 1000)
+    (part / ".mine").write_text("not ours")
+    run(data_dir, part, *RESUME, "--resume=True")
+    assert "dropped its torn last line" in capsys.readouterr().out
+    assert sorted(os.listdir(part)) == sorted([".lock", ".mine", "ckpt.pt", "ckpt_000004.pt",
+                                               "ckpt_000006.pt", "log.jsonl"])
+    assert_same(weights(full / "ckpt_000006.pt"), weights(part / "ckpt_000006.pt"), atol=0)
+    timing = ("time", "tok_per_s", "mfu", "ar_ms", "meta_ms")
+    strip = lambda log: [{k: v for k, v in r.items() if k not in timing} for r in log]
+    assert strip(read_log(part)) == strip(read_log(full))  # every complete line kept
+
+
+def test_a_torn_line_inside_the_log_is_an_error_naming_it(data_dir, tmp_path):
+    run(data_dir, tmp_path, *RESUME)
+    lines = (tmp_path / "log.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "log.jsonl").write_text(lines[0] + "{garbage\n" + "".join(lines[1:]))
+    with pytest.raises(ConfigError, match=r"log.jsonl line 2 is not JSON"):
+        run(data_dir, tmp_path, *RESUME, "--resume=True")
+
+
+def test_resume_without_ckpt_pt_uses_the_newest_readable_numbered_one(data_dir, tmp_path, capsys):
+    run(data_dir, tmp_path / "full", *RESUME)
+    part = tmp_path / "part"
+    part.mkdir()
+    for f in ("ckpt_000002.pt", "ckpt_000004.pt", "log.jsonl"):
+        shutil.copy(tmp_path / "full" / f, part / f)
+    (part / "ckpt_000004.pt").write_bytes((part / "ckpt_000004.pt").read_bytes()[:1000])  # torn
+    run(data_dir, part, *RESUME, "--resume=True")
+    out = capsys.readouterr().out
+    assert "ckpt_000004.pt: RuntimeError" in out and "trying an older checkpoint" in out
+    assert "resuming from" in out and "ckpt_000002.pt" in out and "bit for bit" in out
+    steps = [r["step"] for r in read_log(part) if r["val_loss"] is not None]
+    assert steps == [0, 2, 4, 6]  # the log goes on from step 2, the torn step 4 written anew
+    assert torch.load(part / "ckpt.pt", weights_only=False)["step"] == 6
+
+
+def test_resume_with_no_readable_checkpoint_names_it(data_dir, tmp_path):
+    tmp_path.joinpath("ckpt.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"no checkpoint in .* can be read: cannot read "
+                                          r"checkpoint .*ckpt.pt: EOFError"):
+        run(data_dir, tmp_path, *RESUME, "--resume=True")
+
+
+def test_a_second_run_into_a_live_run_dir_is_refused(data_dir, tmp_path):
+    # another process holds the run directory's lock, as a live run does
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX);"
+        " f.write(str(os.getpid())); f.flush(); print('locked', flush=True); time.sleep(600)"),
+        str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=rf"in use by another run \(pid {holder.pid}\)"):
+            run(data_dir, out, "--meta_ratio=0.0", "--max_steps=1")
+        assert not os.path.exists(out / "log.jsonl")  # nothing of the live run was touched
+    finally:
+        holder.kill()  # kill -9: the OS releases the lock of a process that dies
+        holder.wait()
+    run(data_dir, out, "--meta_ratio=0.0", "--max_steps=1")
+
+
+def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_weights(data_dir, tmp_path):
+    args = TINY + [f"--data_dir={data_dir}", "--meta_ratio=0.5", "--max_steps=40",
+                   "--eval_interval=10", "--save_interval=2"]
+    run(data_dir, tmp_path / "full", *args[len(TINY) + 1:])
+    cmd = [sys.executable, os.path.join(ROOT, "meta_train.py"), *args,
+           f"--out_dir={tmp_path / 'killed'}"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # kill it once its step-10 checkpoint exists: the kill lands wherever the run then is
+        while not os.path.exists(tmp_path / "killed" / "ckpt_000010.pt") and p.poll() is None:
+            time.sleep(0.01)
+        p.kill()
+    finally:
+        p.wait()
+    assert p.returncode == -9
+    subprocess.run(cmd + ["--resume=True"], check=True, capture_output=True, timeout=300)
+    assert_same(weights(tmp_path / "full" / "ckpt_000040.pt"),
+                weights(tmp_path / "killed" / "ckpt_000040.pt"), atol=0)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("dim = 64\nn_layers = (\n", ["bad.py, line 2", "SyntaxError"]),
+    ("dim = 64\nx = 1 / 0\n", ["bad.py, line 2", "ZeroDivisionError"]),
+])
+def test_config_file_errors_name_file_and_line(tmp_path, text, words):
+    (tmp_path / "bad.py").write_text(text)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "meta_train.py"),
+                        str(tmp_path / "bad.py")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.startswith("config error: config file") and len(p.stderr.splitlines()) == 1
+    for w in words:
+        assert w in p.stderr
+
+
+@pytest.mark.parametrize("override, words", [
+    (["--learning_rate=-1e-3"], ["learning_rate must be at least 0, got -0.001"]),
+    (["--beta2=1.0"], ["beta2 must be in [0, 1), got 1.0"]),
+    (["--weight_decay=-0.1"], ["weight_decay must be at least 0, got -0.1"]),
+    (["--meta_seq_len=32"], ["meta_seq_len 32 > the SMLMT index's context 16"]),
+    (["--lr_schedule=step"], ["lr_schedule must be one of 'linear', 'cosine'"]),
+    (["--episodes_per_step=0"], ["episodes_per_step must be at least 1"]),
+])
+def test_values_torch_would_reject_are_config_errors(data_dir, tmp_path, override, words):
+    with pytest.raises(ConfigError) as e:
+        run(data_dir, tmp_path / "run", *override)
+    for w in words:
+        assert w in str(e.value)
+    assert not os.path.exists(tmp_path / "run")
