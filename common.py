@@ -81,8 +81,10 @@ def read_config_file(path):
             if not k.startswith("_") and not isinstance(v, ModuleType) and not callable(v)]
 
 
+SCHEDULES = ("linear", "cosine", "constant")
 CHOICES = {"meta_task": ("smlmt", "lm"), "inner_params": ("head", "all"),
-           "lr_schedule": ("linear", "cosine"), "decay_params": ("all", "matrices"),
+           "lr_schedule": SCHEDULES, "inner_lr_schedule": SCHEDULES,
+           "inner_optimizer": ("sgd", "adamw"), "decay_params": ("all", "matrices"),
            "meta_head_init": ("xavier", "default"), "dtype": ("auto", "float32", "bfloat16")}
 
 
@@ -103,13 +105,15 @@ def check_config(c, world_size):
                 "eval_sequences", "save_interval", "log_interval", "episodes_per_step"):
         if getattr(c, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {getattr(c, key)}")
-    for key in ("max_steps", "warmup_steps", "lr_decay_steps", "eval_episodes"):
+    for key in ("max_steps", "warmup_steps", "lr_decay_steps", "eval_episodes",
+                "inner_warmup_steps"):
         if getattr(c, key) < 0:
             raise ConfigError(f"{key} must be at least 0, got {getattr(c, key)}")
-    for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "inner_lr"):
+    for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "inner_lr",
+                "inner_eps", "inner_weight_decay"):
         if not getattr(c, key) >= 0.0:  # also refuses nan
             raise ConfigError(f"{key} must be at least 0, got {getattr(c, key)}")
-    for key in ("beta1", "beta2"):
+    for key in ("beta1", "beta2", "inner_beta1", "inner_beta2"):
         if not 0.0 <= getattr(c, key) < 1.0:
             raise ConfigError(f"{key} must be in [0, 1), got {getattr(c, key)}")
     if c.total_batch_size % (c.batch_size * world_size):

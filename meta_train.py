@@ -55,7 +55,7 @@ total_batch_size = 256
 learning_rate = 3e-4
 warmup_steps = 2500
 max_steps = 6000
-lr_schedule = "linear"  # "linear" (the paper's code) or "cosine" (the paper's text, nanoGPT)
+lr_schedule = "linear"  # "linear" (the paper's code), "cosine" (its text, nanoGPT) or "constant"
 lr_decay_steps = 10_000_000  # the paper's code: 0 at 10M steps, so ~3e-4 throughout; 0: max_steps
 min_lr = 0.0
 weight_decay = 0.01
@@ -76,6 +76,13 @@ q_query = 4
 meta_seq_len = 128  # an SMLMT window reads one position, so short windows suffice
 inner_steps = 10
 inner_lr = 0.01
+inner_optimizer = "sgd"  # "sgd" (the paper), or "adamw": the inner loop trains as LLMs are trained
+inner_lr_schedule = "constant"  # over the inner steps: "constant", or "linear" / "cosine" to 0
+inner_warmup_steps = 0
+inner_beta1 = 0.9  # AdamW's, for inner_optimizer = "adamw"
+inner_beta2 = 0.999
+inner_eps = 1e-8
+inner_weight_decay = 0.0
 meta_loss_weight = 1.0
 meta_hidden = 128
 meta_head_init = "xavier"  # "xavier": Xavier-uniform weights (the paper); "default": PyTorch's
@@ -145,16 +152,31 @@ def weights_changed():
     torch.clear_autocast_cache()
 
 
-def adapt(params, support_loss, steps, lr):
-    """The inner loop: `steps` of plain SGD on params, in place. Gradients come from autograd.grad,
-    so the .grad fields, which hold the outer gradient being accumulated, are never touched.
+def adapt(params, support_loss, c):
+    """The inner loop: c.inner_steps steps of SGD or AdamW on params, in place, at the inner lr
+    schedule. Gradients come from autograd.grad, so the .grad fields, which hold the outer
+    gradient being accumulated, are never touched, and AdamW's moments live only in this call.
     support_loss() -> (loss, accuracy). Returns the support accuracy at the adapted weights."""
-    for _ in range(steps):
+    schedule = SimpleNamespace(learning_rate=c.inner_lr, warmup_steps=c.inner_warmup_steps,
+                               lr_schedule=c.inner_lr_schedule, lr_decay_steps=c.inner_steps,
+                               max_steps=c.inner_steps, min_lr=0.0)
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    for t in range(c.inner_steps):
+        lr = get_lr(t, schedule)
         grads = torch.autograd.grad(support_loss()[0], params, allow_unused=True)
         with torch.no_grad():
-            for p, g in zip(params, grads):
-                if g is not None:
+            for p, g, (m, v) in zip(params, grads, moments):
+                if g is None:
+                    continue
+                if c.inner_optimizer == "sgd":
                     p.sub_(g, alpha=lr)
+                    continue
+                # AdamW as torch.optim.AdamW computes it: decoupled decay, bias-corrected moments
+                p.mul_(1 - lr * c.inner_weight_decay)
+                m.lerp_(g, 1 - c.inner_beta1)
+                v.mul_(c.inner_beta2).addcmul_(g, g, value=1 - c.inner_beta2)
+                denom = (v.sqrt() / math.sqrt(1 - c.inner_beta2 ** (t + 1))).add_(c.inner_eps)
+                p.addcdiv_(m, denom, value=-lr / (1 - c.inner_beta1 ** (t + 1)))
         weights_changed()
     with torch.no_grad():
         return support_loss()[1]
@@ -199,7 +221,7 @@ def smlmt_episode(model, head, ep, c, loss_scale=None):
         logits = support()  # (N*K, N)
         return F.cross_entropy(logits, ep.support_y), accuracy(logits, ep.support_y)
 
-    s_acc = adapt(adapted, support_loss, c.inner_steps, c.inner_lr)
+    s_acc = adapt(adapted, support_loss, c)
     # 2. the query loss at the adapted weights
     with nullcontext() if loss_scale is not None else torch.no_grad():
         q_logits = head_logits(fast, features(model, ep.query_x).float())  # (N*Q, N)
@@ -227,7 +249,7 @@ def lm_episode(model, ep, c, loss_scale=None):
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.detach().clone() for p in params]
     # 1. adapt on the support chunks
-    s_acc = adapt(params, lambda: lm_loss(model, support_x, support_y), c.inner_steps, c.inner_lr)
+    s_acc = adapt(params, lambda: lm_loss(model, support_x, support_y), c)
     # 2. the query loss at the adapted weights, 3. its gradient there (first order)
     with nullcontext() if loss_scale is not None else torch.no_grad():
         q_loss, q_acc = lm_loss(model, query_x, query_y)
@@ -260,12 +282,15 @@ def episode_tokens_and_flops(model, c):
 
 
 def get_lr(step, c):
-    """Linear warm-up over warmup_steps, then linear or cosine decay from learning_rate to min_lr,
-    reached at lr_decay_steps (0: at max_steps) and held after it."""
+    """Linear warm-up over warmup_steps, then constant, or linear or cosine decay from
+    learning_rate to min_lr, reached at lr_decay_steps (0: at max_steps) and held after it. The
+    inner loop's schedule is the same function over the inner steps."""
     if step < c.warmup_steps:
         return c.learning_rate * (step + 1) / c.warmup_steps
     end = c.lr_decay_steps or c.max_steps
     progress = min(1.0, (step - c.warmup_steps) / max(1, end - c.warmup_steps))
+    if c.lr_schedule == "constant":
+        return c.learning_rate
     if c.lr_schedule == "linear":
         return c.learning_rate + progress * (c.min_lr - c.learning_rate)
     return c.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (c.learning_rate - c.min_lr)

@@ -29,9 +29,8 @@ def setup(seed=0):
 
 
 def cfg(**kw):
-    base = dict(inner_params="head", inner_steps=3, inner_lr=0.5)
-    base.update(kw)
-    return SimpleNamespace(**base)
+    return SimpleNamespace(**{**meta_train.DEFAULTS, "inner_params": "head", "inner_steps": 3,
+                              "inner_lr": 0.5, **kw})
 
 
 def ref_logits(model, head, x, word_ids):
@@ -217,12 +216,13 @@ def episode_under(dtype, mode, steps, compile=False):
     model, head, ep = setup(3)
     ep.query_x, ep.query_y = ep.support_x, ep.support_y
     c = cfg(inner_params="head" if mode == "head" else "all", inner_steps=steps,
-            inner_lr={"head": 0.3, "all": 0.05, "lm": 0.3}[mode])
+            inner_lr={"head": 0.3, "all": 0.05, "lm": 0.3, "lm-adamw": 0.01}[mode],
+            inner_optimizer="adamw" if mode == "lm-adamw" else "sgd")
     # aot_eager: dynamo and AOT autograd trace as inductor does (where autocast's casts become graph
     # ops), without the minutes of C++ codegen; meta_train's bf16 + inductor run is tested too
     run_model = torch.compile(model, dynamic=False, backend="aot_eager") if compile else model
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-        if mode == "lm":
+        if mode.startswith("lm"):
             x = ep.support_x[:3]
             lm_ep = (x[:, :-1], x[:, 1:], x[:1, :-1], x[:1, 1:])  # query: the first support chunk
             q_loss = lm_episode(run_model, lm_ep, c, loss_scale=1.0)[0]
@@ -233,7 +233,7 @@ def episode_under(dtype, mode, steps, compile=False):
     return q_loss.item(), grad
 
 
-@pytest.mark.parametrize("mode", ["head", "all", "lm"])
+@pytest.mark.parametrize("mode", ["head", "all", "lm", "lm-adamw"])
 def test_inner_steps_adapt_under_bf16_autocast(mode):
     # autocast caches the bf16 copy of every weight it casts and does not see in-place updates:
     # the episode must make the next forward read the adapted weights, not the cached originals
@@ -303,3 +303,63 @@ def test_defaults_are_the_papers_meta_run():
     assert (d["meta_hidden"], d["meta_head_init"], d["seed"], d["inner_params"]) == (128, "xavier", 42, "head")
     # a meta step reads as many tokens as an AR step
     assert d["episodes_per_step"] * d["n_way"] * (d["k_shot"] + d["q_query"]) * d["meta_seq_len"] == 256 * 512
+
+
+def test_adamw_inner_step_is_a_hand_computed_adamw_step():
+    torch.manual_seed(0)
+    w0, x, y = torch.randn(3, 4), torch.randn(4, 5), torch.randn(3, 5)
+    w = w0.clone().requires_grad_()
+    loss = lambda: (((w @ x - y) ** 2).sum(), torch.tensor(0.0))
+    g = torch.autograd.grad(loss()[0], [w])[0]
+    c = cfg(inner_optimizer="adamw", inner_steps=1, inner_lr=0.1, inner_weight_decay=0.05)
+    meta_train.adapt([w], loss, c)
+    # step 1: the bias-corrected moments are g and g^2, so the step is lr * g / (|g| + eps)
+    ref = w0 * (1 - 0.1 * 0.05) - 0.1 * g / (g.abs() + 1e-8)
+    torch.testing.assert_close(w.detach(), ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("schedule, warmup", [("linear", 1), ("cosine", 0), ("constant", 2)])
+def test_adamw_inner_loop_equals_torch_adamw_at_the_inner_schedule(schedule, warmup):
+    torch.manual_seed(1)
+    w0, x, y = torch.randn(3, 4), torch.randn(4, 5), torch.randn(3, 5)
+    c = cfg(inner_optimizer="adamw", inner_steps=4, inner_lr=0.05, inner_lr_schedule=schedule,
+            inner_warmup_steps=warmup, inner_beta1=0.8, inner_beta2=0.99, inner_eps=1e-6,
+            inner_weight_decay=0.1)
+    w = w0.clone().requires_grad_()
+    meta_train.adapt([w], lambda: (((w @ x - y) ** 2).sum(), torch.tensor(0.0)), c)
+    ref = w0.clone().requires_grad_()
+    opt = torch.optim.AdamW([ref], lr=1.0, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)
+    lrs = {"linear": [0.05, 0.05, 0.05 * 2 / 3, 0.05 / 3],  # warm-up 1, then to 0 at step 4
+           "cosine": [0.05 * 0.5 * (1 + math.cos(math.pi * t / 4)) for t in range(4)],
+           "constant": [0.025, 0.05, 0.05, 0.05]}[schedule]
+    for lr in lrs:
+        opt.param_groups[0]["lr"] = lr
+        opt.zero_grad()
+        ((ref @ x - y) ** 2).sum().backward()
+        opt.step()
+    torch.testing.assert_close(w.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_lm_episode_with_adamw_inner_loop_gradient_and_restore():
+    model, _, _ = setup(2)
+    before = snapshot(model)
+    x = torch.randint(0, V, (3, 9))
+    ep = (x[:, :-1], x[:, 1:], torch.randint(0, V, (1, 8)), torch.randint(0, V, (1, 8)))
+    c = cfg(inner_params="all", inner_steps=3, inner_lr=0.01, inner_optimizer="adamw",
+            inner_lr_schedule="linear", inner_warmup_steps=1, inner_weight_decay=0.1)
+    lm_episode(model, ep, c, loss_scale=1.0)
+    ref = copy.deepcopy(model)
+    for p in ref.parameters():
+        p.grad = None
+    opt = torch.optim.AdamW(ref.parameters(), lr=0.01, weight_decay=0.1)
+    for lr in [0.01, 0.01, 0.005]:
+        opt.param_groups[0]["lr"] = lr
+        opt.zero_grad()
+        ref(ep[0], ep[1])[1].backward()
+        opt.step()
+    opt.zero_grad()
+    ref(ep[2], ep[3])[1].backward()
+    for (name, p), r in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for p, b in zip(snapshot(model), before):
+        assert torch.equal(p, b)  # restored bit for bit, AdamW's state gone with the episode
