@@ -495,11 +495,17 @@ def evaluate_checkpoint(path, uner, args):
     for train_name, sources in uner["runs"]:
         train = [e for n in sources for e in examples[n]["train"]]
         dev = [e for n in sources for e in examples[n]["dev"]]
-        for regime in args.regime:
-            key = f"{train_name}/{regime}"
-            model = Llama.from_checkpoint(ckpt, args.device)  # every run starts from the checkpoint
-            runs[key] = {"train": train_name, "sources": sources,
-                         **fine_tune(model, train, dev, tests, regime, args, ctx, cache, key)}
+        # the F1-vs-examples curve: the first n of one fixed shuffle, so that every size holds
+        # the smaller ones' sentences and every checkpoint sees the same
+        order = random.Random(f"{train_name}-sizes").sample(range(len(train)), len(train))
+        for size in args.train_sizes or [None]:
+            subset = train if size is None else [train[i] for i in sorted(order[:size])]
+            name = train_name if size is None else f"{train_name}@{len(subset)}"
+            for regime in args.regime:
+                key = f"{name}/{regime}"
+                model = Llama.from_checkpoint(ckpt, args.device)  # every run from the checkpoint
+                runs[key] = {"train": train_name, "sources": sources, **fine_tune(
+                    model, subset, dev, tests, regime, args, ctx, cache, key)}
     return {"checkpoint": path, "step": ckpt.get("step"), "model_args": ckpt["model_args"],
             "params": sum(v.numel() for v in ckpt["model"].values()), "tokenizer": enc.name,
             "max_len": max_len, "settings": vars(args), "test_sets": uner["tests"],
@@ -627,6 +633,9 @@ def get_args(argv=None):
                    help="the sub-token of a word that carries its label: first (the paper's) or "
                    "last, which with a causal backbone is the only one that has seen the whole "
                    "word (a first sub-token of Chinese is often a byte fragment)")
+    p.add_argument("--train_sizes", type=int, nargs="+", metavar="N",
+                   help="fine-tune on the first N sentences of a fixed shuffle of each training "
+                   "set, for each N: an F1-vs-examples curve (e.g. 10 100 1000)")
     p.add_argument("--max_train_sentences", type=int, default=0,
                    help="cap per training file, a fixed random sample; 0: all (for CPU runs)")
     p.add_argument("--max_eval_sentences", "--max_test_sentences", type=int, default=0,
@@ -649,6 +658,8 @@ def get_args(argv=None):
     for key in ("epochs", "batch_size", "eval_batch_size", "max_len"):
         if getattr(args, key) < 1:
             p.error(f"--{key} must be at least 1")
+    if args.train_sizes and min(args.train_sizes) < 1:
+        p.error("--train_sizes must be at least 1")
     for key in ("max_train_sentences", "max_eval_sentences"):
         if getattr(args, key) < 0:
             p.error(f"--{key} must be 0 (no cap) or more")

@@ -386,6 +386,26 @@ def test_cli_end_to_end(tmp_path, tiny_enc, monkeypatch, capsys):
     assert out.count("labels on each word's last sub-token") == 2
 
 
+def test_train_sizes_give_an_f1_curve(tmp_path, tiny_enc, monkeypatch, capsys):
+    data = tmp_path / "uner"
+    for split, n, seed in (("train", 48, 0), ("dev", 12, 1), ("test", 12, 2)):
+        write(data / "UNER_Tiny-One" / f"xx_one-ud-{split}.iob2", iob2(synthetic(n, seed)))
+    model = tiny_model(tiny_enc)
+    torch.save({"model_args": vars(model.args), "model": model.state_dict(), "head": None,
+                "tokenizer": "tiny", "config": {}, "step": 7}, tmp_path / "ckpt.pt")
+    monkeypatch.setattr(ner_eval.data, "get_encoding", lambda name: tiny_enc)
+    ner_eval.main([str(tmp_path / "ckpt.pt"), "--data_dir", str(data), "--train_sets", "xx_one",
+                   "--epochs", "1", "--device", "cpu", "--regime", "head", "--head_lr", "1e-2",
+                   "--train_sizes", "5", "20", "100", "--out", str(tmp_path / "r.json")])
+    runs = json.loads((tmp_path / "r.json").read_text())["runs"]
+    # one run per size; a size past the training set is the whole set, named by what it used
+    assert list(runs) == ["xx_one@5/head", "xx_one@20/head", "xx_one@48/head"]
+    assert [r["train_sentences"] for r in runs.values()] == [5, 20, 48]
+    assert "xx_one@5/head" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        ner_eval.get_args(["c.pt", "--train_sizes", "0"])
+
+
 def result(cut, max_len=128, tokenizer="gpt2"):
     """A results dict as evaluate_checkpoint writes it, one run and one test set, ru_pud."""
     score = {"f1": 0.5}
