@@ -1,0 +1,108 @@
+"""export_hf.py: the Hugging Face folder computes our function. Checked against Hugging Face
+Llama's math written out here (always), and against transformers itself when it is installed."""
+import json
+import math
+import struct
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import export_hf
+from conftest import make_tiny_encoding
+from model import Llama, ModelArgs
+
+
+def tiny_ckpt(enc, seed=0):
+    torch.manual_seed(seed)
+    model = Llama(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320,
+                            max_seq_len=16))
+    for p in model.parameters():  # norms away from 1, so that a missing norm weight shows
+        p.data += 0.1 * torch.randn_like(p)
+    return model, {"model_args": vars(model.args), "model": model.state_dict(), "step": 3,
+                   "tokenizer": enc.name}
+
+
+def read_safetensors(path):
+    raw = open(path, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__")
+    data = raw[8 + n:]
+    return {k: torch.frombuffer(bytearray(data[v["data_offsets"][0]:v["data_offsets"][1]]),
+                                dtype=torch.float32).view(v["shape"]) for k, v in header.items()}
+
+
+def hf_llama_logits(w, cfg, idx):
+    """LlamaForCausalLM's forward as transformers computes it: RoPE rotating halves."""
+    H, Hkv, C = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
+    D, T = C // H, idx.shape[1]
+    inv = 1.0 / cfg["rope_theta"] ** (torch.arange(0, D, 2).float() / D)
+    ang = torch.cat([torch.outer(torch.arange(T).float(), inv)] * 2, -1)  # (T, D)
+    rot = lambda x: x * ang.cos() + torch.cat([-x[..., D // 2:], x[..., :D // 2]], -1) * ang.sin()
+    norm = lambda x, g: g * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg["rms_norm_eps"])
+    h = w["model.embed_tokens.weight"][idx]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        x = norm(h, w[p + "input_layernorm.weight"])
+        q = (x @ w[p + "self_attn.q_proj.weight"].T).view(1, T, H, D).transpose(1, 2)
+        k = (x @ w[p + "self_attn.k_proj.weight"].T).view(1, T, Hkv, D).transpose(1, 2)
+        v = (x @ w[p + "self_attn.v_proj.weight"].T).view(1, T, Hkv, D).transpose(1, 2)
+        k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+        s = rot(q) @ rot(k).transpose(-1, -2) / math.sqrt(D)
+        s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+        h = h + (s.softmax(-1) @ v).transpose(1, 2).reshape(1, T, C) @ w[p + "self_attn.o_proj.weight"].T
+        x = norm(h, w[p + "post_attention_layernorm.weight"])
+        m = F.silu(x @ w[p + "mlp.gate_proj.weight"].T) * (x @ w[p + "mlp.up_proj.weight"].T)
+        h = h + m @ w[p + "mlp.down_proj.weight"].T
+    return norm(h, w["model.norm.weight"]) @ w["lm_head.weight"].T
+
+
+def test_exported_weights_compute_our_function(tmp_path):
+    enc = make_tiny_encoding()
+    model, ckpt = tiny_ckpt(enc)
+    export_hf.export(ckpt, enc, str(tmp_path))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    w = read_safetensors(tmp_path / "model.safetensors")
+    assert len(w) == 3 + 9 * 2 and sum(t.numel() for t in w.values()) == model.num_params()
+    idx = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        ours = model(idx)[0]
+    torch.testing.assert_close(hf_llama_logits(w, cfg, idx), ours, atol=1e-4, rtol=1e-4)
+    # without the q/k permutation the two disagree: the test can tell
+    w["model.layers.0.self_attn.q_proj.weight"] = model.layers[0].attention.wq.weight.detach()
+    assert (hf_llama_logits(w, cfg, idx) - ours).abs().max() > 1e-3
+
+
+def test_tokenizer_files(tmp_path):
+    enc = make_tiny_encoding()
+    export_hf.write_tokenizer(str(tmp_path), enc, enc.n_vocab, 16)
+    vocab = json.loads((tmp_path / "vocab.json").read_text())
+    merges = (tmp_path / "merges.txt").read_text().splitlines()[1:]
+    assert len(vocab) == enc.n_vocab - 1  # every token but the special <|endoftext|>
+    assert len(merges) == len(vocab) - 256  # one merge per token beyond the 256 bytes
+    for m in merges:  # each merge joins two tokens into a token
+        a, b = m.split(" ")
+        assert a in vocab and b in vocab and a + b in vocab
+    added = json.loads((tmp_path / "tokenizer.json").read_text())["added_tokens"]
+    assert [(t["content"], t["id"]) for t in added] == [("<|endoftext|>", 308), ("[MASK]", 309)]
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    for text in ["the cat and the dog", " river stone, apple!", "tree\n\nhouse  green 42"]:
+        assert tok.encode(text).ids == enc.encode_ordinary(text)
+        assert tok.decode(enc.encode_ordinary(text)) == text
+
+
+def test_transformers_loads_it_with_our_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    enc = make_tiny_encoding()
+    model, ckpt = tiny_ckpt(enc, seed=1)
+    export_hf.export(ckpt, enc, str(tmp_path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        diff = (hf(input_ids=idx).logits - model(idx)[0]).abs().max().item()
+    assert diff < 1e-4, diff
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert tok("the cat and the dog")["input_ids"] == enc.encode_ordinary("the cat and the dog")
+    assert tok.mask_token_id == enc.n_vocab
