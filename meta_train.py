@@ -90,12 +90,17 @@ meta_head_init = "xavier"  # "xavier": Xavier-uniform weights (the paper); "defa
 device = "auto"  # "auto": cuda when available, else cpu
 dtype = "auto"  # "auto": bfloat16 autocast on cuda, float32 on cpu
 compile = True
+# logging: every log.jsonl row also to Weights & Biases (imported only when on), as nanoGPT
+wandb_log = False
+wandb_project = "nanomaml"
+wandb_run_name = ""  # "": the out_dir's name
 DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith("_") and type(v) in (bool, int, float, str)}
 
 # keys that may differ when resuming: they do not change the trajectory of the weights
 RESUME_FREE = {"out_dir", "resume", "eval_interval", "eval_sequences", "eval_episodes",
-               "log_interval", "save_interval", "keep_checkpoints", "compile", "device"}
+               "log_interval", "save_interval", "keep_checkpoints", "compile", "device",
+               "wandb_log", "wandb_project", "wandb_run_name"}
 VAL_SEED = 20240101  # val batches and episodes do not depend on the run's seed: runs compare
 
 
@@ -522,6 +527,16 @@ def train(c):
             torch.set_rng_state(rng_state)
             say(f"compiled in {time.time() - t_compile:.1f} s, before the clock starts")
 
+        if c.wandb_log and env.master:
+            import wandb
+            wandb.init(project=c.wandb_project, config=vars(c),
+                       name=c.wandb_run_name or os.path.basename(os.path.abspath(c.out_dir)))
+
+        def log(**row):
+            run.append_log(row)
+            if c.wandb_log and env.master:
+                wandb.log({k: v for k, v in row.items() if v is not None}, step=row["step"])
+
         bar = tqdm(total=c.max_steps, initial=start_step, disable=not env.master, unit="step",
                    dynamic_ncols=True)
         window = {"ar": [0.0, 0], "meta": [0.0, 0]}  # micro-step / episode times between logs
@@ -539,8 +554,7 @@ def train(c):
             if fresh and (step % c.eval_interval == 0 or step == c.max_steps):
                 val_loss, val_acc = evaluate(model, head, val, val_sampler, c, env, autocast)
                 if env.master:
-                    run.append_log(dict(step=step, val_loss=val_loss,
-                                                  val_query_acc=val_acc, **counters))
+                    log(step=step, val_loss=val_loss, val_query_acc=val_acc, **counters)
                     acc = f", val query acc {val_acc:.3f}" if val_acc is not None else ""
                     bar.write(f"step {step}: val loss {val_loss:.4f}{acc}")
             if step == c.max_steps:
@@ -628,7 +642,7 @@ def train(c):
                                query_acc=stats[3].item())
                 else:
                     row.update(ar_loss=loss_now)
-                run.append_log(dict(**row))
+                log(**row)
                 what = (f"meta loss {loss_now:.4f} query acc {row['query_acc']:.3f}" if is_meta
                         else f"loss {loss_now:.4f}")
                 bar.write(f"step {step + 1}: {what} | lr {lr:.2e} | {dt * 1000:.0f} ms | "

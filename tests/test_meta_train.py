@@ -403,3 +403,21 @@ def test_values_torch_would_reject_are_config_errors(data_dir, tmp_path, overrid
     for w in words:
         assert w in str(e.value)
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_wandb_logging_gets_every_log_row(data_dir, tmp_path, monkeypatch):
+    calls = []
+    fake = SimpleNamespace(init=lambda **kw: calls.append(("init", kw)),
+                           log=lambda row, step: calls.append(("log", row, step)))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run(data_dir, tmp_path / "run", "--meta_ratio=0.5", "--max_steps=4", "--eval_interval=2",
+        "--save_interval=4", "--wandb_log=True", "--wandb_project=proj")
+    (_, init), *logged = calls
+    assert init["project"] == "proj" and init["name"] == "run" and init["config"]["max_steps"] == 4
+    rows = read_log(tmp_path / "run")
+    assert [(row, step) for _, row, step in logged] == [
+        ({k: v for k, v in r.items() if v is not None}, r["step"]) for r in rows]
+    calls.clear()
+    monkeypatch.delitem(sys.modules, "wandb")  # off by default: never imported
+    run(data_dir, tmp_path / "off", "--meta_ratio=0.0", "--max_steps=1")
+    assert "wandb" not in sys.modules and calls == []
