@@ -36,12 +36,10 @@ the first run's final validation loss. It prints a table and writes compare.txt 
 """
 import argparse
 import csv
-import glob
 import io
 import json
 import math
 import os
-import re
 import sys
 import time
 from contextlib import contextmanager
@@ -224,15 +222,11 @@ def list_checkpoints(run_dir):
         raise FileNotFoundError(f"run directory {run_dir} " + (
             "is a file: pass the directory that holds the run's checkpoints"
             if os.path.exists(run_dir) else "does not exist"))
-    found = []
-    for path in glob.glob(os.path.join(run_dir, "ckpt_*.pt")):
-        m = re.fullmatch(r"ckpt_(\d+)\.pt", os.path.basename(path))
-        if m:
-            found.append((int(m.group(1)), path))
+    found = common.numbered_checkpoints(run_dir)
     if not found:
         raise FileNotFoundError(f"no numbered checkpoints (ckpt_NNNNNN.pt) in {run_dir}: analysis "
                                 f"needs the periodic copies that meta_train.py keeps")
-    return [path for _, path in sorted(found)]
+    return [path for _, path in found]
 
 
 def probe_windows(tokens, batch, seq_len, source):
@@ -256,7 +250,7 @@ def load_probe(ckpt, probe_text=None, data_dir=None, batch=8, seq_len=None):
                          f"{ckpt['model_args']['max_seq_len']}")
     if probe_text:
         try:
-            enc = data.get_encoding(ckpt["tokenizer"])
+            enc = common.get_encoding(ckpt["tokenizer"])
         except RuntimeError as e:  # unknown name, or offline without the BPE file
             raise ValueError(str(e)) from None
         with open(probe_text, encoding="utf-8") as f:
@@ -296,7 +290,7 @@ def analyze_run(run_dir, probe_text=None, data_dir=None, probe_batch=8, probe_le
 
 
 def write_text(path, text):
-    data.atomic_write(path, lambda f: f.write(text.encode()))
+    common.atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def write_csv(rows, path):
@@ -397,7 +391,7 @@ def plot_metrics(rows, out_dir):
         fig.suptitle(f"{metric}: {METRICS[metric]}", fontsize=10)
         fig.tight_layout()
         path = os.path.join(out_dir, f"{metric}.png")
-        data.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+        common.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
         plt.close(fig)
         paths.append(path)
     return paths
@@ -510,7 +504,7 @@ def plot_compare(runs, logs, path):
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("validation loss; dashed: the first run's final value", fontsize=10)
     fig.tight_layout()
-    data.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    common.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return True
 

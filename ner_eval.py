@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-import data
 from model import Llama, ModelArgs
 
 TYPES = ("PER", "ORG", "LOC")
@@ -145,7 +144,7 @@ def download_uner(cache_dir, names):
                                  f"pass --data_dir with a local copy of the UNER files instead")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             # write, then rename: an interrupted fetch leaves no half file behind
-            data.atomic_write(path, lambda f: f.write(raw))
+            common.atomic_write(path, lambda f: f.write(raw))
 
 
 def get_spans(tags):
@@ -463,7 +462,7 @@ def load_checkpoint(path, tokenizer=None):
         raise SystemExit(str(e)) from None
     name = tokenizer or ckpt["tokenizer"]
     try:
-        enc = data.get_encoding(name)
+        enc = common.get_encoding(name)
     except RuntimeError as e:  # unknown name, or no network and no cached BPE file
         raise SystemExit(f"{path}: {e}")
     return ckpt, enc
@@ -657,9 +656,9 @@ def get_args(argv=None):
     return args
 
 
-def write_json(path, obj):
+def write_results(path, obj):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    data.write_json(path, obj)
+    common.write_json(path, obj)
     print(f"wrote {path}")
 
 
@@ -675,9 +674,9 @@ def main(argv=None):
         results.append(res)
         if not args.out:  # at once: a crash in the second checkpoint keeps the first's numbers
             stem = os.path.splitext(os.path.basename(res["checkpoint"]))[0]
-            write_json(os.path.join(os.path.dirname(res["checkpoint"]), f"ner_{stem}.json"), res)
+            write_results(os.path.join(os.path.dirname(res["checkpoint"]), f"ner_{stem}.json"), res)
     if args.out:
-        write_json(args.out, {"a": results[0], "b": results[1]} if args.compare else results[0])
+        write_results(args.out, {"a": results[0], "b": results[1]} if args.compare else results[0])
     for res in results:
         print("\n" + format_settings(args, res))
     if args.compare:
