@@ -232,15 +232,12 @@ def run(cfg, reps=10, warmup=2, compile=True, peak_n=None, text=(), num_proc=1):
     """Measure everything -> (facts, rows). cfg: a meta_train config dict."""
     c = SimpleNamespace(**cfg)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # a busy machine times slow
-    dev = torch.device(c.device if c.device != "auto" else
-                       ("cuda" if torch.cuda.is_available() else "cpu"))
-    cuda = dev.type == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    autocast, bf16 = common.autocast(c.dtype, dev.type)
-    sync = torch.cuda.synchronize if cuda else None
     # data first: the tokenizer benchmark forks worker processes, best before torch's threads exist
     later, notes = data_rows(c, text, num_proc), []
+    dev = torch.device(common.init_device(c.device).dev)
+    cuda = dev.type == "cuda"
+    autocast, bf16 = common.autocast(c.dtype, dev.type)
+    sync = torch.cuda.synchronize if cuda else None
 
     # the peak: a known GPU's datasheet, else measured here in the dtype the model computes in
     mm_dtype = torch.bfloat16 if bf16 else torch.float32
@@ -413,6 +410,10 @@ def main(argv=None):
                         help="also time ours and the peer under torch.compile (the default)")
     parser.add_argument("--no_compile", dest="compile", action="store_false")
     parser.add_argument("--peak_n", type=int, help="matmul size of the peak (2048 CPU, 8192 CUDA)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", choices=common.CHOICES["dtype"], default="auto",
+                        help="auto: bfloat16 autocast on cuda, float32 on cpu")
     parser.add_argument("--text", nargs="*", help="text files for the tokenization benchmark "
                         "(default: the wiki validation text in ../shared/data/corpus)",
                         default=[os.path.join(SHARED, "corpus", "en_wikipedia.valid.txt")])
@@ -431,7 +432,8 @@ def main(argv=None):
     config = args.config or os.path.join(ROOT, "configs", "181m.py" if torch.cuda.is_available()
                                          else "cpu.py")
     try:
-        cfg = common.configure(meta_train.DEFAULTS, [config] + overrides)
+        cfg = common.configure(meta_train.DEFAULTS, [config] + overrides + [
+            f"--device={args.device}", f"--dtype={args.dtype}"])
     except common.ConfigError as e:
         sys.exit(f"config error: {e}")
     facts, rows = run(cfg, args.reps, args.warmup, args.compile, args.peak_n, args.text,

@@ -109,7 +109,7 @@ def check(text, enc, work, config, overrides, steps=6, max_tokens=5_000_000, run
         f"--eval_interval={steps // 2}", f"--save_interval={steps // 2}", "--warmup_steps=2",
         "--eval_sequences=64", "--eval_episodes=4"])
     c = SimpleNamespace(**cfg)
-    dev = c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = common.init_device(c.device).dev
     report["device"] = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else "cpu"
     report["config"] = " ".join([config] + list(overrides))
     for d in ("full", "resumed"):

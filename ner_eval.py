@@ -477,8 +477,8 @@ def evaluate_checkpoint(path, uner, args):
         raise SystemExit(f"{path}: tokenizer {enc.name} has {enc.n_vocab} tokens but the model "
                          f"{model_args.vocab_size}; name the checkpoint's with --tokenizer")
     max_len = min(args.max_len, model_args.max_seq_len)
-    ctx = (torch.autocast("cuda", dtype=torch.bfloat16)
-           if args.device.startswith("cuda") and args.dtype == "bfloat16" else nullcontext())
+    env = common.init_device(args.device)
+    ctx, bf16 = common.autocast(args.dtype, env.type)
     examples, sentences = defaultdict(dict), defaultdict(dict)
     for n, splits in uner["sents"].items():
         for split, sents in splits.items():
@@ -496,12 +496,13 @@ def evaluate_checkpoint(path, uner, args):
         dev = [e for n in sources for e in examples[n]["dev"]]
         for regime in args.regime:
             key = f"{train_name}/{regime}"
-            model = Llama.from_checkpoint(ckpt, args.device)  # every run starts from the checkpoint
+            model = Llama.from_checkpoint(ckpt, env.dev)  # every run starts from the checkpoint
             runs[key] = {"train": train_name, "sources": sources,
                          **fine_tune(model, train, dev, tests, regime, args, ctx, cache, key)}
     return {"checkpoint": path, "step": ckpt.get("step"), "model_args": ckpt["model_args"],
             "params": sum(v.numel() for v in ckpt["model"].values()), "tokenizer": enc.name,
-            "max_len": max_len, "settings": vars(args), "test_sets": uner["tests"],
+            "max_len": max_len, "device": env.dev, "dtype": "bfloat16" if bf16 else "float32",
+            "settings": vars(args), "test_sets": uner["tests"],
             "sentences": sentences, "runs": runs}
 
 
@@ -633,9 +634,10 @@ def get_args(argv=None):
     p.add_argument("--eval_batch_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--tokenizer", help="tiktoken encoding name (default: the checkpoint's)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
-                   help="autocast dtype on CUDA; the CPU always computes in float32")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=common.CHOICES["dtype"], default="auto",
+                   help="auto: bfloat16 autocast on cuda, float32 on cpu")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads (0: torch's default, one per core); on a busy machine 1 is "
                    "often faster, as the small matmuls here gain little from more and waiting "
