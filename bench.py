@@ -9,6 +9,7 @@ raw tiktoken; episode sampling; the peak memory of every step.
   python bench.py                                # configs/cpu.py on CPU, configs/181m.py on CUDA
   python bench.py --config configs/11m.py --reps 5 --no_compile --json out/bench.json
   python bench.py --batch_size=4 --meta_seq_len=128   # any meta_train.py key overrides the config
+  python bench.py --text corpus/valid.txt             # also tokenization against raw tiktoken
 
 The peer is an optional extra: `pip install transformers` (it leaves torch alone); without it its
 rows say so. Times are medians of --reps runs after --warmup runs.
@@ -34,7 +35,6 @@ import prepare
 from model import Llama, estimate_mfu, model_summary, peak_flops
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.join(ROOT, "..", "shared", "data")  # the offline corpus and tiktoken cache
 
 
 def median_ms(steps, reps, warmup, sync=None):
@@ -414,9 +414,9 @@ def main(argv=None):
                         help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=common.CHOICES["dtype"], default="auto",
                         help="auto: bfloat16 autocast on cuda, float32 on cpu")
-    parser.add_argument("--text", nargs="*", help="text files for the tokenization benchmark "
-                        "(default: the wiki validation text in ../shared/data/corpus)",
-                        default=[os.path.join(SHARED, "corpus", "en_wikipedia.valid.txt")])
+    parser.add_argument("--text", nargs="*", default=[],
+                        help="text files for the tokenization benchmark (without, its rows say "
+                             "skipped); the GPT-2 vocabulary must be cached or downloadable")
     parser.add_argument("--num_proc", type=int, default=common.n_cpus(),
                         help="tokenizer processes (default: the CPUs this process may use)")
     parser.add_argument("--json", help="also write the facts and rows to this JSON file")
@@ -425,8 +425,6 @@ def main(argv=None):
         parser.error("--reps must be at least 1 and --warmup at least 0")
     if args.json:  # before the minutes of measuring, not after
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    if os.path.isdir(os.path.join(SHARED, "tiktoken", "cache")):  # offline GPT-2 vocabulary
-        os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken", "cache"))
     # as meta_train.py does on CPU: without it, large tensors are page-faulted in every step
     kept = not torch.cuda.is_available() and common.keep_freed_memory()
     config = args.config or os.path.join(ROOT, "configs", "181m.py" if torch.cuda.is_available()

@@ -12,14 +12,14 @@ a byte fragment), so --label_subtoken last puts it on the last sub-token instead
 next to each test set's F1 how many of its gold entities the cut at --max_len puts out of reach.
 
     # train on all nine training sets together, test on every UNER test set, both regimes
-    python ner_eval.py out/11m/ckpt.pt --data_dir ../shared/data/uner
+    python ner_eval.py out/11m/ckpt.pt --data_dir path/to/uner
     # CPU-sized (about 3 minutes a checkpoint on one core): two languages, capped sentence counts,
     # and larger lrs, without which a few-million-parameter model scores about 0 in 10 epochs
-    python ner_eval.py out/cpu-meta --data_dir ../shared/data/uner --train_sets en_ewt da_ddt \\
+    python ner_eval.py out/cpu-meta --data_dir path/to/uner --train_sets en_ewt da_ddt \\
         --test_sets en_ewt da_ddt --max_train_sentences 2000 --max_eval_sentences 500 \\
         --lr 1e-3 --head_lr 1e-3 --threads 1
     # two checkpoints side by side, with the difference
-    python ner_eval.py --compare out/vanilla/ckpt.pt out/meta/ckpt.pt --data_dir ../shared/data/uner
+    python ner_eval.py --compare out/vanilla/ckpt.pt out/meta/ckpt.pt --data_dir path/to/uner
 
 Without --data_dir the .iob2 files are downloaded from github.com/UniversalNER into --cache_dir.
 The data is CC BY-SA: credit UNER (Mayhew et al., NAACL 2024) and the UD treebanks.
@@ -597,7 +597,7 @@ def get_args(argv=None):
     p.add_argument("--compare", nargs=2, metavar=("CKPT_A", "CKPT_B"),
                    help="evaluate two checkpoints with the same settings; print them side by side")
     p.add_argument("--data_dir", help="folder of UNER_<Lang>-<Treebank>/<name>-ud-<split>.iob2 "
-                   "(e.g. ../shared/data/uner); default: download into --cache_dir")
+                   "(e.g. path/to/uner); default: download into --cache_dir")
     p.add_argument("--cache_dir", default="data/uner", help="where downloaded UNER files go")
     p.add_argument("--train_sets", nargs="+", default=["all"], metavar="NAME",
                    help=f"one model per name: any of {' '.join(TRAIN_SETS)} (or another set with "
