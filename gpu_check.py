@@ -32,8 +32,9 @@ import prepare
 from model import Llama
 
 
-def build_data(text, enc, out, max_tokens):
-    """A data directory of about max_tokens tokens of the text; every tenth document is val."""
+def build_data(text, enc, out, max_tokens, index_args=None):
+    """A data directory of about max_tokens tokens of the text; every tenth document is val.
+    index_args: prepare.build_index's keywords (default: its band, made for real text)."""
     if not os.path.exists(os.path.join(out, "meta.json")):
         docs, chars = [], 0
         for doc in prepare.iter_text_docs(prepare.text_files(text)):
@@ -41,9 +42,9 @@ def build_data(text, enc, out, max_tokens):
             chars += len(doc)
             if chars >= 4 * max_tokens:  # about 4 characters per GPT-2 token of English
                 break
+        index_args = {"source": f"--text {' '.join(text)}", **(index_args or {})}
         prepare.write_shards([d for i, d in enumerate(docs) if i % 10], enc, out, val_tokens=0,
-                             val_docs=docs[::10], progress=False)
-        prepare.build_index(out, enc)
+                             val_docs=docs[::10], progress=False, index_args=index_args)
     return data.read_meta(out)
 
 
@@ -98,10 +99,11 @@ def inner_loop_check(ckpt_path, cfg, dev, autocast):
     return out
 
 
-def check(text, enc, work, config, overrides, steps=6, max_tokens=5_000_000, run_bench=True):
+def check(text, enc, work, config, overrides, steps=6, max_tokens=5_000_000, run_bench=True,
+          index_args=None):
     os.makedirs(work, exist_ok=True)
     t0 = time.time()
-    meta = build_data(text, enc, os.path.join(work, "data"), max_tokens)
+    meta = build_data(text, enc, os.path.join(work, "data"), max_tokens, index_args)
     report = {"torch": torch.__version__, "data": f"{meta['train_tokens']:,} train + "
               f"{meta['val_tokens']:,} val tokens, {meta['index']['n_words']:,} candidate words"}
     cfg = common.configure(meta_train.DEFAULTS, [config] + list(overrides) + [
