@@ -27,6 +27,7 @@ import torch
 import common
 import data
 import meta_train
+import prepare
 from model import Llama
 
 INNER_KEYS = ("inner_optimizer", "inner_lr", "inner_lr_schedule", "inner_warmup_steps",
@@ -36,7 +37,7 @@ INNER_KEYS = ("inner_optimizer", "inner_lr", "inner_lr_schedule", "inner_warmup_
 def spans_from_text(paths, enc, n_chunks, T, n_docs):
     """(n_chunks * T + 1)-token spans, the start of each long-enough document of the text files."""
     spans = []
-    for doc in data.iter_text_docs(data.text_files(paths)):
+    for doc in prepare.iter_text_docs(prepare.text_files(paths)):
         tokens = enc.encode_ordinary(doc)
         if len(tokens) >= n_chunks * T + 1:
             spans.append(tokens[:n_chunks * T + 1])

@@ -36,15 +36,13 @@ the first run's final validation loss. It prints a table and writes compare.txt 
 """
 import argparse
 import csv
-import glob
 import io
 import json
 import math
 import os
-import re
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -163,9 +161,10 @@ def block_pass(model, x):
     return model.output(model.norm(h)).float(), blocks, attn
 
 
-def probe_pass(model, x, y, grads="loss"):
+def probe_pass(model, x, y, grads="loss", ctx=nullcontext()):
     """One forward and backward pass on the probe batch x, y (B, T): of the next-token loss
-    (grads 'loss'), or of the mean of the logits with RoPE as the identity (grads 'paper').
+    (grads 'loss'), or of the mean of the logits with RoPE as the identity (grads 'paper'); the
+    forward pass runs under ctx (autocast or nothing).
     Returns (the value differentiated, blocks [L x (B*T, C)], attn [L x (B, H, T, T)], weights
     and grads: dicts (layer, name) -> 2-D tensor, grads for the matrices GRADS[grads] names).
     Leaves only those matrices requiring grad."""
@@ -178,13 +177,14 @@ def probe_pass(model, x, y, grads="loss"):
         for name in names:
             layer.get_submodule(MATRICES[name]).weight.requires_grad_(True)
     model.zero_grad(set_to_none=True)
-    if grads == "paper":
-        with identity_rope(model):
+    with ctx:
+        if grads == "paper":
+            with identity_rope(model):
+                logits, blocks, attn = block_pass(model, x)
+            value = logits.mean()
+        else:
             logits, blocks, attn = block_pass(model, x)
-        value = logits.mean()
-    else:
-        logits, blocks, attn = block_pass(model, x)
-        value = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1)
+            value = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1)
     value.backward()
     blocks = [b.detach().reshape(-1, model.args.dim) for b in blocks]
     weights, grad = {}, {}
@@ -197,11 +197,11 @@ def probe_pass(model, x, y, grads="loss"):
     return value.item(), blocks, attn, weights, grad
 
 
-def analyze_checkpoint(model, x, y, step, grads="loss"):
+def analyze_checkpoint(model, x, y, step, grads="loss", ctx=nullcontext()):
     """All metrics of one model on the probe batch x, y (B, T) -> rows
     (step, layer, component, metric, value); components are matrix names, "out" (the block
     output) and "h0".."h{H-1}" (attention heads)."""
-    _, blocks, attn, weights, grad = probe_pass(model, x, y, grads)
+    _, blocks, attn, weights, grad = probe_pass(model, x, y, grads, ctx)
     mats = list(weights.values()) + list(grad.values()) + blocks
     labels = ([(i, name, "weight") for i, name in weights] + [(i, name, "grad") for i, name in grad]
               + [(i, "out", "act") for i in range(len(blocks))])
@@ -224,15 +224,11 @@ def list_checkpoints(run_dir):
         raise FileNotFoundError(f"run directory {run_dir} " + (
             "is a file: pass the directory that holds the run's checkpoints"
             if os.path.exists(run_dir) else "does not exist"))
-    found = []
-    for path in glob.glob(os.path.join(run_dir, "ckpt_*.pt")):
-        m = re.fullmatch(r"ckpt_(\d+)\.pt", os.path.basename(path))
-        if m:
-            found.append((int(m.group(1)), path))
+    found = common.numbered_checkpoints(run_dir)
     if not found:
         raise FileNotFoundError(f"no numbered checkpoints (ckpt_NNNNNN.pt) in {run_dir}: analysis "
                                 f"needs the periodic copies that meta_train.py keeps")
-    return [path for _, path in sorted(found)]
+    return [path for _, path in found]
 
 
 def probe_windows(tokens, batch, seq_len, source):
@@ -256,7 +252,7 @@ def load_probe(ckpt, probe_text=None, data_dir=None, batch=8, seq_len=None):
                          f"{ckpt['model_args']['max_seq_len']}")
     if probe_text:
         try:
-            enc = data.get_encoding(ckpt["tokenizer"])
+            enc = common.get_encoding(ckpt["tokenizer"])
         except RuntimeError as e:  # unknown name, or offline without the BPE file
             raise ValueError(str(e)) from None
         with open(probe_text, encoding="utf-8") as f:
@@ -270,11 +266,13 @@ def load_probe(ckpt, probe_text=None, data_dir=None, batch=8, seq_len=None):
 
 
 def analyze_run(run_dir, probe_text=None, data_dir=None, probe_batch=8, probe_len=None,
-                device="cpu", grads="loss"):
+                device="auto", grads="loss", dtype="auto"):
     """Metrics of every readable numbered checkpoint of a run -> (rows, probe description,
     skipped: the errors of those that cannot be read, each naming its file). The probe comes from
-    the first readable one. None readable is a ValueError."""
+    the first readable one. None readable is a ValueError. device and dtype: as meta_train's."""
     paths = list_checkpoints(run_dir)
+    device = common.init_device(device).dev
+    ctx, _ = common.autocast(dtype, torch.device(device).type)
     need = ["model_args", "model", "config", "step"] + (["tokenizer"] if probe_text else [])
     rows, probe, skipped = [], None, []
     for path in tqdm(paths, desc="checkpoints", unit="ckpt"):
@@ -288,7 +286,7 @@ def analyze_run(run_dir, probe_text=None, data_dir=None, probe_batch=8, probe_le
             probe, probe_desc = load_probe(ckpt, probe_text, data_dir, probe_batch, probe_len)
             probe = probe.to(device)
         model = Llama.from_checkpoint(ckpt, device)
-        rows += analyze_checkpoint(model, probe[:, :-1], probe[:, 1:], ckpt["step"], grads)
+        rows += analyze_checkpoint(model, probe[:, :-1], probe[:, 1:], ckpt["step"], grads, ctx)
     if not rows:
         raise ValueError(f"none of the {len(paths)} numbered checkpoints in {run_dir} can be read "
                          f"(the warnings above say why)")
@@ -296,7 +294,7 @@ def analyze_run(run_dir, probe_text=None, data_dir=None, probe_batch=8, probe_le
 
 
 def write_text(path, text):
-    data.atomic_write(path, lambda f: f.write(text.encode()))
+    common.atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def write_csv(rows, path):
@@ -397,7 +395,7 @@ def plot_metrics(rows, out_dir):
         fig.suptitle(f"{metric}: {METRICS[metric]}", fontsize=10)
         fig.tight_layout()
         path = os.path.join(out_dir, f"{metric}.png")
-        data.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+        common.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
         plt.close(fig)
         paths.append(path)
     return paths
@@ -510,7 +508,7 @@ def plot_compare(runs, logs, path):
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("validation loss; dashed: the first run's final value", fontsize=10)
     fig.tight_layout()
-    data.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    common.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return True
 
@@ -536,7 +534,10 @@ def main(argv=None):
                    help="probe pass: 'loss', the next-token loss with RoPE, grads of all seven "
                    "matrices; 'paper', the mean of the logits with RoPE as the identity (for the "
                    "activations and attention too), grads of wq wk wv wo only")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=common.CHOICES["dtype"], default="auto",
+                   help="autocast of the probe pass; auto: bfloat16 on cuda, float32 on cpu")
     args = p.parse_args(argv)
     if (args.run_dir is None) == (args.compare is None):
         p.error("give either RUN_DIR or --compare RUN_A RUN_B [...]")
@@ -562,7 +563,7 @@ def main(argv=None):
     try:
         rows, probe_desc, skipped = analyze_run(args.run_dir, args.probe_text, args.data_dir,
                                                 args.probe_batch, args.probe_len, args.device,
-                                                args.grads)
+                                                args.grads, args.dtype)
     except (OSError, ValueError) as e:  # no readable checkpoints or shards, a probe too long
         raise SystemExit(str(e)) from None
     # its own default folder: the two passes' curves differ, and neither should replace the other

@@ -9,6 +9,7 @@ raw tiktoken; episode sampling; the peak memory of every step.
   python bench.py                                # configs/cpu.py on CPU, configs/181m.py on CUDA
   python bench.py --config configs/11m.py --reps 5 --no_compile --json out/bench.json
   python bench.py --batch_size=4 --meta_seq_len=128   # any meta_train.py key overrides the config
+  python bench.py --text corpus/valid.txt             # also tokenization against raw tiktoken
 
 The peer is an optional extra: `pip install transformers` (it leaves torch alone); without it its
 rows say so. Times are medians of --reps runs after --warmup runs.
@@ -20,19 +21,20 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
-from contextlib import nullcontext
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 import common
 import data
 import meta_train
+import prepare
 from model import Llama, estimate_mfu, model_summary, peak_flops
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.join(ROOT, "..", "shared", "data")  # the offline corpus and tiktoken cache
 
 
 def median_ms(steps, reps, warmup, sync=None):
@@ -147,26 +149,80 @@ def random_episode(c):
                         torch.zeros(N * Q, dtype=torch.long))
 
 
+def _count_tokens(docs):
+    """(in a worker of prepare's pool) the raw-tiktoken baseline of bench_tokenize: encode and
+    only count."""
+    return sum(map(len, prepare._worker_enc.encode_ordinary_batch(docs, num_threads=1)))
+
+
+def bench_tokenize(paths, enc, num_proc, repeats=3, batch_chars=1 << 18):
+    """Tokens/s of the whole prepare.write_shards pipeline on local files (reading, tokenizing,
+    writing shards) against raw tiktoken on the same documents with the same number of processes
+    (num_proc processes calling enc.encode_ordinary_batch and only counting), and tiktoken's own
+    threaded call with num_proc threads. The three alternate `repeats` times and each keeps its
+    best, since a shared machine is noisy. -> dict."""
+    docs = list(prepare.iter_text_docs(paths))
+    best = {"pipeline_tok_s": 0.0, "raw_processes_tok_s": 0.0, "raw_threads_tok_s": 0.0}
+    for _ in range(repeats):
+        t0 = time.time()
+        with prepare._pool(enc, num_proc) as pool:
+            batches = (b for _, b in prepare._batches(docs, False, batch_chars))
+            n_tokens = sum(pool.imap(_count_tokens, batches))
+        best["raw_processes_tok_s"] = max(best["raw_processes_tok_s"],
+                                          n_tokens / (time.time() - t0))
+        t0 = time.time()
+        n_tokens = sum(map(len, enc.encode_ordinary_batch(docs, num_threads=num_proc)))
+        best["raw_threads_tok_s"] = max(best["raw_threads_tok_s"], n_tokens / (time.time() - t0))
+        with tempfile.TemporaryDirectory() as out_dir:
+            t0 = time.time()
+            meta = prepare.write_shards(prepare.iter_text_docs(paths), enc, out_dir, val_tokens=0,
+                                        num_proc=num_proc, batch_chars=batch_chars,
+                                        progress=False)
+            # the same count as raw: without the <|endoftext|>s
+            n_encoded = meta["train_tokens"] - meta["train_docs"]
+            best["pipeline_tok_s"] = max(best["pipeline_tok_s"], n_encoded / (time.time() - t0))
+    return {"num_proc": num_proc, "tokens": n_tokens, **best,
+            "ratio_vs_raw_processes": best["pipeline_tok_s"] / best["raw_processes_tok_s"]}
+
+
+def bench_sampler(data_dir, n_way=32, k_shot=4, q_query=4, seq_len=128, n_episodes=200,
+                  split="train"):
+    """SMLMT episode sampling speed in this process -> dict with windows/s (support + query
+    windows)."""
+    sampler = data.SMLMTSampler(data_dir, n_way, k_shot, q_query, seq_len, split=split)
+    rng = np.random.default_rng(0)
+    sampler.sample(rng)  # warm the page cache and numpy
+    t0 = time.time()
+    for _ in range(n_episodes):
+        sampler.sample(rng)
+    seconds = time.time() - t0
+    windows = n_episodes * n_way * (k_shot + q_query)
+    return {"windows_s": windows / seconds, "episodes_s": n_episodes / seconds,
+            "windows_per_episode": windows // n_episodes}
+
+
 def data_rows(c, text, num_proc):
-    """Tokenization (data.bench_tokenize) and episode sampling (data.bench_sampler) -> rows."""
+    """Tokenization (bench_tokenize) and episode sampling (bench_sampler) -> rows."""
     rows = []
     missing = [p for p in text if not os.path.isfile(p)]
     text = [p for p in text if os.path.isfile(p)]
     try:
         if not text:
             raise RuntimeError(f"no --text file found ({', '.join(missing) or 'none given'})")
-        tok = data.bench_tokenize(text, data.get_encoding("gpt2"), num_proc, repeats=3)
-        rows.append(dict(name=f"raw tiktoken, {num_proc} processes", rate=tok["raw_processes_tok_s"]))
-        rows.append(dict(name="tokenize + write shards (data.py)", rate=tok["pipeline_tok_s"],
+        tok = bench_tokenize(text, common.get_encoding("gpt2"), num_proc, repeats=3)
+        rows.append(dict(name=f"raw tiktoken, {num_proc} processes",
+                         rate=tok["raw_processes_tok_s"]))
+        rows.append(dict(name="tokenize + write shards (prepare.py)", rate=tok["pipeline_tok_s"],
                          ratio=tok["ratio_vs_raw_processes"], ratio_of="of raw",
                          target=">= 0.8 of raw", met=tok["ratio_vs_raw_processes"] >= 0.8, note=(
-                             f"{tok['tokens']:,} tokens of {', '.join(map(os.path.basename, text))}; "
-                             f"best of 3, as data.bench_tokenize measures")))
+                             f"{tok['tokens']:,} tokens of "
+                             f"{', '.join(map(os.path.basename, text))}; best of 3, as "
+                             f"bench_tokenize measures")))
     except RuntimeError as e:
         rows.append(dict(name="tokenization: skipped", note=str(e)))
     if not os.path.isdir(c.data_dir):
         return rows + [dict(name="SMLMT episode sampling: skipped", note=f"no {c.data_dir}")]
-    s = data.bench_sampler(c.data_dir, c.n_way, c.k_shot, c.q_query, c.meta_seq_len)
+    s = bench_sampler(c.data_dir, c.n_way, c.k_shot, c.q_query, c.meta_seq_len)
     return rows + [dict(name=f"SMLMT episode sampling ({s['windows_per_episode']} windows)",
                         rate=s["windows_s"], unit="win/s", target=">= 20000 win/s",
                         met=s["windows_s"] >= 20000)]
@@ -176,15 +232,12 @@ def run(cfg, reps=10, warmup=2, compile=True, peak_n=None, text=(), num_proc=1):
     """Measure everything -> (facts, rows). cfg: a meta_train config dict."""
     c = SimpleNamespace(**cfg)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # a busy machine times slow
-    dev = torch.device(c.device if c.device != "auto" else
-                       ("cuda" if torch.cuda.is_available() else "cpu"))
-    cuda = dev.type == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    autocast, bf16 = common.autocast(c.dtype, dev.type)
-    sync = torch.cuda.synchronize if cuda else None
     # data first: the tokenizer benchmark forks worker processes, best before torch's threads exist
     later, notes = data_rows(c, text, num_proc), []
+    dev = torch.device(common.init_device(c.device).dev)
+    cuda = dev.type == "cuda"
+    autocast, bf16 = common.autocast(c.dtype, dev.type)
+    sync = torch.cuda.synchronize if cuda else None
 
     # the peak: a known GPU's datasheet, else measured here in the dtype the model computes in
     mm_dtype = torch.bfloat16 if bf16 else torch.float32
@@ -192,14 +245,17 @@ def run(cfg, reps=10, warmup=2, compile=True, peak_n=None, text=(), num_proc=1):
     measured = matmul_peak(dev, mm_dtype, peak_n, reps, warmup)
     listed = peak_flops(dev) if bf16 else None
     peak = listed or measured
-    rows = [dict(name=f"matmul {peak_n}^3 {str(mm_dtype)[6:]} (fastest of {reps})", flop_s=measured)]
+    rows = [dict(name=f"matmul {peak_n}^3 {str(mm_dtype)[6:]} (fastest of {reps})",
+                 flop_s=measured)]
 
     torch.manual_seed(c.seed)
     model = Llama(common.model_args(c)).to(dev).train()
     head = meta_train.MetaHead(c.dim, c.vocab_size, c.meta_hidden).to(dev)
     if os.path.isdir(c.data_dir):
-        x, y = data.ShardReader(c.data_dir, "train", c.batch_size, c.seq_len).next_batch()
-        ep = data.SMLMTSampler(c.data_dir, c.n_way, c.k_shot, c.q_query, c.meta_seq_len).sample()
+        rng = np.random.default_rng(c.seed)
+        x, y = data.ShardReader(c.data_dir, "train", c.batch_size, c.seq_len).next_batch(rng)
+        sampler = data.SMLMTSampler(c.data_dir, c.n_way, c.k_shot, c.q_query, c.meta_seq_len)
+        ep = sampler.sample(rng)
     else:
         notes.append(f"no {c.data_dir}: random tokens stand in for the AR batch and the episode")
         xy = torch.randint(0, c.vocab_size, (c.batch_size, c.seq_len + 1))
@@ -231,7 +287,8 @@ def run(cfg, reps=10, warmup=2, compile=True, peak_n=None, text=(), num_proc=1):
     steps = {"ar": (ar_step(model), [model], ar_tokens, ar_flops)}
     for mode in ("head", "all"):
         cm = SimpleNamespace(**{**cfg, "meta_task": "smlmt", "inner_params": mode})
-        steps[mode] = (episode_step(cm), [model, head], *meta_train.episode_tokens_and_flops(model, cm))
+        tokens_and_flops = meta_train.episode_tokens_and_flops(model, cm)
+        steps[mode] = (episode_step(cm), [model, head], *tokens_and_flops)
     peer, peer_info = hf_peer(model)
     if peer is not None:
         with torch.no_grad():  # the same function, or the comparison means nothing
@@ -252,7 +309,8 @@ def run(cfg, reps=10, warmup=2, compile=True, peak_n=None, text=(), num_proc=1):
                 t0 = time.perf_counter()
                 compiled[name][0]()  # the compilation, timed alone so that warm-up does not hide it
                 first[name] = time.perf_counter() - t0
-        ms.update(median_ms({k: (zero(s[1]), s[0]) for k, s in compiled.items()}, reps, warmup, sync))
+        ms.update(median_ms({k: (zero(s[1]), s[0]) for k, s in compiled.items()}, reps, warmup,
+                            sync))
         steps.update(compiled)
     mem = {k: peak_memory(s[0], dev, zero(s[1])) for k, s in steps.items()}
 
@@ -272,7 +330,8 @@ def run(cfg, reps=10, warmup=2, compile=True, peak_n=None, text=(), num_proc=1):
                  **(dict(target="<= 1.5x AR", met=per_token <= 1.5) if mode == "head" else {}))
     out_share = 6 * c.vocab_size * c.dim / model.flops_per_token(c.seq_len)
     notes.append(f"an episode reads {steps['head'][2]:,} tokens (support + query windows); it "
-                 f"never projects to the vocabulary, which is {out_share:.0%} of an AR token's FLOPs")
+                 f"never projects to the vocabulary, which is {out_share:.0%} of an AR token's "
+                 f"FLOPs")
     if "peer" in ms:
         step_row("peer", "peer: HF LlamaForCausalLM, eager", ratio=ms["peer"] / ms["ar"],
                  ratio_of="peer/ours time", target="ours >= peer", met=ms["peer"] >= ms["ar"])
@@ -301,7 +360,8 @@ def run(cfg, reps=10, warmup=2, compile=True, peak_n=None, text=(), num_proc=1):
 
     cpu = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
-        cpu = next((l.split(":")[1].strip() for l in open("/proc/cpuinfo") if "model name" in l), cpu)
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":")[1].strip() for l in f if "model name" in l), cpu)
     facts = {"device": torch.cuda.get_device_name(dev) if cuda else f"CPU: {cpu}",
              "torch": torch.__version__, "threads": torch.get_num_threads(),
              "load": f"{load:.2f} (1-minute load average at the start)" if load is not None else "",
@@ -309,8 +369,8 @@ def run(cfg, reps=10, warmup=2, compile=True, peak_n=None, text=(), num_proc=1):
              "peak_flop_s": peak, "mfu_basis": f"datasheet bf16 peak, {listed / 1e12:.0f} TFLOP/s"
              if listed else f"the matmul row, measured in this run", "peer": peer_info,
              "data": c.data_dir if os.path.isdir(c.data_dir) else "random tokens",
-             "memory": "torch.cuda.max_memory_allocated above the allocation before the step" if cuda
-             else "peak RSS (VmHWM) growth over the RSS before the step, after malloc_trim",
+             "memory": "torch.cuda.max_memory_allocated above the allocation before the step"
+             if cuda else "peak RSS (VmHWM) growth over the RSS before the step, after malloc_trim",
              "timing": f"median of {reps} after {warmup} warm-up, interleaved; "
                        "forward + backward, no optimizer step", "notes": notes}
     return facts, rows
@@ -350,11 +410,14 @@ def main(argv=None):
                         help="also time ours and the peer under torch.compile (the default)")
     parser.add_argument("--no_compile", dest="compile", action="store_false")
     parser.add_argument("--peak_n", type=int, help="matmul size of the peak (2048 CPU, 8192 CUDA)")
-    parser.add_argument("--text", nargs="*", help="text files for the tokenization benchmark "
-                        "(default: the wiki validation text in ../shared/data/corpus)",
-                        default=[os.path.join(SHARED, "corpus", "en_wikipedia.valid.txt")])
-    parser.add_argument("--num_proc", type=int, default=len(os.sched_getaffinity(0))
-                        if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    parser.add_argument("--device", default="auto",
+                        help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", choices=common.CHOICES["dtype"], default="auto",
+                        help="auto: bfloat16 autocast on cuda, float32 on cpu")
+    parser.add_argument("--text", nargs="*", default=[],
+                        help="text files for the tokenization benchmark (without, its rows say "
+                             "skipped); the GPT-2 vocabulary must be cached or downloadable")
+    parser.add_argument("--num_proc", type=int, default=common.n_cpus(),
                         help="tokenizer processes (default: the CPUs this process may use)")
     parser.add_argument("--json", help="also write the facts and rows to this JSON file")
     args, overrides = parser.parse_known_args(argv)
@@ -362,14 +425,13 @@ def main(argv=None):
         parser.error("--reps must be at least 1 and --warmup at least 0")
     if args.json:  # before the minutes of measuring, not after
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    if os.path.isdir(os.path.join(SHARED, "tiktoken", "cache")):  # offline GPT-2 vocabulary
-        os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken", "cache"))
     # as meta_train.py does on CPU: without it, large tensors are page-faulted in every step
     kept = not torch.cuda.is_available() and common.keep_freed_memory()
     config = args.config or os.path.join(ROOT, "configs", "181m.py" if torch.cuda.is_available()
                                          else "cpu.py")
     try:
-        cfg = common.configure(meta_train.DEFAULTS, [config] + overrides)
+        cfg = common.configure(meta_train.DEFAULTS, [config] + overrides + [
+            f"--device={args.device}", f"--dtype={args.dtype}"])
     except common.ConfigError as e:
         sys.exit(f"config error: {e}")
     facts, rows = run(cfg, args.reps, args.warmup, args.compile, args.peak_n, args.text,
@@ -379,7 +441,7 @@ def main(argv=None):
     facts["command"] = " ".join(["python", "bench.py"] + (sys.argv[1:] if argv is None else argv))
     print(format_table(facts, rows, tera=torch.cuda.is_available()))
     if args.json:
-        data.write_json(args.json, {"facts": facts, "rows": rows})
+        common.write_json(args.json, {"facts": facts, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def check_config(c, world_size):
     except ValueError as e:
         raise ConfigError(str(e)) from e
     if not os.path.isdir(c.data_dir):
-        raise ConfigError(f"data_dir '{c.data_dir}' not found: write shards with data.py first")
+        raise ConfigError(f"data_dir '{c.data_dir}' not found: write shards with prepare.py first")
 
 
 def model_args(c):

@@ -28,21 +28,23 @@ import bench
 import common
 import data
 import meta_train
+import prepare
 from model import Llama
 
 
-def build_data(text, enc, out, max_tokens):
-    """A data directory of about max_tokens tokens of the text; every tenth document is val."""
+def build_data(text, enc, out, max_tokens, index_args=None):
+    """A data directory of about max_tokens tokens of the text; every tenth document is val.
+    index_args: prepare.build_index's keywords (default: its band, made for real text)."""
     if not os.path.exists(os.path.join(out, "meta.json")):
         docs, chars = [], 0
-        for doc in data.iter_text_docs(data.text_files(text)):
+        for doc in prepare.iter_text_docs(prepare.text_files(text)):
             docs.append(doc)
             chars += len(doc)
             if chars >= 4 * max_tokens:  # about 4 characters per GPT-2 token of English
                 break
-        data.write_shards([d for i, d in enumerate(docs) if i % 10], enc, out, val_tokens=0,
-                          val_docs=docs[::10], progress=False)
-        data.build_index(out, enc)
+        index_args = {"source": f"--text {' '.join(text)}", **(index_args or {})}
+        prepare.write_shards([d for i, d in enumerate(docs) if i % 10], enc, out, val_tokens=0,
+                             val_docs=docs[::10], progress=False, index_args=index_args)
     return data.read_meta(out)
 
 
@@ -64,8 +66,9 @@ def train_run(cfg, out_dir, copy_at=None, copy_to=None, resume=False):
     finally:
         common.save_checkpoint = save
     breaks = dict(counters["graph_break"])
-    return (read_log(out_dir), {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(breaks.values()),
-             "break_reasons": list(breaks)[:5]})
+    return read_log(out_dir), {"graphs": counters["stats"]["unique_graphs"],
+                               "graph_breaks": sum(breaks.values()),
+                               "break_reasons": list(breaks)[:5]}
 
 
 def read_log(out_dir):
@@ -75,7 +78,8 @@ def read_log(out_dir):
 
 def inner_loop_check(ckpt_path, cfg, dev, autocast):
     """Query loss of one val episode whose query windows are its support windows, with 0 and with
-    inner_steps inner steps, under the run's autocast and in fp32: adaptation must lower it alike."""
+    inner_steps inner steps, under the run's autocast and in fp32: adaptation must lower it
+    alike."""
     ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
     c = SimpleNamespace(**cfg)
     model = Llama.from_checkpoint(ckpt, dev)
@@ -95,10 +99,11 @@ def inner_loop_check(ckpt_path, cfg, dev, autocast):
     return out
 
 
-def check(text, enc, work, config, overrides, steps=6, max_tokens=5_000_000, run_bench=True):
+def check(text, enc, work, config, overrides, steps=6, max_tokens=5_000_000, run_bench=True,
+          index_args=None):
     os.makedirs(work, exist_ok=True)
     t0 = time.time()
-    meta = build_data(text, enc, os.path.join(work, "data"), max_tokens)
+    meta = build_data(text, enc, os.path.join(work, "data"), max_tokens, index_args)
     report = {"torch": torch.__version__, "data": f"{meta['train_tokens']:,} train + "
               f"{meta['val_tokens']:,} val tokens, {meta['index']['n_words']:,} candidate words"}
     cfg = common.configure(meta_train.DEFAULTS, [config] + list(overrides) + [
@@ -106,7 +111,7 @@ def check(text, enc, work, config, overrides, steps=6, max_tokens=5_000_000, run
         f"--eval_interval={steps // 2}", f"--save_interval={steps // 2}", "--warmup_steps=2",
         "--eval_sequences=64", "--eval_episodes=4"])
     c = SimpleNamespace(**cfg)
-    dev = c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = common.init_device(c.device).dev
     report["device"] = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else "cpu"
     report["config"] = " ".join([config] + list(overrides))
     for d in ("full", "resumed"):
@@ -136,7 +141,7 @@ def check(text, enc, work, config, overrides, steps=6, max_tokens=5_000_000, run
         facts, rows = bench.run(cfg, reps=5, warmup=2, compile=True)
         report["bench"] = bench.format_table(facts, rows, tera=dev.startswith("cuda"))
     report["seconds"] = time.time() - t0
-    data.write_json(os.path.join(work, "gpu_check.json"), report)
+    common.write_json(os.path.join(work, "gpu_check.json"), report)
     return report
 
 
@@ -175,7 +180,7 @@ def main(argv=None):
     if args.steps < 2 or args.steps % 2:
         p.error("--steps must be even and at least 2")
     try:
-        report = check(args.text, data.get_encoding("gpt2"), args.work, args.config, overrides,
+        report = check(args.text, common.get_encoding("gpt2"), args.work, args.config, overrides,
                        args.steps, args.max_tokens, not args.no_bench)
     except (common.ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"gpu_check.py: error: {e}")

@@ -32,7 +32,7 @@ from model import Llama, estimate_mfu, model_summary, peak_flops
 
 # I/O
 out_dir = "out"
-data_dir = "data/wiki"  # shards + SMLMT index written by data.py
+data_dir = "data/wiki"  # shards + SMLMT index written by prepare.py
 eval_interval = 250
 eval_sequences = 640  # fixed val sequences of seq_len for the next-token val loss
 eval_episodes = 10  # fixed val episodes for meta query accuracy
@@ -347,7 +347,7 @@ def load_data(c):
             if c.meta_seq_len > meta["index"]["context"]:
                 raise ConfigError(f"meta_seq_len {c.meta_seq_len} > the SMLMT index's context "
                                   f"{meta['index']['context']} in {c.data_dir}; rebuild it with "
-                                  f"`python data.py --reindex --context {c.meta_seq_len} --out "
+                                  f"`python prepare.py --reindex --context {c.meta_seq_len} --out "
                                   f"{c.data_dir}` or lower meta_seq_len")
         train_reader = data.ShardReader(c.data_dir, "train", c.batch_size, c.seq_len)
         # the val set: eval_sequences fixed windows, drawn once, the same whatever the batch size

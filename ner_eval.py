@@ -12,14 +12,14 @@ a byte fragment), so --label_subtoken last puts it on the last sub-token instead
 next to each test set's F1 how many of its gold entities the cut at --max_len puts out of reach.
 
     # train on all nine training sets together, test on every UNER test set, both regimes
-    python ner_eval.py out/11m/ckpt.pt --data_dir ../shared/data/uner
+    python ner_eval.py out/11m/ckpt.pt --data_dir path/to/uner
     # CPU-sized (about 3 minutes a checkpoint on one core): two languages, capped sentence counts,
     # and larger lrs, without which a few-million-parameter model scores about 0 in 10 epochs
-    python ner_eval.py out/cpu-meta --data_dir ../shared/data/uner --train_sets en_ewt da_ddt \\
+    python ner_eval.py out/cpu-meta --data_dir path/to/uner --train_sets en_ewt da_ddt \\
         --test_sets en_ewt da_ddt --max_train_sentences 2000 --max_eval_sentences 500 \\
         --lr 1e-3 --head_lr 1e-3 --threads 1
     # two checkpoints side by side, with the difference
-    python ner_eval.py --compare out/vanilla/ckpt.pt out/meta/ckpt.pt --data_dir ../shared/data/uner
+    python ner_eval.py --compare out/vanilla/ckpt.pt out/meta/ckpt.pt --data_dir path/to/uner
 
 Without --data_dir the .iob2 files are downloaded from github.com/UniversalNER into --cache_dir.
 The data is CC BY-SA: credit UNER (Mayhew et al., NAACL 2024) and the UD treebanks.
@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-import data
 from model import Llama, ModelArgs
 
 TYPES = ("PER", "ORG", "LOC")
@@ -145,7 +144,7 @@ def download_uner(cache_dir, names):
                                  f"pass --data_dir with a local copy of the UNER files instead")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             # write, then rename: an interrupted fetch leaves no half file behind
-            data.atomic_write(path, lambda f: f.write(raw))
+            common.atomic_write(path, lambda f: f.write(raw))
 
 
 def get_spans(tags):
@@ -463,7 +462,7 @@ def load_checkpoint(path, tokenizer=None):
         raise SystemExit(str(e)) from None
     name = tokenizer or ckpt["tokenizer"]
     try:
-        enc = data.get_encoding(name)
+        enc = common.get_encoding(name)
     except RuntimeError as e:  # unknown name, or no network and no cached BPE file
         raise SystemExit(f"{path}: {e}")
     return ckpt, enc
@@ -478,8 +477,8 @@ def evaluate_checkpoint(path, uner, args):
         raise SystemExit(f"{path}: tokenizer {enc.name} has {enc.n_vocab} tokens but the model "
                          f"{model_args.vocab_size}; name the checkpoint's with --tokenizer")
     max_len = min(args.max_len, model_args.max_seq_len)
-    ctx = (torch.autocast("cuda", dtype=torch.bfloat16)
-           if args.device.startswith("cuda") and args.dtype == "bfloat16" else nullcontext())
+    env = common.init_device(args.device)
+    ctx, bf16 = common.autocast(args.dtype, env.type)
     examples, sentences = defaultdict(dict), defaultdict(dict)
     for n, splits in uner["sents"].items():
         for split, sents in splits.items():
@@ -503,12 +502,13 @@ def evaluate_checkpoint(path, uner, args):
             name = train_name if size is None else f"{train_name}@{len(subset)}"
             for regime in args.regime:
                 key = f"{name}/{regime}"
-                model = Llama.from_checkpoint(ckpt, args.device)  # every run from the checkpoint
+                model = Llama.from_checkpoint(ckpt, env.dev)  # every run from the checkpoint
                 runs[key] = {"train": train_name, "sources": sources, **fine_tune(
                     model, subset, dev, tests, regime, args, ctx, cache, key)}
     return {"checkpoint": path, "step": ckpt.get("step"), "model_args": ckpt["model_args"],
             "params": sum(v.numel() for v in ckpt["model"].values()), "tokenizer": enc.name,
-            "max_len": max_len, "settings": vars(args), "test_sets": uner["tests"],
+            "max_len": max_len, "device": env.dev, "dtype": "bfloat16" if bf16 else "float32",
+            "settings": vars(args), "test_sets": uner["tests"],
             "sentences": sentences, "runs": runs}
 
 
@@ -603,7 +603,7 @@ def get_args(argv=None):
     p.add_argument("--compare", nargs=2, metavar=("CKPT_A", "CKPT_B"),
                    help="evaluate two checkpoints with the same settings; print them side by side")
     p.add_argument("--data_dir", help="folder of UNER_<Lang>-<Treebank>/<name>-ud-<split>.iob2 "
-                   "(e.g. ../shared/data/uner); default: download into --cache_dir")
+                   "(e.g. path/to/uner); default: download into --cache_dir")
     p.add_argument("--cache_dir", default="data/uner", help="where downloaded UNER files go")
     p.add_argument("--train_sets", nargs="+", default=["all"], metavar="NAME",
                    help=f"one model per name: any of {' '.join(TRAIN_SETS)} (or another set with "
@@ -643,9 +643,10 @@ def get_args(argv=None):
     p.add_argument("--eval_batch_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--tokenizer", help="tiktoken encoding name (default: the checkpoint's)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
-                   help="autocast dtype on CUDA; the CPU always computes in float32")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=common.CHOICES["dtype"], default="auto",
+                   help="auto: bfloat16 autocast on cuda, float32 on cpu")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads (0: torch's default, one per core); on a busy machine 1 is "
                    "often faster, as the small matmuls here gain little from more and waiting "
@@ -668,9 +669,9 @@ def get_args(argv=None):
     return args
 
 
-def write_json(path, obj):
+def write_results(path, obj):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    data.write_json(path, obj)
+    common.write_json(path, obj)
     print(f"wrote {path}")
 
 
@@ -686,9 +687,9 @@ def main(argv=None):
         results.append(res)
         if not args.out:  # at once: a crash in the second checkpoint keeps the first's numbers
             stem = os.path.splitext(os.path.basename(res["checkpoint"]))[0]
-            write_json(os.path.join(os.path.dirname(res["checkpoint"]), f"ner_{stem}.json"), res)
+            write_results(os.path.join(os.path.dirname(res["checkpoint"]), f"ner_{stem}.json"), res)
     if args.out:
-        write_json(args.out, {"a": results[0], "b": results[1]} if args.compare else results[0])
+        write_results(args.out, {"a": results[0], "b": results[1]} if args.compare else results[0])
     for res in results:
         print("\n" + format_settings(args, res))
     if args.compare:

@@ -1,6 +1,8 @@
 import os
+import random
 import sys
 
+import numpy as np
 import pytest
 import tiktoken
 import torch
@@ -9,14 +11,19 @@ import torch
 # that torchrun and the data workers start on a 2-core machine
 torch.set_num_threads(1)
 
-# tests import the flat top-level scripts (model.py, data.py, ...) from the repository root
+# tests import the flat top-level scripts (model.py, data.py, ...) from the repository root, so
+# those imports come after the path is set
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import data
+import prepare
 
 # GPT-2's split pattern (tiktoken's r50k_pat_str)
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 TINY_WORDS = ["cat", "dog", "bird", "fish", "tree", "house", "river", "stone", "apple", "green",
               "the", "and", "of", "to", "is"]
+EOT = "<|endoftext|>"
+CONTEXT = 16  # the index context of the shared test dataset; windows of up to 16 tokens
 
 
 def make_tiny_encoding(words=TINY_WORDS):
@@ -31,6 +38,47 @@ def make_tiny_encoding(words=TINY_WORDS):
                              special_tokens={"<|endoftext|>": len(ranks)})
 
 
+def make_docs(n, seed, min_words=3, max_words=40):
+    """Documents of tiny-vocabulary words plus text the tiny encoding can only spell in bytes
+    (capitals, digits, punctuation, non-ASCII), one to three lines each."""
+    rng = random.Random(seed)
+    vocab = TINY_WORDS + ["Zebra,", "42", "café", "x.y", "(tree)"]
+    return ["\n".join(" ".join(rng.choice(vocab) for _ in range(rng.randint(min_words, max_words)))
+                      for _ in range(rng.randint(1, 3))) for _ in range(n)]
+
+
+def write_text(path, docs, sep="\n\n"):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(sep.join(docs) + "\n")
+    return str(path)
+
+
+def split_stream(data_dir, split):
+    shards = [data.load_shard(p) for p in data.list_shards(data_dir, split)]
+    return np.concatenate(shards).astype(np.int64)
+
+
 @pytest.fixture(scope="session")
 def tiny_enc():
     return make_tiny_encoding()
+
+
+@pytest.fixture(scope="session")
+def docs():
+    return make_docs(300, seed=0)
+
+
+@pytest.fixture(scope="session")
+def ds(tmp_path_factory, tiny_enc, docs):
+    """A data directory: two input files, 2000 val tokens carved off, several train shards, an
+    index. Tests that change it work on a copy."""
+    d = tmp_path_factory.mktemp("ds")
+    paths = [write_text(d / "a.txt", docs[:150]),
+             write_text(d / "b.txt", docs[150:], sep="\n\n\n  \n")]
+    out = str(d / "out")
+    prepare.write_shards(prepare.iter_text_docs(prepare.text_files([str(d / "*.txt")])), tiny_enc,
+                         out, val_tokens=2000, shard_tokens=5000, num_proc=1, progress=False)
+    prepare.build_index(out, tiny_enc, min_per_million=0, max_per_million=10 ** 6,
+                        max_occurrences=300, context=CONTEXT)
+    assert sorted(paths) == prepare.text_files([str(d / "*.txt")])
+    return out

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import common
-import data
 import meta_train
+import prepare
 from conftest import ROOT, make_tiny_encoding
 from common import ConfigError, configure
 
@@ -41,9 +41,9 @@ def data_dir(tmp_path_factory):
         i = rng.randrange(len(TARGETS))
         docs.append(" ".join(rng.choice([CUES[i], CUES[i + 8], TARGETS[i]]) for _ in range(40)))
     out = str(tmp_path_factory.mktemp("synth"))
-    data.write_shards(docs, enc, out, val_tokens=3000, progress=False)
-    data.build_index(out, enc, min_per_million=0, max_per_million=10 ** 6, max_occurrences=500,
-                     context=16)
+    prepare.write_shards(docs, enc, out, val_tokens=3000, progress=False)
+    prepare.build_index(out, enc, min_per_million=0, max_per_million=10 ** 6, max_occurrences=500,
+                        context=16)
     assert enc.n_vocab + 1 <= 384  # the mask id fits the tiny model's vocab
     return out
 

@@ -345,7 +345,7 @@ def test_cli_end_to_end(tmp_path, tiny_enc, monkeypatch, capsys):
         (tmp_path / name).mkdir()
         torch.save(ckpt, tmp_path / name / "ckpt.pt")
         ckpts.append(str(tmp_path / name / "ckpt.pt"))
-    monkeypatch.setattr(ner_eval.data, "get_encoding", lambda name: tiny_enc)
+    monkeypatch.setattr(ner_eval.common, "get_encoding", lambda name: tiny_enc)
     common = ["--data_dir", str(data), "--train_sets", "xx_one", "--epochs", "2", "--device", "cpu",
               "--max_train_sentences", "40", "--max_len", "6"]
     ner_eval.main([str(tmp_path / "a")] + common)  # a run directory: its ckpt.pt
@@ -393,7 +393,7 @@ def test_train_sizes_give_an_f1_curve(tmp_path, tiny_enc, monkeypatch, capsys):
     model = tiny_model(tiny_enc)
     torch.save({"model_args": vars(model.args), "model": model.state_dict(), "head": None,
                 "tokenizer": "tiny", "config": {}, "step": 7}, tmp_path / "ckpt.pt")
-    monkeypatch.setattr(ner_eval.data, "get_encoding", lambda name: tiny_enc)
+    monkeypatch.setattr(ner_eval.common, "get_encoding", lambda name: tiny_enc)
     ner_eval.main([str(tmp_path / "ckpt.pt"), "--data_dir", str(data), "--train_sets", "xx_one",
                    "--epochs", "1", "--device", "cpu", "--regime", "head", "--head_lr", "1e-2",
                    "--train_sizes", "5", "20", "100", "--out", str(tmp_path / "r.json")])
@@ -589,7 +589,7 @@ def test_cli_empty_file_is_an_error_naming_it(tmp_path, tiny_enc, monkeypatch, k
     # an empty dev or test file scored F1 0 over 0 sentences, counted in the mean
     files = uner_dir(tmp_path / "uner", **{key: "# sent_id = 1\n\n"})
     ckpt = save_checkpoint(tmp_path / "ckpt.pt", tiny_enc)
-    monkeypatch.setattr(ner_eval.data, "get_encoding", lambda name: tiny_enc)
+    monkeypatch.setattr(ner_eval.common, "get_encoding", lambda name: tiny_enc)
     msg = cli_error([ckpt, "--data_dir", str(tmp_path / "uner")])
     assert msg == (f"{files[key]}: no sentences (empty, or only comments and blank lines); "
                    f"fix the file or {fix}")
