@@ -30,6 +30,7 @@ import torch
 
 import common
 import data
+import export_hf
 import meta_train
 import prepare
 from model import Llama, estimate_mfu, model_summary, peak_flops
@@ -101,39 +102,15 @@ def matmul_peak(dev, dtype, n, reps, warmup):
 
 def hf_peer(model):
     """-> (LlamaForCausalLM with model's configuration and weights, its version), or (None, why).
-    Our RoPE rotates interleaved pairs (2i, 2i+1) of a head, HF's rotates halves (i, i + D/2):
-    permuting the rows of wq and wk within each head makes the two compute the same function."""
+    The configuration and weights are export_hf.py's: the mapping a user's export goes through."""
     try:
         import transformers
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError:
         return None, "transformers not installed (pip install transformers)"
-    a = model.args
-    cfg = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.hidden_dim,
-                      num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads,
-                      num_key_value_heads=a.n_kv_heads, rms_norm_eps=a.norm_eps,
-                      rope_theta=a.rope_theta, max_position_embeddings=a.max_seq_len,
-                      tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
-                      use_cache=False)  # training: no KV cache
+    cfg = LlamaConfig(**export_hf.hf_config(model.args, eot_id=0), use_cache=False)  # training
     peer = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
-    hd = a.dim // a.n_heads
-
-    def rope_rows(w):
-        return w.view(-1, hd // 2, 2, w.size(-1)).transpose(1, 2).reshape(w.shape)
-
-    sd = {"model.embed_tokens.weight": model.tok_embeddings.weight,
-          "model.norm.weight": model.norm.weight, "lm_head.weight": model.output.weight}
-    for i, layer in enumerate(model.layers):
-        p, at, ff = f"model.layers.{i}.", layer.attention, layer.feed_forward
-        sd.update({p + "self_attn.q_proj.weight": rope_rows(at.wq.weight),
-                   p + "self_attn.k_proj.weight": rope_rows(at.wk.weight),
-                   p + "self_attn.v_proj.weight": at.wv.weight,
-                   p + "self_attn.o_proj.weight": at.wo.weight,
-                   p + "mlp.gate_proj.weight": ff.w1.weight, p + "mlp.up_proj.weight": ff.w3.weight,
-                   p + "mlp.down_proj.weight": ff.w2.weight,
-                   p + "input_layernorm.weight": layer.attention_norm.weight,
-                   p + "post_attention_layernorm.weight": layer.ffn_norm.weight})
-    peer.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True)
+    peer.load_state_dict(export_hf.hf_state_dict(model), strict=True)
     n_ours, n_peer = model.num_params(), sum(p.numel() for p in peer.parameters())
     assert n_ours == n_peer, f"parameter counts differ: ours {n_ours:,}, peer {n_peer:,}"
     return peer.to(model.output.weight.device).train(), f"transformers {transformers.__version__}"
