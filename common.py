@@ -82,7 +82,8 @@ def read_config_file(path):
 
 
 SCHEDULES = ("linear", "cosine", "constant")
-CHOICES = {"meta_task": ("smlmt", "lm"), "inner_params": ("head", "all"),
+CHOICES = {"meta_task": ("smlmt", "lm", "positions"), "positions_unknown": ("class0", "drop"),
+           "inner_params": ("head", "all"),
            "lr_schedule": SCHEDULES, "inner_lr_schedule": SCHEDULES,
            "inner_optimizer": ("sgd", "adamw"), "decay_params": ("all", "matrices"),
            "meta_head_init": ("xavier", "default"), "dtype": ("auto", "float32", "bfloat16")}
@@ -102,7 +103,8 @@ def check_config(c, world_size):
     if c.n_way < 2 or c.k_shot < 1 or c.q_query < 1 or c.inner_steps < 0:
         raise ConfigError("need n_way >= 2, k_shot >= 1, q_query >= 1, inner_steps >= 0")
     for key in ("batch_size", "total_batch_size", "seq_len", "meta_seq_len", "eval_interval",
-                "eval_sequences", "save_interval", "log_interval", "episodes_per_step"):
+                "eval_sequences", "save_interval", "log_interval", "episodes_per_step",
+                "positions_batch"):
         if getattr(c, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {getattr(c, key)}")
     for key in ("max_steps", "warmup_steps", "lr_decay_steps", "eval_episodes",

@@ -229,8 +229,12 @@ class Episode:
     query_x: torch.Tensor      # (N*Q, T)
     query_y: torch.Tensor      # (N*Q,)
     word_ids: torch.Tensor     # (N,) each class's word id; the meta head's class logits' columns
-    support_pos: torch.Tensor  # (N*K,) global position (in the split) of each window's last token
-    query_pos: torch.Tensor    # (N*Q,)
+    support_pos: torch.Tensor = None  # (N*K,) global position (in the split) of each window's end
+    query_pos: torch.Tensor = None    # (N*Q,)
+    # the positions of a window the examples are read at: None for its last (SMLMT windows end at
+    # the occurrence); a PositionsSampler episode reads K (support) and 1 (query) of them
+    support_at: torch.Tensor = None   # (K,)
+    query_at: torch.Tensor = None     # (1,)
 
 
 class SMLMTSampler:
@@ -317,6 +321,59 @@ class SMLMTSampler:
                        query_y=_tensor(labels[:, K:].reshape(-1)),
                        word_ids=_tensor(word_ids), support_pos=_tensor(pos[:, :K].reshape(-1)),
                        query_pos=_tensor(pos[:, K:].reshape(-1)))
+
+
+class PositionsSampler:
+    """The paper's own task construction (an ablation: meta_task "positions"), from one
+    pretraining micro-batch of B sequences: K support positions and one query position, drawn once
+    for all B sequences and never position 0 (it has no context). support_x is the batch with its
+    K support positions masked, query_x the batch with only the query position masked; labels are
+    the original tokens there, read out in (sequence, position) order. The classes are the batch's
+    distinct support tokens, padded with random other vocabulary ids to n_way (a random n_way of
+    them if more); the meta head's class logits are their columns.
+    A label outside the class set is class 0 with unknown="class0", as the paper's code mapped it
+    (a query is usually not among the support tokens, so this inflates the paper's query accuracy),
+    or left out (label -1) with unknown="drop", the correct alternative; a batch whose queries
+    would all be left out draws its positions again."""
+
+    def __init__(self, data_dir, split, batch_size, seq_len, k_shot, n_way, unknown="class0"):
+        self.reader = ShardReader(data_dir, split, batch_size, seq_len)
+        self.k_shot, self.n_way, self.unknown = k_shot, n_way, unknown
+        self.mask_id, self.vocab = self.reader.meta["mask_id"], self.reader.meta["vocab_size"]
+        if k_shot + 1 > seq_len - 1:
+            raise ValueError(f"k_shot + 1 = {k_shot + 1} positions do not fit in positions "
+                             f"1..{seq_len - 1} of a {seq_len}-token sequence")
+
+    def sample(self, rng):
+        """-> Episode, drawn from rng, a numpy Generator (as in ShardReader.next_batch)."""
+        x = self.reader.next_batch(rng)[0].numpy()  # (B, T)
+        return positions_episode(x, rng, self.k_shot, self.n_way, self.vocab, self.mask_id,
+                                 self.unknown)
+
+
+def positions_episode(x, rng, k_shot, n_way, vocab, mask_id, unknown):
+    """PositionsSampler's episode of the batch x (B, T) of token ids."""
+    K, N = k_shot, n_way
+    while True:
+        at = rng.choice(np.arange(1, x.shape[1]), K + 1, replace=False)  # K support, 1 query
+        classes = np.unique(x[:, at[:K]])
+        if len(classes) > N:
+            classes = rng.choice(classes, N, replace=False)
+        elif len(classes) < N:
+            others = np.setdiff1d(np.arange(vocab), classes)
+            classes = np.concatenate([classes, rng.choice(others, N - len(classes), replace=False)])
+        lookup = np.full(vocab, 0 if unknown == "class0" else -1)
+        lookup[classes] = np.arange(N)
+        support_y, query_y = lookup[x[:, at[:K]]].reshape(-1), lookup[x[:, at[K]]]
+        if unknown == "class0" or (query_y >= 0).any():
+            break
+    support_x, query_x = x.copy(), x.copy()
+    support_x[:, at[:K]] = mask_id
+    query_x[:, at[K]] = mask_id
+    return Episode(support_x=_tensor(support_x), support_y=_tensor(support_y),
+                   query_x=_tensor(query_x), query_y=_tensor(query_y),
+                   word_ids=_tensor(classes.astype(np.int64)), support_at=_tensor(at[:K]),
+                   query_at=_tensor(at[K:]))
 
 
 class LMTaskSampler:

@@ -65,7 +65,8 @@ beta2 = 0.999
 grad_clip = 0.0  # max gradient norm after the all-reduce; 0: off (the paper)
 # meta-learning
 meta_ratio = 0.5  # probability that an optimizer step is made of meta episodes
-meta_task = "smlmt"  # "smlmt": masked-word classification episodes; "lm": learn-this-text episodes
+meta_task = "smlmt"  # "smlmt": masked-word classification episodes; "lm": learn-this-text
+# episodes; "positions": the paper code's tasks, from random positions of a pretraining micro-batch
 inner_params = "head"  # "head": adapt the meta head only (ANIL); "all": adapt every weight
 # a meta step reads about as many tokens as an AR step, as in the paper (where every micro-batch
 # of the same 256 x 512 sequences was either AR or meta): 4 x 32 x (4 + 4) x 128 = 256 x 512
@@ -74,6 +75,9 @@ n_way = 32
 k_shot = 4
 q_query = 4
 meta_seq_len = 128  # an SMLMT window reads one position, so short windows suffice
+positions_batch = 8  # "positions": sequences of seq_len per episode (the paper's micro-batch)
+positions_unknown = "class0"  # "positions": a label outside the classes is class 0 (the paper's
+# code; it inflates query accuracy), or "drop": such examples are left out
 inner_steps = 10
 inner_lr = 0.01
 inner_optimizer = "sgd"  # "sgd" (the paper), or "adamw": the inner loop trains as LLMs are trained
@@ -145,9 +149,11 @@ def head_logits(params, h):
     return F.linear(h, w_out, b_out)
 
 
-def features(model, x):
-    """Final hidden state at each window's last position, the masked occurrence: (B, T) -> (B, C)."""
-    return model.hidden(x)[:, -1]
+def features(model, x, at=None):
+    """Final hidden states at the masked positions: each window's last (SMLMT windows end at the
+    occurrence), or the positions `at` (A,) of every window: (B, T) -> (B, C) or (B * A, C)."""
+    h = model.hidden(x)  # (B, T, C)
+    return h[:, -1] if at is None else h[:, at].flatten(0, 1)
 
 
 def weights_changed():
@@ -196,7 +202,8 @@ def restore(params, saved):
 
 
 def accuracy(logits, y):
-    return (logits.argmax(-1) == y).float().mean().detach()
+    """Share of correct predictions among the labelled examples (label -1: left out)."""
+    return (logits.argmax(-1) == y)[y >= 0].float().mean().detach()
 
 
 def smlmt_episode(model, head, ep, c, loss_scale=None):
@@ -211,7 +218,7 @@ def smlmt_episode(model, head, ep, c, loss_scale=None):
         # ANIL: the backbone is fixed during adaptation, so its support features are computed
         # once and the inner loop costs only the tiny head
         with torch.no_grad():
-            s_feat = features(model, ep.support_x).float()  # (N*K, C)
+            s_feat = features(model, ep.support_x, ep.support_at).float()  # (N*K, C)
         adapted, saved = fast, None
         support = lambda: head_logits(fast, s_feat)
     else:
@@ -220,17 +227,18 @@ def smlmt_episode(model, head, ep, c, loss_scale=None):
         adapted = [p for p in model.parameters() if p.requires_grad and p is not model.output.weight]
         saved = [p.detach().clone() for p in adapted]
         adapted = adapted + fast
-        support = lambda: head_logits(fast, features(model, ep.support_x).float())
+        support = lambda: head_logits(fast, features(model, ep.support_x, ep.support_at).float())
 
     def support_loss():
         logits = support()  # (N*K, N)
-        return F.cross_entropy(logits, ep.support_y), accuracy(logits, ep.support_y)
+        return (F.cross_entropy(logits, ep.support_y, ignore_index=-1),
+                accuracy(logits, ep.support_y))
 
     s_acc = adapt(adapted, support_loss, c)
     # 2. the query loss at the adapted weights
     with nullcontext() if loss_scale is not None else torch.no_grad():
-        q_logits = head_logits(fast, features(model, ep.query_x).float())  # (N*Q, N)
-        q_loss = F.cross_entropy(q_logits, ep.query_y)
+        q_logits = head_logits(fast, features(model, ep.query_x, ep.query_at).float())  # (N*Q, N)
+        q_loss = F.cross_entropy(q_logits, ep.query_y, ignore_index=-1)
     # 3. first order: its gradient at the adapted weights is the original weights' gradient
     if loss_scale is not None:
         (q_loss * loss_scale).backward()
@@ -265,9 +273,9 @@ def lm_episode(model, ep, c, loss_scale=None):
 
 
 def run_episode(model, head, ep, c, loss_scale=None):
-    if c.meta_task == "smlmt":
-        return smlmt_episode(model, head, ep, c, loss_scale)
-    return lm_episode(model, ep, c, loss_scale)
+    if c.meta_task == "lm":
+        return lm_episode(model, ep, c, loss_scale)
+    return smlmt_episode(model, head, ep, c, loss_scale)  # smlmt and positions
 
 
 def episode_tokens_and_flops(model, c):
@@ -278,6 +286,9 @@ def episode_tokens_and_flops(model, c):
     if c.meta_task == "smlmt":
         support, query = c.n_way * c.k_shot * c.meta_seq_len, c.n_way * c.q_query * c.meta_seq_len
         f = model.flops_per_token(c.meta_seq_len, output=False)
+    elif c.meta_task == "positions":
+        support = query = c.positions_batch * c.seq_len
+        f = model.flops_per_token(c.seq_len, output=False)
     else:
         support, query = c.k_shot * c.meta_seq_len, c.meta_seq_len
         f = model.flops_per_token(c.meta_seq_len)
@@ -333,7 +344,8 @@ def to_device(batch, dev):
         return batch.to(dev, non_blocking=True)
     if isinstance(batch, tuple):
         return tuple(to_device(t, dev) for t in batch)
-    return replace(batch, **{f.name: to_device(getattr(batch, f.name), dev) for f in fields(batch)})
+    return replace(batch, **{f.name: to_device(getattr(batch, f.name), dev) for f in fields(batch)
+                             if getattr(batch, f.name) is not None})
 
 
 def load_data(c):
@@ -357,6 +369,11 @@ def load_data(c):
             args = dict(n_way=c.n_way, k_shot=c.k_shot, q_query=c.q_query, seq_len=c.meta_seq_len)
             sampler = data.SMLMTSampler(c.data_dir, split="train", **args)
             val_sampler = data.SMLMTSampler(c.data_dir, split="val", **args)
+        elif c.meta_ratio > 0 and c.meta_task == "positions":
+            args = dict(batch_size=c.positions_batch, seq_len=c.seq_len, k_shot=c.k_shot,
+                        n_way=c.n_way, unknown=c.positions_unknown)
+            sampler = data.PositionsSampler(c.data_dir, "train", **args)
+            val_sampler = data.PositionsSampler(c.data_dir, "val", **args)
         elif c.meta_ratio > 0:
             sampler = data.LMTaskSampler(c.data_dir, c.k_shot, c.meta_seq_len, split="train")
             val_sampler = data.LMTaskSampler(c.data_dir, c.k_shot, c.meta_seq_len, split="val")
@@ -460,11 +477,15 @@ def describe(c, model, head, env, cost, grad_accum, start_step, bf16, kept):
                  f"accumulation x {env.world_size} ranks x {c.seq_len} seq_len; "
                  f"{cost.ar_flops:.3g} FLOPs")
     if c.meta_ratio > 0:
-        shape = (f"{c.n_way}-way {c.k_shot}-shot {c.q_query}-query" if c.meta_task == "smlmt"
-                 else f"{c.k_shot} support chunks + 1 query chunk")
+        shape = {"smlmt": f"{c.n_way}-way {c.k_shot}-shot {c.q_query}-query windows of "
+                          f"{c.meta_seq_len} tokens",
+                 "positions": f"{c.n_way}-way, {c.k_shot} support + 1 query positions of "
+                              f"{c.positions_batch} sequences of {c.seq_len} tokens",
+                 "lm": f"{c.k_shot} support chunks + 1 query chunk of {c.meta_seq_len} tokens"
+                 }[c.meta_task]
         lines.append(f"meta step ({c.meta_ratio:.0%} of steps): {c.episodes_per_step} "
                      f"{c.meta_task} episodes ({c.episodes_per_step // env.world_size} per rank x "
-                     f"{env.world_size} ranks) of {shape}, {c.meta_seq_len} tokens per window, "
+                     f"{env.world_size} ranks) of {shape}, "
                      f"inner_params={c.inner_params}, {c.inner_steps} inner steps at "
                      f"{c.inner_lr}: {cost.meta_tokens:,} tokens (an AR step: "
                      f"{cost.ar_tokens:,}), {cost.meta_flops:.3g} FLOPs")
@@ -489,7 +510,7 @@ def train(c):
     torch.manual_seed(c.seed)  # the same seed on every rank: identical initial weights
     model = Llama(common.model_args(c)).to(env.dev)
     head = None
-    if c.meta_ratio > 0 and c.meta_task == "smlmt":
+    if c.meta_ratio > 0 and c.meta_task != "lm":
         head = MetaHead(c.dim, c.vocab_size, c.meta_hidden, c.meta_head_init).to(env.dev)
     params = list(model.parameters()) + (list(head.parameters()) if head else [])
     # the paper decays every weight; "matrices" spares norms and biases, as nanoGPT does

@@ -244,3 +244,34 @@ def test_lm_task_short_documents(tmp_path, tiny_enc):
         assert torch.cat([sy.flatten(), qy.flatten()]).tolist() == tokens[1:]
     with pytest.raises(ValueError, match="no train document.*13"):
         data.LMTaskSampler(out, 3, 4)
+
+
+@pytest.mark.parametrize("unknown", ["class0", "drop"])
+def test_positions_episode_masks_labels_and_classes(unknown):
+    # 3 sequences of 6 tokens; ids < 20, mask 99
+    x = np.array([[5, 1, 2, 3, 4, 1], [5, 6, 7, 1, 2, 9], [5, 2, 2, 8, 8, 3]])
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        ep = data.positions_episode(x, rng, k_shot=2, n_way=4, vocab=20, mask_id=99,
+                                    unknown=unknown)
+        s_at, q_at = ep.support_at.numpy(), ep.query_at.numpy()
+        assert len(set(s_at) | set(q_at)) == 3 and 0 not in set(s_at) | set(q_at)
+        sx, qx = ep.support_x.numpy(), ep.query_x.numpy()
+        assert (sx[:, s_at] == 99).all() and (qx[:, q_at] == 99).all()
+        keep = np.setdiff1d(np.arange(6), s_at)
+        assert (sx[:, keep] == x[:, keep]).all() and (np.delete(qx, q_at, 1) == np.delete(x, q_at, 1)).all()
+        classes = ep.word_ids.numpy()
+        assert len(classes) == 4 and len(set(classes)) == 4
+        support_tokens = x[:, s_at].reshape(-1)  # read out in (sequence, position) order
+        distinct = set(support_tokens)
+        if len(distinct) <= 4:  # all in, padded with other ids
+            assert distinct <= set(classes)
+        else:  # a random 4 of them
+            assert set(classes) <= distinct
+        other = 0 if unknown == "class0" else -1
+        for tok, y in zip(support_tokens, ep.support_y.numpy()):
+            assert (classes[y] == tok) if tok in classes else y == other
+        for tok, y in zip(x[:, q_at[0]], ep.query_y.numpy()):
+            assert (classes[y] == tok) if tok in classes else y == other
+        if unknown == "drop":
+            assert (ep.query_y >= 0).any()  # a batch keeps at least one query

@@ -421,3 +421,15 @@ def test_wandb_logging_gets_every_log_row(data_dir, tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "wandb")  # off by default: never imported
     run(data_dir, tmp_path / "off", "--meta_ratio=0.0", "--max_steps=1")
     assert "wandb" not in sys.modules and calls == []
+
+
+@pytest.mark.parametrize("unknown", ["class0", "drop"])
+def test_positions_task_runs(data_dir, tmp_path, capsys, unknown):
+    run(data_dir, tmp_path, "--meta_task=positions", f"--positions_unknown={unknown}",
+        "--meta_ratio=1.0", "--max_steps=3", "--eval_interval=3", "--save_interval=3",
+        "--positions_batch=4")
+    log = read_log(tmp_path)
+    assert all(r["meta_loss"] is not None and 0 <= r["query_acc"] <= 1
+               for r in log if r["val_loss"] is None)
+    assert all(0 <= r["val_query_acc"] <= 1 for r in log if r["val_loss"] is not None)
+    assert "4-way, 2 support + 1 query positions of 4 sequences of 32 tokens" in capsys.readouterr().out

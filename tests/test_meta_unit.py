@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import meta_train
 from common import ConfigError, configure
 from meta_train import MetaHead, lm_episode, smlmt_episode
@@ -21,10 +22,10 @@ def setup(seed=0):
                             max_seq_len=16))
     head = MetaHead(32, V, 16)
     word_ids = torch.tensor([7, 3, 21, 30])
-    ep = SimpleNamespace(support_x=torch.randint(0, V, (N * K, T)),
-                         support_y=torch.arange(N).repeat_interleave(K),
-                         query_x=torch.randint(0, V, (N * Q, T)),
-                         query_y=torch.arange(N).repeat_interleave(Q), word_ids=word_ids)
+    ep = data.Episode(support_x=torch.randint(0, V, (N * K, T)),
+                      support_y=torch.arange(N).repeat_interleave(K),
+                      query_x=torch.randint(0, V, (N * Q, T)),
+                      query_y=torch.arange(N).repeat_interleave(Q), word_ids=word_ids)
     return model, head, ep
 
 
