@@ -62,7 +62,8 @@ def write_safetensors(path, tensors):
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, t in tensors.items():
         n = t.numel() * t.element_size()
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        header[name] = {"dtype": "F32", "shape": list(t.shape),
+                        "data_offsets": [offset, offset + n]}
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
@@ -168,8 +169,8 @@ def main(argv=None):
     except (common.CheckpointError, RuntimeError) as e:
         sys.exit(f"export_hf.py: error: {e}")
     export(ckpt, enc, args.out)
-    print(f"wrote {args.out}: step {ckpt['step']}, {sum(v.numel() for v in ckpt['model'].values()):,}"
-          f" parameters, tokenizer {enc.name} + [MASK]")
+    n = sum(v.numel() for v in ckpt["model"].values())
+    print(f"wrote {args.out}: step {ckpt['step']}, {n:,} parameters, tokenizer {enc.name} + [MASK]")
 
 
 if __name__ == "__main__":

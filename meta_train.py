@@ -124,7 +124,7 @@ class MetaHead(nn.Module):
                     nn.init.xavier_uniform_(m.weight)
 
     def episode_params(self, word_ids):
-        """The weights one episode uses: [w1, b1, w2, b2, w3, b3, out rows (N, h), out bias (N,)]."""
+        """The weights an episode uses: [w1, b1, w2, b2, w3, b3, out rows (N, h), out bias (N,)]."""
         return [*self.mlp.parameters(), self.out.weight[word_ids], self.out.bias[word_ids]]
 
     def add_grad(self, grads, word_ids):
@@ -224,7 +224,8 @@ def smlmt_episode(model, head, ep, c, loss_scale=None):
     else:
         # features() never projects onto the vocabulary: the output layer neither adapts nor
         # needs saving (in configs/cpu.py it is half the backbone)
-        adapted = [p for p in model.parameters() if p.requires_grad and p is not model.output.weight]
+        adapted = [p for p in model.parameters()
+                   if p.requires_grad and p is not model.output.weight]
         saved = [p.detach().clone() for p in adapted]
         adapted = adapted + fast
         support = lambda: head_logits(fast, features(model, ep.support_x, ep.support_at).float())
@@ -380,7 +381,8 @@ def load_data(c):
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
     if meta["mask_id"] >= c.vocab_size:
-        raise ConfigError(f"vocab_size {c.vocab_size} has no room for the mask id {meta['mask_id']}")
+        raise ConfigError(f"vocab_size {c.vocab_size} has no room for the mask id "
+                          f"{meta['mask_id']}")
     return meta, train_reader, val, sampler, val_sampler
 
 
@@ -456,7 +458,8 @@ def step_costs(c, model, grad_accum, world_size):
     """Tokens and estimated training FLOPs of one AR step and of one meta step."""
     ar_tokens = c.batch_size * c.seq_len * grad_accum * world_size
     ep_tokens, ep_flops = episode_tokens_and_flops(model, c) if c.meta_ratio > 0 else (0, 0.0)
-    return SimpleNamespace(ar_tokens=ar_tokens, ar_flops=ar_tokens * model.flops_per_token(c.seq_len),
+    return SimpleNamespace(ar_tokens=ar_tokens,
+                           ar_flops=ar_tokens * model.flops_per_token(c.seq_len),
                            meta_tokens=ep_tokens * c.episodes_per_step,
                            meta_flops=ep_flops * c.episodes_per_step)
 

@@ -47,7 +47,7 @@ class RMSNorm(nn.Module):
 
 
 def precompute_rope(head_dim, end, theta):
-    """cos, sin tables (end, head_dim // 2): position m rotates pair i by m * theta^(-2i/head_dim)."""
+    """cos, sin tables (end, head_dim // 2): position m rotates pair i by m theta^(-2i/head_dim)."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
     angles = torch.outer(torch.arange(end).float(), freqs)
     return angles.cos(), angles.sin()
@@ -88,7 +88,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         rep = self.n_heads // self.n_kv_heads
-        return q.transpose(1, 2), repeat_kv(k, rep).transpose(1, 2), repeat_kv(v, rep).transpose(1, 2)
+        k, v = repeat_kv(k, rep), repeat_kv(v, rep)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x, cos, sin):
         B, T, _ = x.shape
@@ -206,7 +207,7 @@ class Llama(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, ckpt, device="cpu"):
-        """Build the model from a checkpoint written by meta_train.py (a path or the loaded dict)."""
+        """The model of a checkpoint meta_train.py wrote (a path or the loaded dict)."""
         if not isinstance(ckpt, dict):
             ckpt = torch.load(ckpt, map_location=device, weights_only=False)
         model = cls(ModelArgs(**ckpt["model_args"]))

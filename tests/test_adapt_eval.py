@@ -23,7 +23,8 @@ def test_adaptation_curves_and_paired_table(ckpt, tmp_path, capsys):
     adapt_eval.main([ckpt, ckpt, "--ks", "1", "3", "--steps", "0", "2", "6", "--docs", "6",
                      "--inner_optimizer=adamw", "--inner_lr=0.01", "--out", str(out)])
     res = json.loads(out.read_text())
-    assert (res["ks"], res["steps"], res["documents"], res["chunk_len"]) == ([1, 3], [0, 2, 6], 6, 8)
+    assert (res["ks"], res["steps"]) == ([1, 3], [0, 2, 6])
+    assert (res["documents"], res["chunk_len"]) == (6, 8)
     assert res["inner"]["inner_optimizer"] == "adamw" and res["inner"]["inner_lr"] == 0.01
     (a, ra), (b, rb) = res["runs"].items()
     assert ra["curves"] == rb["curves"]  # weights restored after every run: nothing leaks

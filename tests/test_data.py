@@ -261,7 +261,8 @@ def test_positions_episode_masks_labels_and_classes(unknown):
         sx, qx = ep.support_x.numpy(), ep.query_x.numpy()
         assert (sx[:, s_at] == 99).all() and (qx[:, q_at] == 99).all()
         keep = np.setdiff1d(np.arange(6), s_at)
-        assert (sx[:, keep] == x[:, keep]).all() and (np.delete(qx, q_at, 1) == np.delete(x, q_at, 1)).all()
+        assert (sx[:, keep] == x[:, keep]).all()
+        assert (np.delete(qx, q_at, 1) == np.delete(x, q_at, 1)).all()
         classes = ep.word_ids.numpy()
         assert len(classes) == 4 and len(set(classes)) == 4
         support_tokens = x[:, s_at].reshape(-1)  # read out in (sequence, position) order

@@ -51,7 +51,8 @@ def hf_llama_logits(w, cfg, idx):
         k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
         s = rot(q) @ rot(k).transpose(-1, -2) / math.sqrt(D)
         s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
-        h = h + (s.softmax(-1) @ v).transpose(1, 2).reshape(1, T, C) @ w[p + "self_attn.o_proj.weight"].T
+        y = (s.softmax(-1) @ v).transpose(1, 2).reshape(1, T, C)
+        h = h + y @ w[p + "self_attn.o_proj.weight"].T
         x = norm(h, w[p + "post_attention_layernorm.weight"])
         m = F.silu(x @ w[p + "mlp.gate_proj.weight"].T) * (x @ w[p + "mlp.up_proj.weight"].T)
         h = h + m @ w[p + "mlp.down_proj.weight"].T

@@ -265,7 +265,8 @@ def test_non_finite_weights_after_the_last_update_are_not_saved(data_dir, tmp_pa
         return out
 
     monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_step)
-    with pytest.raises(SystemExit, match=r"non-finite weights or val loss .* at step 2; .*ckpt.pt \(step 1\)"):
+    with pytest.raises(SystemExit, match=r"non-finite weights or val loss .* at step 2; "
+                                         r".*ckpt.pt \(step 1\)"):
         run(data_dir, tmp_path, "--meta_ratio=0.0", "--max_steps=2", "--eval_interval=100",
             "--save_interval=1")
     assert not os.path.exists(tmp_path / "ckpt_000002.pt")
@@ -432,4 +433,5 @@ def test_positions_task_runs(data_dir, tmp_path, capsys, unknown):
     assert all(r["meta_loss"] is not None and 0 <= r["query_acc"] <= 1
                for r in log if r["val_loss"] is None)
     assert all(0 <= r["val_query_acc"] <= 1 for r in log if r["val_loss"] is not None)
-    assert "4-way, 2 support + 1 query positions of 4 sequences of 32 tokens" in capsys.readouterr().out
+    shape = "4-way, 2 support + 1 query positions of 4 sequences of 32 tokens"
+    assert shape in capsys.readouterr().out

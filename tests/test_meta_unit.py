@@ -186,7 +186,8 @@ def test_configure_rejects(argv, words):
 def test_configure_rejects_unknown_key_in_file(tmp_path):
     f = tmp_path / "bad.py"
     f.write_text("inner_lrr = 0.1\n")
-    with pytest.raises(ConfigError, match=r"unknown config key 'inner_lrr' \(.*bad.py\).*'inner_lr'"):
+    with pytest.raises(ConfigError,
+                       match=r"unknown config key 'inner_lrr' \(.*bad.py\).*'inner_lr'"):
         configure(meta_train.DEFAULTS, [str(f)])
 
 
@@ -202,7 +203,8 @@ def test_lr_schedule():
     assert lr(110) == pytest.approx(0.1) and lr(500) == pytest.approx(0.1)  # held at min_lr
     assert lr(60, lr_schedule="linear") == pytest.approx(0.55)
     assert lr(35, lr_schedule="linear") == pytest.approx(1.0 - 0.9 * 0.25)
-    assert lr(60, lr_decay_steps=210) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    quarter = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4))
+    assert lr(60, lr_decay_steps=210) == pytest.approx(quarter)
     # the paper's code: linear to 0 at step 10M, so 6000 steps stay within 0.04% of the peak
     paper = dict(learning_rate=3e-4, min_lr=0.0, warmup_steps=2500, max_steps=6000,
                  lr_decay_steps=10_000_000, lr_schedule="linear")
@@ -213,7 +215,7 @@ def test_lr_schedule():
 def episode_under(dtype, mode, steps, compile=False):
     """(query loss, outer gradient) of one episode whose query windows are its support windows,
     so that adaptation must lower the query loss, under autocast to `dtype` on the CPU. Inner lrs
-    small enough that 5 bf16 steps follow the fp32 trajectory (larger ones make all-mode chaotic)."""
+    small enough that 5 bf16 steps follow the fp32 trajectory (larger make all-mode chaotic)."""
     model, head, ep = setup(3)
     ep.query_x, ep.query_y = ep.support_x, ep.support_y
     c = cfg(inner_params="head" if mode == "head" else "all", inner_steps=steps,
@@ -274,7 +276,8 @@ def test_support_accuracy_is_measured_after_adaptation():
     fast = copy.deepcopy(head)
     with torch.no_grad():
         s_feat = model.hidden(ep.support_x)[:, -1]
-    acc = lambda: (fast.out(fast.mlp(s_feat))[:, ep.word_ids].argmax(-1) == ep.support_y).float().mean()
+    logits = lambda: fast.out(fast.mlp(s_feat))[:, ep.word_ids]
+    acc = lambda: (logits().argmax(-1) == ep.support_y).float().mean()
     before = acc()
     loss = F.cross_entropy(fast.out(fast.mlp(s_feat))[:, ep.word_ids], ep.support_y)
     with torch.no_grad():
@@ -297,13 +300,16 @@ def test_meta_head_init():
 def test_defaults_are_the_papers_meta_run():
     # the README's table of settings states these; its code configured them so
     d = meta_train.DEFAULTS
-    assert (d["seq_len"], d["total_batch_size"], d["max_steps"], d["warmup_steps"]) == (512, 256, 6000, 2500)
-    assert (d["learning_rate"], d["beta1"], d["beta2"], d["weight_decay"]) == (3e-4, 0.9, 0.999, 0.01)
-    assert (d["decay_params"], d["grad_clip"], d["lr_schedule"], d["lr_decay_steps"]) == ("all", 0.0, "linear", 10_000_000)
-    assert (d["meta_ratio"], d["n_way"], d["k_shot"], d["inner_steps"], d["inner_lr"]) == (0.5, 32, 4, 10, 0.01)
-    assert (d["meta_hidden"], d["meta_head_init"], d["seed"], d["inner_params"]) == (128, "xavier", 42, "head")
+    paper = dict(seq_len=512, total_batch_size=256, max_steps=6000, warmup_steps=2500,
+                 learning_rate=3e-4, beta1=0.9, beta2=0.999, weight_decay=0.01,
+                 decay_params="all", grad_clip=0.0, lr_schedule="linear",
+                 lr_decay_steps=10_000_000, meta_ratio=0.5, n_way=32, k_shot=4, inner_steps=10,
+                 inner_lr=0.01, inner_optimizer="sgd", meta_hidden=128, meta_head_init="xavier",
+                 seed=42, inner_params="head", meta_task="smlmt")
+    assert {k: d[k] for k in paper} == paper
     # a meta step reads as many tokens as an AR step
-    assert d["episodes_per_step"] * d["n_way"] * (d["k_shot"] + d["q_query"]) * d["meta_seq_len"] == 256 * 512
+    episode = d["n_way"] * (d["k_shot"] + d["q_query"]) * d["meta_seq_len"]
+    assert d["episodes_per_step"] * episode == 256 * 512
 
 
 def test_adamw_inner_step_is_a_hand_computed_adamw_step():
