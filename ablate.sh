@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The README's ablation table: configs/cpu.py for 1000 steps each, five ways, then the speedup
+# against vanilla, adaptation to new text and en_ewt NER of every final checkpoint.
+#   bash ablate.sh                       # after run_cpu.sh has built DATA (default data/cpu)
+#   UNER=path/to/uner STEPS=500 bash ablate.sh
+# A rerun skips finished runs; results go to OUT (default out/ablate).
+set -euo pipefail
+cd "$(dirname "$0")"
+OUT=${OUT:-out/ablate}
+DATA=${DATA:-data/cpu}
+STEPS=${STEPS:-1000}
+PY=.venv/bin/python
+declare -A RUNS=(
+  [vanilla]="--meta_ratio=0"
+  [smlmt]=""
+  [smlmt-inner0]="--inner_steps=0"
+  [positions]="--meta_task=positions"
+  [lm-adamw]="--meta_task=lm --inner_params=all --inner_optimizer=adamw --inner_lr=1e-3
+              --inner_lr_schedule=cosine --inner_warmup_steps=2"
+)
+ORDER=(vanilla smlmt smlmt-inner0 positions lm-adamw)
+# the proposal's inner loop for the adaptation test, the same for every checkpoint
+ADAPT=(--inner_optimizer=adamw --inner_lr=1e-3 --inner_lr_schedule=cosine --inner_warmup_steps=2)
+for name in "${ORDER[@]}"; do
+  run=$OUT/$name
+  if [ -e "$run/ckpt_$(printf %06d "$STEPS").pt" ]; then echo "== $name: done"; continue; fi
+  resume=False
+  if [ -e "$run/ckpt.pt" ]; then resume=True; fi
+  echo "== $name"
+  # shellcheck disable=SC2086
+  $PY meta_train.py configs/cpu.py --data_dir="$DATA" --out_dir="$run" --max_steps="$STEPS" \
+    --eval_interval=100 --save_interval=100 --resume=$resume ${RUNS[$name]}
+done
+runs=("${ORDER[@]/#/$OUT/}")
+$PY analyze.py --compare "${runs[@]}" --out "$OUT" > /dev/null
+$PY adapt_eval.py "${runs[@]}" "${ADAPT[@]}" --out "$OUT/adapt.json" > "$OUT/adapt.txt"
+uner=()
+if [ -n "${UNER:-}" ]; then uner=(--data_dir "$UNER"); fi
+for name in "${ORDER[@]}"; do
+  [ -e "$OUT/ner_$name.json" ] && continue
+  $PY ner_eval.py "$OUT/$name" "${uner[@]}" --train_sets en_ewt --test_sets en_ewt --regime full \
+    --max_train_sentences 2000 --max_eval_sentences 500 --lr 1e-3 --threads 1 \
+    --out "$OUT/ner_$name.json" > /dev/null
+done
+$PY - "$OUT" "${ORDER[@]}" <<'EOF'
+import json, os, sys
+out, names = sys.argv[1], sys.argv[2:]
+compare = open(os.path.join(out, "compare.txt")).read()
+adapt = json.load(open(os.path.join(out, "adapt.json")))
+k, s = max(adapt["ks"]), max(adapt["steps"])
+print(f"{'run':14s} {'val loss':>8s} {'meta query acc':>14s} {'AR+meta tokens':>14s} {'FLOPs':>8s}"
+      f" {'time s':>7s} {'adapt s=0':>9s} {f'k={k} s={s}':>9s} {'NER F1':>7s}")
+for name in names:
+    rows = [json.loads(l) for l in open(os.path.join(out, name, "log.jsonl"))]
+    last = [r for r in rows if r["val_loss"] is not None][-1]
+    run = next(v for key, v in adapt["runs"].items()
+               if os.path.basename(os.path.dirname(key)) == name)
+    a0 = sum(run["curves"][str(k)]["0"]) / len(run["curves"][str(k)]["0"])
+    a1 = sum(run["curves"][str(k)][str(s)]) / len(run["curves"][str(k)][str(s)])
+    ner = json.load(open(os.path.join(out, f"ner_{name}.json")))
+    f1 = ner["runs"]["en_ewt/full"]["test"]["en_ewt"]["final"]["f1"]
+    acc = f"{last['val_query_acc']:.3f}" if last["val_query_acc"] is not None else "-"
+    print(f"{name:14s} {last['val_loss']:8.4f} {acc:>14s} "
+          f"{last['ar_tokens'] + last['meta_tokens']:>14,} {last['flops']:8.3g} {last['time']:7.0f}"
+          f" {a0:9.4f} {a1:9.4f} {100 * f1:7.1f}")
+print()
+print(compare)
+print(open(os.path.join(out, "adapt.txt")).read())
+EOF
