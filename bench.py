@@ -211,7 +211,8 @@ def run(cfg, reps=10, warmup=2, compile=True, peak_n=None, text=(), num_proc=1):
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # a busy machine times slow
     # data first: the tokenizer benchmark forks worker processes, best before torch's threads exist
     later, notes = data_rows(c, text, num_proc), []
-    dev = torch.device(common.init_device(c.device).dev)
+    env = common.init_device(c.device)  # on CPU it keeps freed memory, as meta_train.py does
+    dev = torch.device(env.dev)
     cuda = dev.type == "cuda"
     autocast, bf16 = common.autocast(c.dtype, dev.type)
     sync = torch.cuda.synchronize if cuda else None
@@ -340,6 +341,8 @@ def run(cfg, reps=10, warmup=2, compile=True, peak_n=None, text=(), num_proc=1):
         with open("/proc/cpuinfo") as f:
             cpu = next((l.split(":")[1].strip() for l in f if "model name" in l), cpu)
     facts = {"device": torch.cuda.get_device_name(dev) if cuda else f"CPU: {cpu}",
+             "malloc": "glibc keeps freed memory, as meta_train.py" if env.kept_memory
+             else "default",
              "torch": torch.__version__, "threads": torch.get_num_threads(),
              "load": f"{load:.2f} (1-minute load average at the start)" if load is not None else "",
              "dtype": "bf16 autocast" if bf16 else "fp32", "model": model_summary(model),
@@ -402,8 +405,6 @@ def main(argv=None):
         parser.error("--reps must be at least 1 and --warmup at least 0")
     if args.json:  # before the minutes of measuring, not after
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    # as meta_train.py does on CPU: without it, large tensors are page-faulted in every step
-    kept = not torch.cuda.is_available() and common.keep_freed_memory()
     config = args.config or os.path.join(ROOT, "configs", "181m.py" if torch.cuda.is_available()
                                          else "cpu.py")
     try:
@@ -414,7 +415,6 @@ def main(argv=None):
     facts, rows = run(cfg, args.reps, args.warmup, args.compile, args.peak_n, args.text,
                       args.num_proc)
     facts["config"] = " ".join([os.path.relpath(config)] + overrides)
-    facts["malloc"] = "glibc keeps freed memory, as meta_train.py on CPU" if kept else "default"
     facts["command"] = " ".join(["python", "bench.py"] + (sys.argv[1:] if argv is None else argv))
     print(format_table(facts, rows, tera=torch.cuda.is_available()))
     if args.json:

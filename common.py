@@ -141,8 +141,9 @@ def model_args(c):
 
 def init_device(device="auto"):
     """The device this process computes on, and its place in a torchrun job ->
-    SimpleNamespace(dev, type, ddp, rank, local_rank, world_size, master). "auto": cuda when
-    available (the local rank's GPU under torchrun), else cpu."""
+    SimpleNamespace(dev, type, ddp, rank, local_rank, world_size, master, kept_memory). "auto":
+    cuda when available (the local rank's GPU under torchrun), else cpu, where glibc is asked to
+    keep freed memory (keep_freed_memory)."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world_size = 0, 0, 1
     if ddp:
@@ -155,8 +156,10 @@ def init_device(device="auto"):
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return SimpleNamespace(dev=dev, type=torch.device(dev).type, ddp=ddp, rank=rank,
-                           local_rank=local_rank, world_size=world_size, master=rank == 0)
+    kind = torch.device(dev).type
+    return SimpleNamespace(dev=dev, type=kind, ddp=ddp, rank=rank, local_rank=local_rank,
+                           world_size=world_size, master=rank == 0,
+                           kept_memory=kind == "cpu" and keep_freed_memory())
 
 
 def init_process_group(env):

@@ -464,7 +464,7 @@ def step_costs(c, model, grad_accum, world_size):
                            meta_flops=ep_flops * c.episodes_per_step)
 
 
-def describe(c, model, head, env, cost, grad_accum, start_step, bf16, kept):
+def describe(c, model, head, env, cost, grad_accum, start_step, bf16):
     """The derived quantities a user needs to trust a run, printed once at its start."""
     peak = peak_flops(env.dev)
     lines = [f"model: {model_summary(model)}"]
@@ -474,7 +474,7 @@ def describe(c, model, head, env, cost, grad_accum, start_step, bf16, kept):
                      f"{c.n_way} rows)")
     lines.append(f"device {env.dev} x {env.world_size} rank(s), "
                  f"{'bf16 autocast' if bf16 else 'fp32'}, compile={c.compile}, "
-                 f"{'glibc keeps freed memory, ' if kept else ''}"
+                 f"{'glibc keeps freed memory, ' if env.kept_memory else ''}"
                  f"peak {'%.0f TFLOP/s' % (peak / 1e12) if peak else 'unknown (no MFU)'}")
     lines.append(f"AR step: {cost.ar_tokens:,} tokens = {c.batch_size} micro-batch x {grad_accum} "
                  f"accumulation x {env.world_size} ranks x {c.seq_len} seq_len; "
@@ -503,7 +503,6 @@ def describe(c, model, head, env, cost, grad_accum, start_step, bf16, kept):
 
 def train(c):
     env = common.init_device(c.device)
-    kept = env.type == "cpu" and common.keep_freed_memory()
     say = print if env.master else (lambda *a, **k: None)
     common.check_config(c, env.world_size)
     grad_accum = c.total_batch_size // (c.batch_size * env.world_size)
@@ -534,7 +533,7 @@ def train(c):
                 run.truncate_log(start_step)  # lines the interrupted run wrote after it
         else:
             run.refuse_earlier_run()
-        say(describe(c, model, head, env, cost, grad_accum, start_step, bf16, kept))
+        say(describe(c, model, head, env, cost, grad_accum, start_step, bf16))
         if c.compile:
             model.compile(dynamic=False)  # static shapes: AR batches, support and query windows
             # compile every graph now, so that compilation is not logged as training time (which
