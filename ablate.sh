@@ -3,43 +3,51 @@
 # against vanilla, adaptation to new text and en_ewt NER of every final checkpoint.
 #   bash ablate.sh                       # after run_cpu.sh has built DATA (default data/cpu)
 #   UNER=path/to/uner STEPS=500 bash ablate.sh
-# A rerun skips finished runs; results go to OUT (default out/ablate).
+# A rerun skips what is done; results go to OUT (default out/ablate).
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-out/ablate}
 DATA=${DATA:-data/cpu}
 STEPS=${STEPS:-1000}
 PY=.venv/bin/python
-declare -A RUNS=(
-  [vanilla]="--meta_ratio=0"
-  [smlmt]=""
-  [smlmt-inner0]="--inner_steps=0"
-  [positions]="--meta_task=positions"
-  [lm-adamw]="--meta_task=lm --inner_params=all --inner_optimizer=adamw --inner_lr=1e-3
-              --inner_lr_schedule=cosine --inner_warmup_steps=2"
-)
 ORDER=(vanilla smlmt smlmt-inner0 positions lm-adamw)
+keys() {  # the config keys of each run
+  case $1 in
+    vanilla) echo "--meta_ratio=0" ;;
+    smlmt) echo "" ;;
+    smlmt-inner0) echo "--inner_steps=0" ;;  # multitask: the extra supervision, no adaptation
+    # the paper code's shape: 8 sequences x 4 support positions = 32 classes at most, so none
+    # is dropped; 2 episodes of 8 sequences read what an AR step of 16 does
+    positions) echo "--meta_task=positions --n_way=32" ;;
+    lm-adamw) echo "--meta_task=lm --inner_params=all --inner_optimizer=adamw --inner_lr=1e-3
+                    --inner_lr_schedule=cosine --inner_warmup_steps=2" ;;
+  esac
+}
 # the proposal's inner loop for the adaptation test, the same for every checkpoint
 ADAPT=(--inner_optimizer=adamw --inner_lr=1e-3 --inner_lr_schedule=cosine --inner_warmup_steps=2)
+final=ckpt_$(printf %06d "$STEPS").pt
 for name in "${ORDER[@]}"; do
   run=$OUT/$name
-  if [ -e "$run/ckpt_$(printf %06d "$STEPS").pt" ]; then echo "== $name: done"; continue; fi
+  if [ -e "$run/$final" ]; then echo "== $name: done"; continue; fi
   resume=False
-  if [ -e "$run/ckpt.pt" ]; then resume=True; fi
+  if compgen -G "$run/ckpt*.pt" > /dev/null; then resume=True; fi
   echo "== $name"
-  # shellcheck disable=SC2086
+  # shellcheck disable=SC2046
   $PY meta_train.py configs/cpu.py --data_dir="$DATA" --out_dir="$run" --max_steps="$STEPS" \
-    --eval_interval=100 --save_interval=100 --resume=$resume ${RUNS[$name]}
+    --eval_interval=100 --save_interval=100 --resume=$resume $(keys "$name")
 done
 runs=("${ORDER[@]/#/$OUT/}")
-$PY analyze.py --compare "${runs[@]}" --out "$OUT" > /dev/null
-$PY adapt_eval.py "${runs[@]}" "${ADAPT[@]}" --out "$OUT/adapt.json" > "$OUT/adapt.txt"
+[ -e "$OUT/compare.txt" ] || $PY analyze.py --compare "${runs[@]}" --out "$OUT" > /dev/null
+if [ ! -e "$OUT/adapt.txt" ]; then
+  $PY adapt_eval.py "${runs[@]}" "${ADAPT[@]}" --out "$OUT/adapt.json" > "$OUT/adapt.txt.tmp"
+  mv "$OUT/adapt.txt.tmp" "$OUT/adapt.txt"
+fi
 uner=()
 if [ -n "${UNER:-}" ]; then uner=(--data_dir "$UNER"); fi
 for name in "${ORDER[@]}"; do
   [ -e "$OUT/ner_$name.json" ] && continue
-  $PY ner_eval.py "$OUT/$name" "${uner[@]}" --train_sets en_ewt --test_sets en_ewt --regime full \
-    --max_train_sentences 2000 --max_eval_sentences 500 --lr 1e-3 --threads 1 \
+  $PY ner_eval.py "$OUT/$name" ${uner[@]+"${uner[@]}"} --train_sets en_ewt --test_sets en_ewt \
+    --regime full --max_train_sentences 2000 --max_eval_sentences 500 --lr 1e-3 --threads 1 \
     --out "$OUT/ner_$name.json" > /dev/null
 done
 $PY - "$OUT" "${ORDER[@]}" <<'EOF'
@@ -55,8 +63,8 @@ for name in names:
     last = [r for r in rows if r["val_loss"] is not None][-1]
     run = next(v for key, v in adapt["runs"].items()
                if os.path.basename(os.path.dirname(key)) == name)
-    a0 = sum(run["curves"][str(k)]["0"]) / len(run["curves"][str(k)]["0"])
-    a1 = sum(run["curves"][str(k)][str(s)]) / len(run["curves"][str(k)][str(s)])
+    mean = lambda v: sum(v) / len(v)
+    a0, a1 = mean(run["curves"][str(k)]["0"]), mean(run["curves"][str(k)][str(s)])
     ner = json.load(open(os.path.join(out, f"ner_{name}.json")))
     f1 = ner["runs"]["en_ewt/full"]["test"]["en_ewt"]["final"]["f1"]
     acc = f"{last['val_query_acc']:.3f}" if last["val_query_acc"] is not None else "-"

@@ -49,13 +49,16 @@ def spans_from_text(paths, enc, n_chunks, T, n_docs):
 
 
 def spans_from_split(data_dir, n_chunks, T, n_docs, seed):
-    """Spans of the val split: LMTaskSampler's, one per fixed seed (long documents weigh more)."""
+    """One (n_chunks * T + 1)-token span of each of n_docs distinct val documents long enough
+    for it (all of them if fewer), at a random start: documents drawn without replacement, so
+    the standard error counts independent documents."""
     sampler = data.LMTaskSampler(data_dir, n_chunks - 1, T, split="val")
-    spans = []
-    for i in range(n_docs):
-        sx, sy, qx, qy = sampler.sample(np.random.default_rng([seed, i]))
-        spans.append(torch.cat([sx.flatten(), qx.flatten(), qy[0, -1:]]))  # the whole span
-    return torch.stack(spans)
+    rng = np.random.default_rng(seed)
+    docs = rng.choice(sampler.n_docs, min(n_docs, sampler.n_docs), replace=False)
+    starts = sampler.doc_begins[docs] + (rng.random(len(docs)) * sampler.n_spans[docs]).astype(
+        np.int64)
+    return torch.from_numpy(data._gather(sampler.shards, sampler.shard_starts, starts,
+                                         n_chunks * T + 1))
 
 
 def adaptation_curves(model, spans, ks, steps, inner, T, env, autocast):
@@ -145,9 +148,8 @@ def main(argv=None):
     p.add_argument("--docs", type=int, default=32, help="documents averaged over")
     p.add_argument("--seed", type=int, default=0, help="which val documents")
     for key in INNER_KEYS:
-        kind = str if key in ("inner_optimizer", "inner_lr_schedule") else (
-            int if key == "inner_warmup_steps" else float)
-        p.add_argument(f"--{key}", type=kind, help="default: the first checkpoint's")
+        p.add_argument(f"--{key}", type=type(meta_train.DEFAULTS[key]),
+                       help="default: the first checkpoint's")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--out", help="JSON path (default: adapt_eval.json beside the first checkpoint)")
@@ -155,22 +157,26 @@ def main(argv=None):
     if min(args.ks) < 1 or min(args.steps) < 0 or args.docs < 1:
         p.error("--ks must be >= 1, --steps >= 0, --docs >= 1")
     try:
-        paths = [os.path.join(c, "ckpt.pt") if os.path.isdir(c) else c for c in args.ckpts]
+        paths = [common.checkpoint_path(c) for c in args.ckpts]
         ckpts = [common.load_checkpoint(path, need=("model_args", "model", "config", "step",
                                                     "tokenizer")) for path in paths]
         first = ckpts[0]["config"]
         inner = {k: getattr(args, k) if getattr(args, k) is not None else first.get(
             k, meta_train.DEFAULTS[k]) for k in INNER_KEYS}
         T = args.chunk_len or first["meta_seq_len"]
+        for path, ckpt in zip(paths, ckpts):
+            if T > ckpt["model_args"]["max_seq_len"]:
+                raise ValueError(f"{path}: chunks of {T} tokens > its max_seq_len "
+                                 f"{ckpt['model_args']['max_seq_len']}; lower --chunk_len")
         if args.text:
             enc = common.get_encoding(ckpts[0]["tokenizer"])
             spans = spans_from_text(args.text, enc, max(args.ks) + 1, T, args.docs)
         else:
             spans = spans_from_split(args.data_dir or first["data_dir"], max(args.ks) + 1, T,
                                      args.docs, args.seed)
+        env = common.init_device(args.device)
     except (common.CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"adapt_eval.py: error: {e}")
-    env = common.init_device(args.device)
     autocast, _ = common.autocast(args.dtype, env.type)
     ks, steps = sorted(set(args.ks)), sorted(set(args.steps))
     print(f"{len(spans)} documents, {max(ks)} + 1 chunks of {T} tokens each; inner loop: "

@@ -412,16 +412,9 @@ def read_log(run_dir):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no log.jsonl in {run_dir}")
     evals = {}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {n} is not JSON: {e}") from None
-            if rec.get("val_loss") is not None:
-                evals[rec["step"]] = rec
+    for rec in common.read_log(path):
+        if rec.get("val_loss") is not None:
+            evals[rec["step"]] = rec
     if not evals:
         raise ValueError(f"{path} has no eval lines (val_loss)")
     recs = [evals[s] for s in sorted(evals)]

@@ -410,10 +410,10 @@ def main(argv=None):
     try:
         cfg = common.configure(meta_train.DEFAULTS, [config] + overrides + [
             f"--device={args.device}", f"--dtype={args.dtype}"])
+        facts, rows = run(cfg, args.reps, args.warmup, args.compile, args.peak_n, args.text,
+                          args.num_proc)
     except common.ConfigError as e:
         sys.exit(f"config error: {e}")
-    facts, rows = run(cfg, args.reps, args.warmup, args.compile, args.peak_n, args.text,
-                      args.num_proc)
     facts["config"] = " ".join([os.path.relpath(config)] + overrides)
     facts["command"] = " ".join(["python", "bench.py"] + (sys.argv[1:] if argv is None else argv))
     print(format_table(facts, rows, tera=torch.cuda.is_available()))

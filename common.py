@@ -100,15 +100,16 @@ def check_config(c, world_size):
         raise ConfigError(f"meta_ratio must be in [0, 1], got {c.meta_ratio}")
     if c.meta_task == "lm" and c.inner_params != "all":
         raise ConfigError("meta_task 'lm' adapts the whole model: set inner_params='all'")
-    if c.n_way < 2 or c.k_shot < 1 or c.q_query < 1 or c.inner_steps < 0:
-        raise ConfigError("need n_way >= 2, k_shot >= 1, q_query >= 1, inner_steps >= 0")
+    if c.n_way < 2:
+        raise ConfigError(f"n_way must be at least 2, got {c.n_way}")
     for key in ("batch_size", "total_batch_size", "seq_len", "meta_seq_len", "eval_interval",
                 "eval_sequences", "save_interval", "log_interval", "episodes_per_step",
-                "positions_batch"):
+                "positions_batch", "k_shot", "q_query", "dim", "n_layers", "n_heads",
+                "n_kv_heads", "vocab_size", "meta_hidden"):
         if getattr(c, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {getattr(c, key)}")
     for key in ("max_steps", "warmup_steps", "lr_decay_steps", "eval_episodes",
-                "inner_warmup_steps"):
+                "inner_warmup_steps", "inner_steps"):
         if getattr(c, key) < 0:
             raise ConfigError(f"{key} must be at least 0, got {getattr(c, key)}")
     for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "inner_lr",
@@ -118,6 +119,14 @@ def check_config(c, world_size):
     for key in ("beta1", "beta2", "inner_beta1", "inner_beta2"):
         if not 0.0 <= getattr(c, key) < 1.0:
             raise ConfigError(f"{key} must be in [0, 1), got {getattr(c, key)}")
+    if 0 < c.lr_decay_steps <= c.warmup_steps:
+        raise ConfigError(f"lr_decay_steps {c.lr_decay_steps} must come after warmup_steps "
+                          f"{c.warmup_steps} (or be 0: max_steps)")
+    if c.wandb_log:
+        try:
+            import wandb  # noqa: F401 (found now, not after minutes of setup)
+        except ImportError:
+            raise ConfigError("wandb_log=True but wandb is not installed (pip install wandb)")
     if c.total_batch_size % (c.batch_size * world_size):
         raise ConfigError(f"total_batch_size {c.total_batch_size} is not a multiple of batch_size "
                           f"{c.batch_size} x {world_size} ranks")
@@ -150,13 +159,20 @@ def init_device(device="auto"):
         rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
         world_size = int(os.environ["WORLD_SIZE"])
     dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(dev).type
+    except RuntimeError as e:
+        raise ConfigError(f"device {device!r}: {e}") from None
+    if kind not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r}: only cpu and cuda are supported")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: this torch build or machine has no CUDA device")
     if dev == "cuda":
         dev = f"cuda:{local_rank}"
     if dev.startswith("cuda"):
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    kind = torch.device(dev).type
     return SimpleNamespace(dev=dev, type=kind, ddp=ddp, rank=rank, local_rank=local_rank,
                            world_size=world_size, master=rank == 0,
                            kept_memory=kind == "cpu" and keep_freed_memory())
@@ -247,6 +263,41 @@ def load_checkpoint(path, device="cpu", need=("model_args", "model", "config", "
     return ckpt
 
 
+def checkpoint_path(path):
+    """The checkpoint a command-line argument names: a file, or a run directory's ckpt.pt."""
+    return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+
+
+def read_log(path):
+    """The rows of a log.jsonl. A crash while a line was written leaves it torn: a torn last line
+    is dropped with a warning; a line that is not JSON anywhere else is an error naming it."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines):  # no newline after it: the write was cut short
+                print(f"warning: {path}: dropped its torn last line {line[:60]!r}...")
+                continue
+            raise ConfigError(f"{path} line {n} is not JSON ({line[:60]!r}); fix or remove "
+                              f"that line") from None
+    return rows
+
+
+def checkpoint_and_encoding(path, tokenizer=None, need=("model_args", "model", "step")):
+    """load_checkpoint(path) and its tiktoken encoding (tokenizer: a name overriding the
+    checkpoint's); either failure raises CheckpointError naming the file."""
+    ckpt = load_checkpoint(path, need=tuple(need) + (() if tokenizer else ("tokenizer",)))
+    try:
+        return ckpt, get_encoding(tokenizer or ckpt["tokenizer"])
+    except RuntimeError as e:  # unknown name, or no network and no cached BPE file
+        raise CheckpointError(f"{path}: {e}") from None
+
+
 def save_checkpoint(path, obj):
     atomic_write(path, lambda f: torch.save(obj, f))
 
@@ -305,8 +356,8 @@ class RunDir:
             self.lock.close()  # closing the file releases the lock
 
     def checkpoints(self):
-        return [os.path.join(self.out_dir, f) for f in sorted(os.listdir(self.out_dir))
-                if f.startswith("ckpt") and f.endswith(".pt")]
+        return ([self.ckpt] if os.path.exists(self.ckpt) else []) + [
+            p for _, p in numbered_checkpoints(self.out_dir)]
 
     def load_resume_checkpoint(self, device):
         """The checkpoint to resume from -> (dict, path): ckpt.pt, which holds the optimizer
@@ -348,25 +399,8 @@ class RunDir:
             f.write(json.dumps({k: row.get(k) for k in LOG_KEYS}) + "\n")
 
     def truncate_log(self, step):
-        """Keep the log lines up to `step` (a resumed run writes the later ones again). A crash
-        while a line was written leaves it torn: a torn last line is dropped with a warning; a
-        line that is not JSON anywhere else is an error naming it (the log was edited)."""
-        if not os.path.exists(self.log):
-            return
-        with open(self.log, "rb") as f:
-            lines = f.read().split(b"\n")
-        keep = []
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                if n == len(lines):  # no newline after it: the write was cut short
-                    print(f"warning: {self.log}: dropped its torn last line {line[:60]!r}...")
-                    continue
-                raise ConfigError(f"{self.log} line {n} is not JSON ({line[:60]!r}); "
-                                  f"fix or remove that line, then resume") from None
-            if row["step"] <= step:
-                keep.append(line + b"\n")
-        atomic_write(self.log, lambda f: f.write(b"".join(keep)))
+        """Keep the log lines up to `step` (a resumed run writes the later ones again); read_log
+        drops a line a crash tore."""
+        if os.path.exists(self.log):
+            keep = [json.dumps(row) + "\n" for row in read_log(self.log) if row["step"] <= step]
+            atomic_write(self.log, lambda f: f.write("".join(keep).encode()))

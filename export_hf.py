@@ -21,6 +21,11 @@ import common
 from model import Llama
 
 
+# GPT-2's split pattern (tiktoken's r50k), which the ByteLevel pre-tokenizer of tokenizer.json uses
+GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$"""
+                r"""|\s+(?!\S)|\s""")
+
+
 def hf_config(args, eot_id):
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
             "vocab_size": args.vocab_size, "hidden_size": args.dim,
@@ -146,7 +151,10 @@ def write_tokenizer(out, enc, mask_id, max_len):
 def export(ckpt, enc, out):
     """Write the Hugging Face folder of a loaded checkpoint -> out."""
     model = Llama.from_checkpoint(ckpt)
-    mask_id = enc.n_vocab  # data.py puts [MASK] right after the tokenizer's vocabulary
+    if enc._pat_str != GPT2_PATTERN:
+        raise ValueError(f"tokenizer {enc.name}: the exported tokenizer files describe GPT-2's "
+                         f"byte-level BPE, whose split pattern this one does not use")
+    mask_id = enc.n_vocab  # prepare.py puts [MASK] right after the tokenizer's vocabulary
     os.makedirs(out, exist_ok=True)
     common.write_json(os.path.join(out, "config.json"), hf_config(model.args, enc.eot_token))
     common.write_json(os.path.join(out, "generation_config.json"), {
@@ -162,13 +170,12 @@ def main(argv=None):
     p.add_argument("ckpt", help="checkpoint file, or a run directory (its ckpt.pt)")
     p.add_argument("out", help="folder to write")
     args = p.parse_args(argv)
-    path = os.path.join(args.ckpt, "ckpt.pt") if os.path.isdir(args.ckpt) else args.ckpt
+    path = common.checkpoint_path(args.ckpt)
     try:
-        ckpt = common.load_checkpoint(path, need=("model_args", "model", "step", "tokenizer"))
-        enc = common.get_encoding(ckpt["tokenizer"])
-    except (common.CheckpointError, RuntimeError) as e:
+        ckpt, enc = common.checkpoint_and_encoding(path)
+        export(ckpt, enc, args.out)
+    except (common.CheckpointError, ValueError, OSError) as e:
         sys.exit(f"export_hf.py: error: {e}")
-    export(ckpt, enc, args.out)
     n = sum(v.numel() for v in ckpt["model"].values())
     print(f"wrote {args.out}: step {ckpt['step']}, {n:,} parameters, tokenizer {enc.name} + [MASK]")
 

@@ -13,7 +13,6 @@ final weights, (5) runs bench.py at the config's shape. Any other --key=value ov
 meta_train.py config key. Results go to --work/gpu_check.json as well.
 """
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -66,21 +65,16 @@ def train_run(cfg, out_dir, copy_at=None, copy_to=None, resume=False):
     finally:
         common.save_checkpoint = save
     breaks = dict(counters["graph_break"])
-    return read_log(out_dir), {"graphs": counters["stats"]["unique_graphs"],
-                               "graph_breaks": sum(breaks.values()),
-                               "break_reasons": list(breaks)[:5]}
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    log = common.read_log(os.path.join(out_dir, "log.jsonl"))
+    return log, {"graphs": counters["stats"]["unique_graphs"],
+                 "graph_breaks": sum(breaks.values()), "break_reasons": list(breaks)[:5]}
 
 
 def inner_loop_check(ckpt_path, cfg, dev, autocast):
     """Query loss of one val episode whose query windows are its support windows, with 0 and with
     inner_steps inner steps, under the run's autocast and in fp32: adaptation must lower it
     alike."""
-    ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
+    ckpt = common.load_checkpoint(ckpt_path, dev)
     c = SimpleNamespace(**cfg)
     model = Llama.from_checkpoint(ckpt, dev)
     head = meta_train.MetaHead(c.dim, c.vocab_size, c.meta_hidden).to(dev)
@@ -129,14 +123,15 @@ def check(text, enc, work, config, overrides, steps=6, max_tokens=5_000_000, run
         report["train"]["peak_memory_GiB"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
     shutil.copy(os.path.join(work, "full", "log.jsonl"), os.path.join(work, "resumed"))
     train_run(cfg, os.path.join(work, "resumed"), resume=True)
-    final = [torch.load(os.path.join(work, d, f"ckpt_{steps:06d}.pt"), weights_only=False,
-                        map_location="cpu") for d in ("full", "resumed")]
+    final = [common.load_checkpoint(os.path.join(work, d, f"ckpt_{steps:06d}.pt"))
+             for d in ("full", "resumed")]
     diffs = [(a - b).abs().max().item() for part in ("model", "head") if final[0][part]
              for a, b in zip(final[0][part].values(), final[1][part].values())]
     report["resume_max_abs_diff"] = max(diffs)
     autocast, _ = common.autocast(c.dtype, torch.device(dev).type)
-    report["inner_loop"] = inner_loop_check(os.path.join(work, "full", f"ckpt_{steps:06d}.pt"),
-                                            cfg, dev, autocast)
+    if c.meta_task == "smlmt" and c.meta_ratio > 0:  # the check reads an SMLMT val episode
+        report["inner_loop"] = inner_loop_check(
+            os.path.join(work, "full", f"ckpt_{steps:06d}.pt"), cfg, dev, autocast)
     if run_bench:
         facts, rows = bench.run(cfg, reps=5, warmup=2, compile=True)
         report["bench"] = bench.format_table(facts, rows, tera=dev.startswith("cuda"))
@@ -159,8 +154,9 @@ def format_report(r):
         lines.append(f"  step {s['step']}: {kind}, {ms:.0f} ms per {unit}, "
                      f"{s['tok_per_s']:,.0f} tok/s{mfu}")
     lines.append(f"resume: max |weight difference| at the last step {r['resume_max_abs_diff']:.3g}")
-    lines.append("inner loop, query = support windows: " + ", ".join(
-        f"{k}: {v:.4f}" for k, v in r["inner_loop"].items()))
+    if "inner_loop" in r:
+        lines.append("inner loop, query = support windows: " + ", ".join(
+            f"{k}: {v:.4f}" for k, v in r["inner_loop"].items()))
     if "bench" in r:
         lines += ["", r["bench"]]
     lines.append(f"\ndone in {r['seconds']:.0f} s")

@@ -68,8 +68,9 @@ meta_ratio = 0.5  # probability that an optimizer step is made of meta episodes
 meta_task = "smlmt"  # "smlmt": masked-word classification episodes; "lm": learn-this-text
 # episodes; "positions": the paper code's tasks, from random positions of a pretraining micro-batch
 inner_params = "head"  # "head": adapt the meta head only (ANIL); "all": adapt every weight
-# a meta step reads about as many tokens as an AR step, as in the paper (where every micro-batch
-# of the same 256 x 512 sequences was either AR or meta): 4 x 32 x (4 + 4) x 128 = 256 x 512
+# an SMLMT meta step reads about as many tokens as an AR step, as in the paper (where every
+# micro-batch of the same 256 x 512 sequences was either AR or meta): 4 x 32 x 8 x 128 = 256 x 512;
+# for "positions" that takes total_batch_size / positions_batch episodes
 episodes_per_step = 4  # over all ranks, split among them; independent of batch_size
 n_way = 32
 k_shot = 4
@@ -171,17 +172,19 @@ def adapt(params, support_loss, c):
     schedule = SimpleNamespace(learning_rate=c.inner_lr, warmup_steps=c.inner_warmup_steps,
                                lr_schedule=c.inner_lr_schedule, lr_decay_steps=c.inner_steps,
                                max_steps=c.inner_steps, min_lr=0.0)
-    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    adamw = c.inner_optimizer == "adamw"  # SGD keeps no state: at 570m all-mode that is 4.6 GB
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) if adamw else None for p in params]
     for t in range(c.inner_steps):
         lr = get_lr(t, schedule)
         grads = torch.autograd.grad(support_loss()[0], params, allow_unused=True)
         with torch.no_grad():
-            for p, g, (m, v) in zip(params, grads, moments):
+            for p, g, state in zip(params, grads, moments):
                 if g is None:
                     continue
-                if c.inner_optimizer == "sgd":
+                if not adamw:
                     p.sub_(g, alpha=lr)
                     continue
+                m, v = state
                 # AdamW as torch.optim.AdamW computes it: decoupled decay, bias-corrected moments
                 p.mul_(1 - lr * c.inner_weight_decay)
                 m.lerp_(g, 1 - c.inner_beta1)
@@ -207,10 +210,11 @@ def accuracy(logits, y):
 
 
 def smlmt_episode(model, head, ep, c, loss_scale=None):
-    """One N-way K-shot SMLMT episode, first-order MAML. With loss_scale, loss_scale * query loss
-    is backpropagated: the backbone's .grad gets its ordinary gradient at the adapted weights, the
-    head's .grad the gradient taken at its adapted copy. Without it (eval) nothing is accumulated.
-    Every weight of model and head ends the episode exactly as it started.
+    """One N-way K-shot SMLMT episode, first-order MAML (also a positions episode, whose examples
+    are read at ep.support_at / ep.query_at; label -1: left out). With loss_scale, loss_scale *
+    query loss is backpropagated: the backbone's .grad gets its ordinary gradient at the adapted
+    weights, the head's .grad the gradient taken at its adapted copy. Without it (eval) nothing is
+    accumulated. Every weight of model and head ends the episode exactly as it started.
     Returns (query loss, support accuracy after adaptation, query accuracy)."""
     fast = [p.detach().clone().requires_grad_() for p in head.episode_params(ep.word_ids)]
     # 1. adapt on the support set
@@ -286,16 +290,16 @@ def episode_tokens_and_flops(model, c):
     are left out."""
     if c.meta_task == "smlmt":
         support, query = c.n_way * c.k_shot * c.meta_seq_len, c.n_way * c.q_query * c.meta_seq_len
-        f = model.flops_per_token(c.meta_seq_len, output=False)
-    elif c.meta_task == "positions":
-        support = query = c.positions_batch * c.seq_len
+        tokens, f = support + query, model.flops_per_token(c.meta_seq_len, output=False)
+    elif c.meta_task == "positions":  # the support and query passes read the same B x T tokens
+        support = query = tokens = c.positions_batch * c.seq_len
         f = model.flops_per_token(c.seq_len, output=False)
     else:
         support, query = c.k_shot * c.meta_seq_len, c.meta_seq_len
-        f = model.flops_per_token(c.meta_seq_len)
+        tokens, f = support + query, model.flops_per_token(c.meta_seq_len)
     # head mode: one support forward (the features); all mode: inner steps, then one more forward
     inner = support * f / 3 if c.inner_params == "head" else (c.inner_steps + 1 / 3) * support * f
-    return support + query, inner + query * f
+    return tokens, inner + query * f
 
 
 def get_lr(step, c):
@@ -445,13 +449,14 @@ def run_state(c, model, head, optimizer, step, counters, tokenizer):
 
 
 def save_checkpoint(run, obj, keep_numbered):
-    """ckpt.pt, the only copy with the optimizer state, then the numbered copy analyze.py and
-    ner_eval.py read (at 570m 2.3 GB instead of 6.9 GB: 25 of them take 58 GB, not 173 GB).
-    Each is written to a temporary name and renamed, so a crash leaves the last one intact."""
-    common.save_checkpoint(run.ckpt, obj)
+    """The numbered copy analyze.py and ner_eval.py read (no optimizer state: at 570m 2.3 GB
+    instead of 6.9 GB, 25 of them 58 GB, not 173 GB), then ckpt.pt, the only copy with it. Each is
+    written to a temporary name and renamed; in this order a crash between the two leaves ckpt.pt
+    at the step before, so the resumed run writes both again."""
     if keep_numbered:
         common.save_checkpoint(os.path.join(run.out_dir, f"ckpt_{obj['step']:06d}.pt"),
                                {k: v for k, v in obj.items() if k != "optimizer"})
+    common.save_checkpoint(run.ckpt, obj)
 
 
 def step_costs(c, model, grad_accum, world_size):
@@ -464,9 +469,8 @@ def step_costs(c, model, grad_accum, world_size):
                            meta_flops=ep_flops * c.episodes_per_step)
 
 
-def describe(c, model, head, env, cost, grad_accum, start_step, bf16):
+def describe(c, model, head, env, cost, grad_accum, start_step, bf16, peak):
     """The derived quantities a user needs to trust a run, printed once at its start."""
-    peak = peak_flops(env.dev)
     lines = [f"model: {model_summary(model)}"]
     if head is not None:
         lines.append(f"meta head: {sum(p.numel() for p in head.parameters()):,} parameters "
@@ -533,7 +537,7 @@ def train(c):
                 run.truncate_log(start_step)  # lines the interrupted run wrote after it
         else:
             run.refuse_earlier_run()
-        say(describe(c, model, head, env, cost, grad_accum, start_step, bf16))
+        say(describe(c, model, head, env, cost, grad_accum, start_step, bf16, peak))
         if c.compile:
             model.compile(dynamic=False)  # static shapes: AR batches, support and query windows
             # compile every graph now, so that compilation is not logged as training time (which
@@ -595,8 +599,8 @@ def train(c):
                 g["lr"] = lr
             # AR or meta, drawn from a generator keyed by (seed, step) alone: every rank takes the
             # same branch without communicating, and resuming at any step replays it. Drawn once
-            # per optimizer step (the design notes draw per micro-step), so that a step's data,
-            # and so the weights, do not depend on how it is split over ranks and accumulation.
+            # per optimizer step, so that a step's data, and so the weights, do not depend on how
+            # it is split over ranks and accumulation.
             is_meta = np.random.default_rng([c.seed, step, 1]).random() < c.meta_ratio
             kind = "meta" if is_meta else "ar"
             stats = torch.zeros(5, device=env.dev)  # AR loss, meta loss, support acc, query acc, n

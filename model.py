@@ -207,9 +207,7 @@ class Llama(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, ckpt, device="cpu"):
-        """The model of a checkpoint meta_train.py wrote (a path or the loaded dict)."""
-        if not isinstance(ckpt, dict):
-            ckpt = torch.load(ckpt, map_location=device, weights_only=False)
+        """The model of a checkpoint meta_train.py wrote (the dict common.load_checkpoint read)."""
         model = cls(ModelArgs(**ckpt["model_args"]))
         model.load_state_dict(ckpt["model"])
         return model.to(device)

@@ -446,8 +446,8 @@ def load_uner(args):
 
 
 def checkpoint_path(path):
-    """The checkpoint file a command-line argument names: a file, or a run directory's ckpt.pt."""
-    file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    """common.checkpoint_path, checked before any long work."""
+    file = common.checkpoint_path(path)
     if not os.path.isfile(file):
         raise SystemExit(f"checkpoint {file} not found")
     return file
@@ -455,17 +455,10 @@ def checkpoint_path(path):
 
 def load_checkpoint(path, tokenizer=None):
     """The checkpoint dict and its tiktoken encoding (tokenizer: a name that overrides its own)."""
-    need = ["model_args", "model"] + ([] if tokenizer else ["tokenizer"])
     try:
-        ckpt = common.load_checkpoint(path, "cpu", need)
+        return common.checkpoint_and_encoding(path, tokenizer, need=("model_args", "model"))
     except common.CheckpointError as e:
         raise SystemExit(str(e)) from None
-    name = tokenizer or ckpt["tokenizer"]
-    try:
-        enc = common.get_encoding(name)
-    except RuntimeError as e:  # unknown name, or no network and no cached BPE file
-        raise SystemExit(f"{path}: {e}")
-    return ckpt, enc
 
 
 def evaluate_checkpoint(path, uner, args):
@@ -477,7 +470,10 @@ def evaluate_checkpoint(path, uner, args):
         raise SystemExit(f"{path}: tokenizer {enc.name} has {enc.n_vocab} tokens but the model "
                          f"{model_args.vocab_size}; name the checkpoint's with --tokenizer")
     max_len = min(args.max_len, model_args.max_seq_len)
-    env = common.init_device(args.device)
+    try:
+        env = common.init_device(args.device)
+    except common.ConfigError as e:
+        raise SystemExit(str(e)) from None
     ctx, bf16 = common.autocast(args.dtype, env.type)
     examples, sentences = defaultdict(dict), defaultdict(dict)
     for n, splits in uner["sents"].items():

@@ -104,15 +104,21 @@ def iter_text_docs(paths, one_doc_per_file=False):
 def iter_hf_docs(name, config=None, split="train", text_column="text"):
     """Yield the texts of a Hugging Face dataset, streamed (nothing is downloaded up front)."""
     import datasets  # imported here: it is slow to import and only this path needs it
-    ds = datasets.load_dataset(name, config, split=split, streaming=True)
     n_docs = 0
-    for row in ds:
-        if text_column not in row:
-            raise ValueError(f"dataset {name} ({config}, {split}) has no column {text_column!r}; "
-                             f"its columns: {list(row)}")
-        if row[text_column].strip():
-            n_docs += 1
-            yield row[text_column]
+    try:
+        for row in datasets.load_dataset(name, config, split=split, streaming=True):
+            if text_column not in row:
+                raise ValueError(f"dataset {name} ({config}, {split}) has no column "
+                                 f"{text_column!r}; its columns: {list(row)}")
+            if row[text_column].strip():
+                n_docs += 1
+                yield row[text_column]
+    except ValueError:
+        raise
+    except Exception as e:  # no network, no such dataset or config: the hub's many error types
+        raise RuntimeError(f"cannot stream dataset {name} ({config}, {split}): "
+                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+                           f"offline, give local text with --text FILES") from None
     if n_docs == 0:
         raise ValueError(f"dataset {name} ({config}, {split}) yielded no non-empty "
                          f"{text_column!r}")
@@ -241,6 +247,15 @@ def _check_out_dir(out_dir, enc, overwrite):
                          f"replaced)")
 
 
+def _remove_stale_staging(out_dir):
+    """A prepare.py killed mid-write (kill -9 runs no cleanup) leaves its staging folder, at scale
+    gigabytes; the next run into the same --out removes it (two runs into one --out at once are
+    not supported)."""
+    for path in glob.glob(os.path.join(glob.escape(out_dir), ".write_shards-*")) + glob.glob(
+            os.path.join(glob.escape(out_dir), ".build_index-*")):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def write_shards(docs, enc, out_dir, val_tokens=1_000_000, shard_tokens=100_000_000, num_proc=1,
                  max_tokens=None, val_docs=None, overwrite=False, command="", batch_chars=1 << 18,
                  progress=True, index_args=None):
@@ -268,6 +283,7 @@ def write_shards(docs, enc, out_dir, val_tokens=1_000_000, shard_tokens=100_000_
     _check_out_dir(out_dir, enc, overwrite)
     created = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    _remove_stale_staging(out_dir)
     staging = tempfile.mkdtemp(dir=out_dir, prefix=".write_shards-")
     try:
         train = _SplitWriter(staging, "train", shard_tokens)
@@ -437,6 +453,7 @@ def build_index(data_dir, enc, min_per_million=DEFAULT_MIN_PER_MILLION,
              "max_per_million": max_per_million, "train_tokens": meta["train_tokens"],
              "examples": examples, "max_occurrences": max_occurrences, "context": context,
              "seed": seed}
+    _remove_stale_staging(data_dir)
     staging = tempfile.mkdtemp(dir=data_dir, prefix=".build_index-")
     try:
         common.atomic_write(os.path.join(staging, "index_words.npy"), lambda f: np.save(f, words))
@@ -469,7 +486,7 @@ def get_args(argv):
                     "occurrence index.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"real runs: python prepare.py --dataset {DEFAULT_DATASET} --name "
-               f"{DEFAULT_DATASET_CONFIG} --out data/fineweb --max_tokens 1_000_000_000\n"
+               f"{DEFAULT_DATASET_CONFIG} --out data/fineweb --max_tokens 2_000_000_000\n"
                f"offline:   python prepare.py --text corpus/train.txt --val_text corpus/valid.txt "
                f"--out data/wiki\n"
                f"An --out holding shards of another tokenizer is refused; one holding shards of "

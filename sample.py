@@ -6,7 +6,6 @@ samples continuing a prompt.
     python sample.py out/cpu-meta/ckpt_000100.pt --prompt "The river" --tokens 80 --top_k 50
 """
 import argparse
-import json
 import os
 import sys
 
@@ -19,17 +18,9 @@ from model import Llama
 def val_loss_at(run_dir, step):
     """The val loss the run logged at `step`, or None."""
     path = os.path.join(run_dir, "log.jsonl")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row.get("step") == step and row.get("val_loss") is not None:
-                return row["val_loss"]
-    return None
+    rows = common.read_log(path) if os.path.isfile(path) else []
+    return next((r["val_loss"] for r in rows if r["step"] == step and r["val_loss"] is not None),
+                None)
 
 
 def main(argv=None):
@@ -46,13 +37,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.tokens < 1 or args.num_samples < 1 or args.temperature <= 0 or args.top_k < 0:
         p.error("--tokens and --num_samples must be >= 1, --temperature > 0, --top_k >= 0")
-    path = os.path.join(args.ckpt, "ckpt.pt") if os.path.isdir(args.ckpt) else args.ckpt
+    path = common.checkpoint_path(args.ckpt)
     try:
-        ckpt = common.load_checkpoint(path, need=("model_args", "model", "step", "tokenizer"))
-        enc = common.get_encoding(ckpt["tokenizer"])
-    except (common.CheckpointError, RuntimeError) as e:
+        ckpt, enc = common.checkpoint_and_encoding(path)
+        env = common.init_device(args.device)
+    except (common.CheckpointError, common.ConfigError) as e:
         sys.exit(f"sample.py: error: {e}")
-    env = common.init_device(args.device)
     model = Llama.from_checkpoint(ckpt, env.dev).eval()
     loss = val_loss_at(os.path.dirname(path), ckpt["step"])
     print(f"{path}: step {ckpt['step']}, val loss "

@@ -107,3 +107,13 @@ def test_transformers_loads_it_with_our_logits(tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     assert tok("the cat and the dog")["input_ids"] == enc.encode_ordinary("the cat and the dog")
     assert tok.mask_token_id == enc.n_vocab
+
+
+def test_a_tokenizer_other_than_gpt2s_byte_level_bpe_is_refused(tmp_path):
+    import tiktoken
+    enc = make_tiny_encoding()
+    other = tiktoken.Encoding(name="other", pat_str=r"\S+|\s+", special_tokens=enc._special_tokens,
+                              mergeable_ranks=enc._mergeable_ranks)
+    _, ckpt = tiny_ckpt(other)
+    with pytest.raises(ValueError, match="split pattern"):
+        export_hf.export(ckpt, other, str(tmp_path))

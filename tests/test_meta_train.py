@@ -397,6 +397,11 @@ def test_config_file_errors_name_file_and_line(tmp_path, text, words):
     (["--meta_seq_len=32"], ["meta_seq_len 32 > the SMLMT index's context 16"]),
     (["--lr_schedule=step"], ["lr_schedule must be one of 'linear', 'cosine'"]),
     (["--episodes_per_step=0"], ["episodes_per_step must be at least 1"]),
+    (["--n_kv_heads=0"], ["n_kv_heads must be at least 1, got 0"]),
+    (["--k_shot=0"], ["k_shot must be at least 1, got 0"]),
+    (["--warmup_steps=5", "--lr_decay_steps=5"], ["lr_decay_steps 5 must come after warmup"]),
+    (["--device=cuda"], ["device 'cuda': this torch build or machine has no CUDA device"]),
+    (["--device=banana"], ["device 'banana'"]),
 ])
 def test_values_torch_would_reject_are_config_errors(data_dir, tmp_path, override, words):
     with pytest.raises(ConfigError) as e:
@@ -435,3 +440,10 @@ def test_positions_task_runs(data_dir, tmp_path, capsys, unknown):
     assert all(0 <= r["val_query_acc"] <= 1 for r in log if r["val_loss"] is not None)
     shape = "4-way, 2 support + 1 query positions of 4 sequences of 32 tokens"
     assert shape in capsys.readouterr().out
+
+
+def test_wandb_without_the_package_is_a_config_error(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import fails, as when not installed
+    with pytest.raises(ConfigError, match="wandb is not installed"):
+        run(data_dir, tmp_path / "run", "--wandb_log=True")
+    assert not os.path.exists(tmp_path / "run")

@@ -333,3 +333,23 @@ def test_dataset_reader(tmp_path, tiny_enc, docs, monkeypatch):
     assert tiny_enc.decode(tokens.tolist()) == "".join(d + EOT for d in docs[:30])
     with pytest.raises(ValueError, match="no column 'body'"):
         list(prepare.iter_hf_docs("org/set", text_column="body"))
+
+
+def test_offline_dataset_is_a_one_line_error(tmp_path, tiny_enc, monkeypatch):
+    def load_dataset(*a, **kw):  # what the hub client raises without a network
+        raise ConnectionError("Couldn't reach 'org/set' on the Hub (LocalEntryNotFoundError)\n...")
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setattr(common, "get_encoding", lambda name="gpt2": tiny_enc)
+    with pytest.raises(SystemExit, match=r"cannot stream dataset org/set .*ConnectionError: "
+                                         r"Couldn't reach.*offline, give local text with --text"):
+        prepare.main(["--dataset", "org/set", "--out", str(tmp_path / "out")])
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_staging_left_by_a_killed_run_is_removed(tmp_path, tiny_enc, docs):
+    out = tmp_path / "out"
+    for stale in (".write_shards-abc", ".build_index-xyz"):  # kill -9 runs no cleanup
+        (out / stale).mkdir(parents=True)
+        (out / stale / "train_000000.bin").write_bytes(b"\0" * 100)
+    prepare.write_shards(docs, tiny_enc, str(out), val_tokens=50, progress=False)
+    assert not any(n.startswith(".") for n in os.listdir(out))
