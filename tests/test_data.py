@@ -9,7 +9,7 @@ import torch
 import common
 import data
 import prepare
-from conftest import CONTEXT, split_stream, write_text
+from conftest import CONTEXT, boundary_shards, split_stream, write_data_dir, write_text
 
 
 def contains(haystack, needle):
@@ -27,9 +27,10 @@ def test_shard_header_checks(tmp_path):
     def corrupt(raw):
         with open(path, "wb") as f:
             f.write(raw)
-    corrupt(good[:-2])
-    with pytest.raises(ValueError, match="train_000000.bin.*truncated"):
-        data.load_shard(path)
+    for raw in (good[:-2], good + b"\0\0"):  # two bytes short, two bytes too many
+        corrupt(raw)
+        with pytest.raises(ValueError, match="train_000000.bin.*truncated or corrupted"):
+            data.load_shard(path)
     corrupt(good[:100])
     with pytest.raises(ValueError, match="train_000000.bin.*header"):
         data.load_shard(path)
@@ -278,3 +279,43 @@ def test_positions_episode_masks_labels_and_classes(unknown):
             assert (classes[y] == tok) if tok in classes else y == other
         if unknown == "drop":
             assert (ep.query_y >= 0).any()  # a batch keeps at least one query
+
+
+def test_empty_shard_loads_as_no_tokens(tmp_path):
+    path = str(tmp_path / "train_000000.bin")
+    prepare.write_shard(path, [])
+    assert os.path.getsize(path) == 4 * data.HEADER_INTS
+    tokens = data.load_shard(path)
+    assert tokens.dtype == np.uint16 and len(tokens) == 0
+
+
+def test_shard_reader_reads_a_shard_of_exactly_one_window(tmp_path, tiny_enc):
+    # seq_len 8: shard 0 holds exactly one window of 9 tokens, shard 1 none (8 tokens), shard 2
+    # four (12 tokens): five windows, each drawn uniformly
+    shards = [list(range(9)), list(range(100, 108)), list(range(200, 212))]
+    out = write_data_dir(tmp_path / "out", tiny_enc, {"train": shards})
+    reader = data.ShardReader(out, "train", batch_size=500, seq_len=8)
+    x, y = reader.next_batch(np.random.default_rng(0))
+    windows = {tuple(w) for w in torch.cat([x, y[:, -1:]], 1).tolist()}
+    assert windows == {tuple(range(9))} | {tuple(range(s, s + 9)) for s in range(200, 204)}
+    share = (x[:, 0] == 0).float().mean().item()
+    assert 0.14 < share < 0.26  # 1 window of 5
+    with pytest.raises(ValueError, match=r"every train shard is shorter than seq_len \+ 1 = 13"):
+        data.ShardReader(out, "train", batch_size=1, seq_len=12)
+
+
+def test_smlmt_windows_from_the_first_indexed_positions_start_at_their_shard(tmp_path, tiny_enc):
+    shards, (cat, dog, of) = boundary_shards(tiny_enc)
+    out = write_data_dir(tmp_path / "out", tiny_enc, {"train": shards})
+    prepare.build_index(out, tiny_enc, min_per_million=0, max_per_million=10 ** 6, context=4)
+    sampler = data.SMLMTSampler(out, n_way=2, k_shot=1, q_query=1, seq_len=4)
+    M = sampler.mask_id
+    # the windows of 4 tokens ending at each occurrence; every copy of the word masked
+    expected = {cat: {(of, of, M, M), (M, of, of, M)}, dog: {(cat, cat, of, M), (of, of, cat, M)}}
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        ep = sampler.sample(rng)
+        assert sorted(ep.word_ids.tolist()) == sorted([cat, dog])
+        for c, word in enumerate(ep.word_ids.tolist()):
+            rows = torch.cat([ep.support_x[ep.support_y == c], ep.query_x[ep.query_y == c]])
+            assert {tuple(r) for r in rows.tolist()} == expected[word]

@@ -13,7 +13,8 @@ import tiktoken
 import common
 import data
 import prepare
-from conftest import CONTEXT, EOT, TINY_WORDS, split_stream, write_text
+from conftest import (CONTEXT, EOT, TINY_WORDS, boundary_shards, split_stream, write_data_dir,
+                      write_text)
 
 
 def check_shard_sizes(data_dir, enc, shard_tokens):
@@ -333,3 +334,24 @@ def test_dataset_reader(tmp_path, tiny_enc, docs, monkeypatch):
     assert tiny_enc.decode(tokens.tolist()) == "".join(d + EOT for d in docs[:30])
     with pytest.raises(ValueError, match="no column 'body'"):
         list(prepare.iter_hf_docs("org/set", text_column="body"))
+
+
+def test_index_keeps_occurrences_from_the_context_boundary_on_and_band_edges(tmp_path, tiny_enc):
+    shards, (cat, dog, _) = boundary_shards(tiny_enc)
+    out = write_data_dir(tmp_path / "out", tiny_enc, {"train": shards})
+    # a band whose ends are exactly the two words' frequencies keeps both
+    index = prepare.build_index(out, tiny_enc, min_per_million=125000.0,
+                                max_per_million=250000.0, context=4)
+    load = lambda key: np.load(os.path.join(out, index["train"][key])).tolist()
+    assert np.load(os.path.join(out, "index_words.npy")).tolist() == sorted([cat, dog])
+    # an occurrence needs context - 1 = 3 tokens before it in its shard: shard position 3 is the
+    # first that qualifies (global 3 and 8 + 3), 2 and 0 do not
+    by_word = {cat: [3, 11], dog: [5, 12]}
+    assert load("offsets") == [0, 2, 4]
+    assert load("positions") == by_word[min(cat, dog)] + by_word[max(cat, dog)]
+    assert load("docs") == [0, 1, 0, 1]  # one document per shard
+    assert index["train"]["n_positions"] == 4 and "val" not in index
+    # a band just inside either frequency leaves that word out
+    for lo, hi, kept in ((125000.5, 250000.0, [cat]), (125000.0, 249999.5, [dog])):
+        prepare.build_index(out, tiny_enc, min_per_million=lo, max_per_million=hi, context=4)
+        assert np.load(os.path.join(out, "index_words.npy")).tolist() == kept
