@@ -319,3 +319,8 @@ def test_smlmt_windows_from_the_first_indexed_positions_start_at_their_shard(tmp
         for c, word in enumerate(ep.word_ids.tolist()):
             rows = torch.cat([ep.support_x[ep.support_y == c], ep.query_x[ep.query_y == c]])
             assert {tuple(r) for r in rows.tolist()} == expected[word]
+    # with one support and one query per class, the label arrays are views numpy will not let
+    # anyone write; each tensor must own its memory, or writing one label changes another's
+    query_y = ep.query_y.clone()
+    ep.support_y[:] = 7
+    assert torch.equal(ep.query_y, query_y)
