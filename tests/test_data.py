@@ -70,6 +70,50 @@ def test_index_that_does_not_match_shards_rejected(tmp_path, ds):
         data.SMLMTSampler(out, 4, 2, 2, CONTEXT)
 
 
+def corrupt_index(out, case):
+    """Change one array of the train index (or its record in meta.json) so that exactly one of the
+    loader's agreement checks can catch it."""
+    meta = data.read_meta(out)
+    path = lambda key: os.path.join(out, meta["index"]["train"][key])
+    if case == "n_words":
+        meta["index"]["n_words"] += 1
+    elif case == "n_positions":
+        meta["index"]["train"]["n_positions"] += 1
+    elif case == "shards":
+        meta["index"]["train"]["shards"] = {"train_000000.bin": 1}
+    elif case == "no val":
+        del meta["index"]["val"]
+    elif case == "offsets":
+        offsets = np.load(path("offsets"))
+        np.save(path("offsets"), np.append(offsets, offsets[-1]))
+    elif case == "docs":
+        np.save(path("docs"), np.load(path("docs"))[:-1])
+    elif case == "beyond":  # the last occurrence moved past the split's end
+        positions = np.load(path("positions"))
+        positions[-1] = meta["train_tokens"]
+        np.save(path("positions"), positions)
+    common.write_json(os.path.join(out, "meta.json"), meta)
+
+
+@pytest.mark.parametrize("case, split, error, words", [
+    ("n_words", "train", ValueError, "index_train_positions.npy: index arrays do not agree"),
+    ("n_positions", "train", ValueError, "index_train_positions.npy: index arrays do not agree"),
+    ("offsets", "train", ValueError, "index_train_positions.npy: index arrays do not agree"),
+    ("docs", "train", ValueError, "index_train_positions.npy: index arrays do not agree"),
+    ("beyond", "train", ValueError, "index_train_positions.npy: index arrays do not agree"),
+    ("shards", "train", ValueError, "index_train_positions.npy: built for train shards"),
+    ("no val", "val", ValueError, "meta.json: the SMLMT index has no val split"),
+])
+def test_index_arrays_that_disagree_are_refused(tmp_path, ds, case, split, error, words):
+    out = str(tmp_path / "out")
+    shutil.copytree(ds, out)
+    corrupt_index(out, case)
+    with pytest.raises(error) as e:
+        data.SMLMTSampler(out, 4, 2, 2, CONTEXT, split=split)
+    assert words in str(e.value)
+    assert case == "no val" or "python prepare.py --reindex" in str(e.value)  # what to do
+
+
 def test_smlmt_episode(ds):
     N, K, Q, T = 5, 3, 2, CONTEXT
     sampler = data.SMLMTSampler(ds, N, K, Q, T)
@@ -324,3 +368,10 @@ def test_smlmt_windows_from_the_first_indexed_positions_start_at_their_shard(tmp
     query_y = ep.query_y.clone()
     ep.support_y[:] = 7
     assert torch.equal(ep.query_y, query_y)
+
+
+def test_positions_sampler_needs_room_for_its_positions(ds):
+    # k_shot + 1 distinct positions among 1..seq_len - 1
+    data.PositionsSampler(ds, "train", batch_size=2, seq_len=4, k_shot=2, n_way=4)
+    with pytest.raises(ValueError, match="k_shot \\+ 1 = 4 positions do not fit in positions 1..3"):
+        data.PositionsSampler(ds, "train", batch_size=2, seq_len=4, k_shot=3, n_way=4)

@@ -355,3 +355,15 @@ def test_index_keeps_occurrences_from_the_context_boundary_on_and_band_edges(tmp
     for lo, hi, kept in ((125000.5, 250000.0, [cat]), (125000.0, 249999.5, [dog])):
         prepare.build_index(out, tiny_enc, min_per_million=lo, max_per_million=hi, context=4)
         assert np.load(os.path.join(out, "index_words.npy")).tolist() == kept
+
+
+def test_shards_of_another_tokenizer_get_no_index_and_tokens_must_be_1d(tmp_path, tiny_enc, ds):
+    other = tiktoken.Encoding(name="other", pat_str=tiny_enc._pat_str,
+                              mergeable_ranks=tiny_enc._mergeable_ranks,
+                              special_tokens=tiny_enc._special_tokens)
+    with pytest.raises(ValueError, match="meta.json: shards of tokenizer 'tiny', index asked for "
+                                         "with 'other'"):
+        prepare.build_index(ds, other)
+    with pytest.raises(ValueError, match="x.bin: tokens must be a 1-d array, got shape \\(2, 2\\)"):
+        prepare.write_shard(str(tmp_path / "x.bin"), [[1, 2], [3, 4]])
+    assert not os.path.exists(tmp_path / "x.bin")
