@@ -442,3 +442,25 @@ def test_episode_tokens_and_flops(task, mode):
     # head: one support forward (a third); all: 7 inner forward-backward steps, then a forward
     inner = support * per / 3 if mode == "head" else 7 * support * per + support * per / 3
     assert flops == pytest.approx(inner + query * per, rel=1e-12)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_inner_loop_leaves_weights_the_loss_does_not_use_alone(optimizer):
+    # autograd.grad gives None for them: no step, and no weight decay either
+    torch.manual_seed(0)
+    w, unused = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    before = unused.detach().clone()
+    c = cfg(inner_optimizer=optimizer, inner_steps=2, inner_lr=0.1, inner_weight_decay=0.5)
+    meta_train.adapt([w, unused], lambda: ((w ** 2).sum(), torch.tensor(1.0)), c)
+    assert torch.equal(unused.detach(), before)
+
+
+def test_episodes_in_one_bf16_autocast_region_read_the_restored_weights():
+    # restore() writes the weights back in place: autocast's cached bf16 copies of the adapted
+    # weights must not be what the next episode of the same region reads
+    model, head, ep = setup(3)
+    c = cfg(inner_params="all", inner_steps=3, inner_lr=0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = smlmt_episode(model, head, ep, c)
+        second = smlmt_episode(model, head, ep, c)
+    assert [v.item() for v in first] == [v.item() for v in second]
