@@ -149,7 +149,10 @@ def test_compiled_forward_matches_eager():
         ref_h = model.hidden(idx)
         model.compile()  # in place, both entry points
         out, _ = model(idx)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         h = model.hidden(idx)
+        # hidden() called directly (the meta and NER heads' entry point) runs compiled too
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(h, ref_h, rtol=1e-4, atol=1e-4)
     assert [n for n, _ in model.named_parameters()][0] == "tok_embeddings.weight"  # no prefix
@@ -194,6 +197,13 @@ def test_rmsnorm_matches_its_formula_where_eps_matters():
         xd = x.double()
         ref = xd / torch.sqrt((xd ** 2).sum(-1, keepdim=True) / 16 + 1e-4) * w
         torch.testing.assert_close(norm(x).double(), ref, rtol=1e-5, atol=1e-7)
+        # bf16 in, bf16 out, computed in fp32: the bf16 rounding of the exact value, which a
+        # computation in bf16 misses for many elements (its mean square loses bits)
+        out = norm(x.bfloat16())
+        assert out.dtype == torch.bfloat16
+        exact = (xd.bfloat16().double() / torch.sqrt((xd.bfloat16().double() ** 2).mean(
+            -1, keepdim=True) + 1e-4) * w).bfloat16()
+        assert (out == exact).float().mean() > 0.97
 
 
 def test_rope_tables_match_the_closed_form():
@@ -224,6 +234,7 @@ def test_apply_rope_rotates_adjacent_pairs_by_their_angles():
             a, b = x[:, t, :, 2 * i], x[:, t, :, 2 * i + 1]  # (real, imaginary) of pair i
             torch.testing.assert_close(out[:, t, :, 2 * i], a * c - b * s)
             torch.testing.assert_close(out[:, t, :, 2 * i + 1], a * s + b * c)
+    assert apply_rope(x.bfloat16(), angles.cos(), angles.sin()).dtype == torch.bfloat16
 
 
 def reference_logits(model, idx):
@@ -283,6 +294,8 @@ def test_forward_matches_the_written_out_decoder():
         hidden = model.hidden(idx)
     ref = reference_logits(model, idx)
     assert logits.dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(idx)[0].dtype == torch.float32  # the loss over the vocabulary needs fp32
     torch.testing.assert_close(logits.double(), ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(hidden @ model.output.weight.detach().T, logits, rtol=1e-5,
                                atol=1e-5)
