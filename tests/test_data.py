@@ -162,16 +162,19 @@ def test_smlmt_classes_from_distinct_documents_or_apart(tmp_path, tiny_enc):
     text = ([" of to is" * 10]  # enough tokens before any occurrence
             + [" of to cat is of tree to"] * 6 + [" cat" * 30]  # cat: 7 documents, 30 times in one
             + [spaced_dog * 3 + " dog" * 6, spaced_dog * 2]  # dog: 2 documents, 6 windows apart
-            + [" bird" * 6])  # bird: 6 occurrences, but no 2 windows apart
+            + [" bird" * 6]  # bird: 6 occurrences, but no 2 windows apart
+            # fish: exactly n documents, three times apart in the first: documents, not windows
+            + [(" fish" + " of" * (T - 1)) * 3, " to fish is", " is fish of", " of fish"])
     out = str(tmp_path / "out")
     prepare.write_shards(text, tiny_enc, out, val_tokens=0, progress=False)
     prepare.build_index(out, tiny_enc, min_per_million=0, max_per_million=10 ** 6, context=16)
     stream = split_stream(out, "train")
     doc_of = np.cumsum(stream == tiny_enc.eot_token) - (stream == tiny_enc.eot_token)  # (n_tokens,)
     sampler = data.SMLMTSampler(out, 3, 2, 2, T)
-    cat, tree, dog = (tiny_enc.encode_single_token(" " + w) for w in ("cat", "tree", "dog"))
-    assert sorted(sampler.words[sampler.usable].tolist()) == sorted([cat, tree, dog])
-    dog_sets, dog_mixed = set(), False
+    cat, tree, dog, fish = (tiny_enc.encode_single_token(" " + w)
+                            for w in ("cat", "tree", "dog", "fish"))
+    assert sorted(sampler.words[sampler.usable].tolist()) == sorted([cat, tree, dog, fish])
+    dog_sets, dog_mixed, cat_in_doc_7 = set(), False, set()
     rng = np.random.default_rng(0)
     for _ in range(50):
         ep = sampler.sample(rng)
@@ -185,9 +188,12 @@ def test_smlmt_classes_from_distinct_documents_or_apart(tmp_path, tiny_enc):
                 dog_mixed |= q.min() < s.max()
             else:
                 assert len(set(doc_of[p])) == n
+            if word == cat:
+                cat_in_doc_7.update(p[doc_of[p] == 7].tolist())
     assert len(dog_sets) > 1 and dog_mixed  # at random, support not always before query
-    with pytest.raises(ValueError, match="index_train_positions.npy.*n_way 4 > 3"):
-        data.SMLMTSampler(out, 4, 2, 2, T)  # bird is not usable
+    assert len(cat_in_doc_7) > 3  # any of a document's 30 occurrences, not always its first
+    with pytest.raises(ValueError, match="index_train_positions.npy.*n_way 5 > 4"):
+        data.SMLMTSampler(out, 5, 2, 2, T)  # bird is not usable
 
 
 def test_index_without_documents_refused(tmp_path, ds):

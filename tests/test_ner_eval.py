@@ -111,6 +111,8 @@ def test_span_f1_no_entities():
     assert (m["f1"], m["per_type"]) == (0.0, {})
     with pytest.raises(ValueError):
         span_f1([["O", "O"]], [["O"]])
+    with pytest.raises(ValueError):  # a sentence without its prediction is not scored as none
+        span_f1([["B-PER"], ["O"]], [["B-PER"]])
 
 
 # Tokenization and first-sub-token alignment

@@ -352,7 +352,9 @@ def test_index_keeps_occurrences_from_the_context_boundary_on_and_band_edges(tmp
     assert load("docs") == [0, 1, 0, 1]  # one document per shard
     assert index["train"]["n_positions"] == 4 and "val" not in index
     # a band just inside either frequency leaves that word out
-    for lo, hi, kept in ((125000.5, 250000.0, [cat]), (125000.0, 249999.5, [dog])):
+    # (a band of one frequency, lo = hi, is a band too)
+    for lo, hi, kept in ((125000.5, 250000.0, [cat]), (125000.0, 249999.5, [dog]),
+                         (250000.0, 250000.0, [cat])):
         prepare.build_index(out, tiny_enc, min_per_million=lo, max_per_million=hi, context=4)
         assert np.load(os.path.join(out, "index_words.npy")).tolist() == kept
 
