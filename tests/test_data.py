@@ -381,3 +381,33 @@ def test_positions_sampler_needs_room_for_its_positions(ds):
     data.PositionsSampler(ds, "train", batch_size=2, seq_len=4, k_shot=2, n_way=4)
     with pytest.raises(ValueError, match="k_shot \\+ 1 = 4 positions do not fit in positions 1..3"):
         data.PositionsSampler(ds, "train", batch_size=2, seq_len=4, k_shot=3, n_way=4)
+
+
+def test_positions_episode_pads_with_distinct_other_ids():
+    # 12 classes from at most 6 support tokens of a 20-id vocabulary: at least 6 padding ids,
+    # distinct from each other and from the support tokens
+    x = np.array([[5, 1, 2, 3, 4, 1], [5, 6, 7, 1, 2, 9], [5, 2, 2, 8, 8, 3]])
+    for seed in range(10):
+        ep = data.positions_episode(x, np.random.default_rng(seed), k_shot=2, n_way=12, vocab=20,
+                                    mask_id=99, unknown="class0")
+        classes = ep.word_ids.tolist()
+        assert len(set(classes)) == 12 and set(classes) <= set(range(20))
+        assert set(x[:, ep.support_at.numpy()].reshape(-1)) <= set(classes)
+
+
+def test_apart_samples_non_overlapping_windows_uniformly():
+    # five windows that never overlap: each of the 10 pairs equally likely
+    nxt, room = data._room(np.array([0, 10, 20, 30, 40]), 5)
+    assert (nxt, room) == ([1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0])
+    rng = np.random.default_rng(0)
+    counts = {}
+    for _ in range(3000):
+        pair = tuple(data._apart(nxt, room, 2, rng).tolist())
+        counts[pair] = counts.get(pair, 0) + 1
+    assert len(counts) == 10 and all(0.07 < c / 3000 < 0.13 for c in counts.values()), counts
+    # overlapping windows (0 and 2 with T = 5): never both, and the count is always met
+    nxt, room = data._room(np.array([0, 2, 10, 11, 30]), 5)
+    assert room[0] == 3
+    for _ in range(200):
+        picked = data._apart(nxt, room, 3, rng)
+        assert len(picked) == 3 and np.all(np.diff(np.array([0, 2, 10, 11, 30])[picked]) >= 5)

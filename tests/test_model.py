@@ -340,3 +340,11 @@ def test_greedy_and_top_k_sampling():
         top2 = set(model(prompt)[0][0, -1].topk(2).indices.tolist())
     out = model.generate(prompt.expand(300, 30), 1, top_k=2)[:, -1]
     assert set(out.tolist()) == top2
+
+
+def test_model_defaults_are_the_papers():
+    # DESIGN.md's models: the configs set only dim, everything else comes from here
+    a = ModelArgs()
+    assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.hidden_dim) == (
+        96, 12, 12, 4, 50304, 384)
+    assert (a.norm_eps, a.rope_theta, a.max_seq_len) == (1e-6, 10000.0, 512)
