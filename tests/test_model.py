@@ -348,3 +348,17 @@ def test_model_defaults_are_the_papers():
     assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.hidden_dim) == (
         96, 12, 12, 4, 50304, 384)
     assert (a.norm_eps, a.rope_theta, a.max_seq_len) == (1e-6, 10000.0, 512)
+
+
+def test_from_checkpoint_restores_the_weights(tmp_path):
+    from dataclasses import asdict
+    model = tiny()
+    ckpt = {"model_args": asdict(model.args), "model": model.state_dict()}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    idx = torch.randint(0, 64, (1, 6))
+    for source in (ckpt, str(tmp_path / "ckpt.pt")):  # the loaded dict, or its path
+        torch.manual_seed(1)  # another init than tiny()'s: only the loaded weights agree
+        loaded = Llama.from_checkpoint(source)
+        assert loaded.args == model.args
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                     model.state_dict().values()))
