@@ -245,6 +245,7 @@ def test_cli_end_to_end(tmp_path, tiny_enc, docs, monkeypatch, capsys):
     # the printed sample: decoded candidates from the most to the least frequent
     counts = np.bincount(split_stream(out, "train"), minlength=tiny_enc.n_vocab)
     examples = meta["index"]["examples"]
+    assert len(examples) == min(10, len(words))  # ten, spread over the frequency range
     assert ", ".join(map(repr, examples)) in printed and set(examples) <= set(words)
     assert examples[0] == tiny_enc.decode([int(word_ids[np.argmax(counts[word_ids])])])
     assert examples[-1] == tiny_enc.decode([int(word_ids[np.argmin(counts[word_ids])])])
