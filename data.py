@@ -194,8 +194,10 @@ def _apart(nxt, room, n, rng):
 
 
 def _tensor(a):
-    """numpy int64 -> contiguous CPU torch tensor (the model may .view() it)."""
-    return torch.from_numpy(np.ascontiguousarray(a))
+    """numpy int64 -> contiguous CPU torch tensor (the model may .view() it) of its own writable
+    memory: a read-only view (an episode's labels with k_shot or q_query 1 are views of one
+    broadcast array) would give tensors that share it."""
+    return torch.from_numpy(np.require(a, requirements=("C", "W")))
 
 
 class ShardReader:

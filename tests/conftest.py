@@ -15,6 +15,7 @@ torch.set_num_threads(1)
 # those imports come after the path is set
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import common
 import data
 import prepare
 
@@ -82,3 +83,32 @@ def ds(tmp_path_factory, tiny_enc, docs):
                         max_occurrences=300, context=CONTEXT)
     assert sorted(paths) == prepare.text_files([str(d / "*.txt")])
     return out
+
+
+def write_data_dir(out, enc, splits):
+    """A data directory written shard by shard, as prepare.write_shards would lay it out, for tests
+    that need exact token positions: splits {split: [token lists]}; no index."""
+    os.makedirs(out, exist_ok=True)
+    shards = {}
+    for split, token_lists in splits.items():
+        shards[split] = {}
+        for i, tokens in enumerate(token_lists):
+            name = f"{split}_{i:06d}.bin"
+            prepare.write_shard(os.path.join(out, name), np.array(tokens, dtype=np.int64))
+            shards[split][name] = len(tokens)
+    total = {s: sum(v.values()) for s, v in shards.items()}
+    common.write_json(os.path.join(out, "meta.json"), {
+        "tokenizer": enc.name, "vocab_size": enc.n_vocab, "eot_id": enc.eot_token,
+        "mask_id": enc.n_vocab, "train_tokens": total.get("train", 0),
+        "val_tokens": total.get("val", 0), "shards": {"train": {}, "val": {}, **shards},
+        "index": None})
+    return str(out)
+
+
+def boundary_shards(enc):
+    """Two train shards of 8 tokens: ' cat' at shard positions 2 and 3, then 0 and 3; ' dog' at 5,
+    then 4. 16 train tokens: ' cat' 4 times (250000 per million), ' dog' twice (125000), exactly."""
+    cat, dog, of = (enc.encode_single_token(w) for w in (" cat", " dog", " of"))
+    eot = enc.eot_token
+    return ([[of, of, cat, cat, of, dog, of, eot], [cat, of, of, cat, dog, of, of, eot]],
+            (cat, dog, of))

@@ -404,3 +404,59 @@ def test_probe_from_the_runs_first_val_shard(tmp_path, monkeypatch):
     assert analyze.load_probe(ckpt, data_dir="elsewhere")[1].endswith("elsewhere/val_000000.bin")
     with pytest.raises(ValueError, match="max_seq_len 32"):
         analyze.load_probe(ckpt, seq_len=64)
+
+
+# Metric values at inputs where the formula matters: at equal or single singular values, s and
+# s^2 (or sum and mean, or any base of the logarithm normalised away) give the same answer.
+
+def test_effective_rank_and_per_of_unequal_singular_values_by_hand():
+    s = [3.0, 1.0, 0.5]
+    p = [v / 4.5 for v in s]
+    expected = math.exp(-sum(q * math.log(q) for q in p))  # 2.3215...
+    (er, per), = analyze.erank_per([with_singular_values(s, 9, 6)])
+    assert er == pytest.approx(expected, rel=1e-9) and per == pytest.approx(expected / 6, rel=1e-9)
+    # batched over leading axes, a zero adding nothing
+    er = analyze.effective_rank(torch.tensor([[3.0, 1.0, 0.5, 0.0], [1.0, 1.0, 2.0, 0.0]],
+                                             dtype=torch.float64))
+    q = [0.25, 0.25, 0.5]
+    assert er.tolist() == pytest.approx([expected, math.exp(-sum(v * math.log(v) for v in q))])
+
+
+def test_row_entropy_of_a_skewed_distribution_in_nats():
+    p = torch.tensor([[0.5, 0.25, 0.25, 0.0], [0.7, 0.1, 0.1, 0.1]])
+    ref = [1.5 * math.log(2), -(0.7 * math.log(0.7) + 0.3 * math.log(0.1))]
+    assert analyze.row_entropy(p).tolist() == pytest.approx(ref, rel=1e-6)
+
+
+def test_head_entropy_of_random_causal_attention_against_a_loop():
+    B, H, T = 2, 3, 6
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(B, H, T, T, generator=g) * torch.tensor([0.5, 2.0, 4.0])[:, None, None]
+    att = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    raw, norm = analyze.head_entropy(att)
+    for h in range(H):
+        ents = [(-sum(p * math.log(p) for p in att[b, h, i, :i + 1].tolist()), i)
+                for b in range(B) for i in range(1, T)]  # query 0 left out
+        assert raw[h].item() == pytest.approx(sum(e for e, _ in ents) / len(ents), rel=1e-5)
+        assert norm[h].item() == pytest.approx(
+            sum(e / math.log(i + 1) for e, i in ents) / len(ents), rel=1e-5)
+    assert raw[0] > raw[1] > raw[2]  # sharper scores, lower entropy: the heads are not mixed up
+
+
+def test_peak_needs_a_rise_beyond_tol_and_scales_the_margin_by_the_peak():
+    s = [0, 10, 20, 30]
+    assert analyze.peak(s, [0.895, 0.9, 0.5, 0.4], 0.01)[2] is False  # rise within tolerance
+    assert analyze.peak(s, [0.88, 0.9, 0.5, 0.4], 0.01) == (10, 0.9, True)
+    # negative curves: the margin is tol x |peak|
+    assert analyze.peak(s, [-1.0, -0.5, -0.6, -0.504], 0.01)[2] is False
+    assert analyze.peak(s, [-1.0, -0.5, -0.6, -0.506], 0.01) == (10, -0.5, True)
+
+
+def test_reach_interpolates_between_evals():
+    loss = np.array([5.0, 4.0, 3.0, 2.0])
+    assert analyze.reach(loss, 5.5) == 0.0  # reached at the first eval
+    assert analyze.reach(loss, 3.0) == 2.0  # exactly at an eval
+    assert analyze.reach(loss, 3.75) == pytest.approx(1.25)
+    assert analyze.reach(loss, 1.0) is None
+    # a curve that goes back up: the first time it gets there
+    assert analyze.reach(np.array([5.0, 3.0, 4.0, 2.5]), 3.5) == pytest.approx(0.75)

@@ -9,7 +9,7 @@ import torch
 import common
 import data
 import prepare
-from conftest import CONTEXT, split_stream, write_text
+from conftest import CONTEXT, boundary_shards, split_stream, write_data_dir, write_text
 
 
 def contains(haystack, needle):
@@ -27,11 +27,13 @@ def test_shard_header_checks(tmp_path):
     def corrupt(raw):
         with open(path, "wb") as f:
             f.write(raw)
-    corrupt(good[:-2])
-    with pytest.raises(ValueError, match="train_000000.bin.*truncated"):
-        data.load_shard(path)
+    for raw in (good[:-2], good + b"\0\0"):  # two bytes short, two bytes too many
+        corrupt(raw)
+        with pytest.raises(ValueError, match="train_000000.bin.*truncated or corrupted"):
+            data.load_shard(path)
     corrupt(good[:100])
-    with pytest.raises(ValueError, match="train_000000.bin.*header"):
+    with pytest.raises(ValueError, match="train_000000.bin: 100 bytes, shorter than the 1024-byte "
+                                         "header"):
         data.load_shard(path)
     corrupt(b"\x00\x00\x00\x00" + good[4:])
     with pytest.raises(ValueError, match="train_000000.bin.*magic"):
@@ -67,6 +69,50 @@ def test_index_that_does_not_match_shards_rejected(tmp_path, ds):
     prepare.write_shard(shard, np.zeros(10, dtype=np.int64))
     with pytest.raises(ValueError, match="train_000000.bin"):
         data.SMLMTSampler(out, 4, 2, 2, CONTEXT)
+
+
+def corrupt_index(out, case):
+    """Change one array of the train index (or its record in meta.json) so that exactly one of the
+    loader's agreement checks can catch it."""
+    meta = data.read_meta(out)
+    path = lambda key: os.path.join(out, meta["index"]["train"][key])
+    if case == "n_words":
+        meta["index"]["n_words"] += 1
+    elif case == "n_positions":
+        meta["index"]["train"]["n_positions"] += 1
+    elif case == "shards":
+        meta["index"]["train"]["shards"] = {"train_000000.bin": 1}
+    elif case == "no val":
+        del meta["index"]["val"]
+    elif case == "offsets":
+        offsets = np.load(path("offsets"))
+        np.save(path("offsets"), np.append(offsets, offsets[-1]))
+    elif case == "docs":
+        np.save(path("docs"), np.load(path("docs"))[:-1])
+    elif case == "beyond":  # the last occurrence moved past the split's end
+        positions = np.load(path("positions"))
+        positions[-1] = meta["train_tokens"]
+        np.save(path("positions"), positions)
+    common.write_json(os.path.join(out, "meta.json"), meta)
+
+
+@pytest.mark.parametrize("case, split, error, words", [
+    ("n_words", "train", ValueError, "index_train_positions.npy: index arrays do not agree"),
+    ("n_positions", "train", ValueError, "index_train_positions.npy: index arrays do not agree"),
+    ("offsets", "train", ValueError, "index_train_positions.npy: index arrays do not agree"),
+    ("docs", "train", ValueError, "index_train_positions.npy: index arrays do not agree"),
+    ("beyond", "train", ValueError, "index_train_positions.npy: index arrays do not agree"),
+    ("shards", "train", ValueError, "index_train_positions.npy: built for train shards"),
+    ("no val", "val", ValueError, "meta.json: the SMLMT index has no val split"),
+])
+def test_index_arrays_that_disagree_are_refused(tmp_path, ds, case, split, error, words):
+    out = str(tmp_path / "out")
+    shutil.copytree(ds, out)
+    corrupt_index(out, case)
+    with pytest.raises(error) as e:
+        data.SMLMTSampler(out, 4, 2, 2, CONTEXT, split=split)
+    assert words in str(e.value)
+    assert case == "no val" or "python prepare.py --reindex" in str(e.value)  # what to do
 
 
 def test_smlmt_episode(ds):
@@ -117,16 +163,19 @@ def test_smlmt_classes_from_distinct_documents_or_apart(tmp_path, tiny_enc):
     text = ([" of to is" * 10]  # enough tokens before any occurrence
             + [" of to cat is of tree to"] * 6 + [" cat" * 30]  # cat: 7 documents, 30 times in one
             + [spaced_dog * 3 + " dog" * 6, spaced_dog * 2]  # dog: 2 documents, 6 windows apart
-            + [" bird" * 6])  # bird: 6 occurrences, but no 2 windows apart
+            + [" bird" * 6]  # bird: 6 occurrences, but no 2 windows apart
+            # fish: exactly n documents, three times apart in the first: documents, not windows
+            + [(" fish" + " of" * (T - 1)) * 3, " to fish is", " is fish of", " of fish"])
     out = str(tmp_path / "out")
     prepare.write_shards(text, tiny_enc, out, val_tokens=0, progress=False)
     prepare.build_index(out, tiny_enc, min_per_million=0, max_per_million=10 ** 6, context=16)
     stream = split_stream(out, "train")
     doc_of = np.cumsum(stream == tiny_enc.eot_token) - (stream == tiny_enc.eot_token)  # (n_tokens,)
     sampler = data.SMLMTSampler(out, 3, 2, 2, T)
-    cat, tree, dog = (tiny_enc.encode_single_token(" " + w) for w in ("cat", "tree", "dog"))
-    assert sorted(sampler.words[sampler.usable].tolist()) == sorted([cat, tree, dog])
-    dog_sets, dog_mixed = set(), False
+    cat, tree, dog, fish = (tiny_enc.encode_single_token(" " + w)
+                            for w in ("cat", "tree", "dog", "fish"))
+    assert sorted(sampler.words[sampler.usable].tolist()) == sorted([cat, tree, dog, fish])
+    dog_sets, dog_mixed, cat_in_doc_7 = set(), False, set()
     rng = np.random.default_rng(0)
     for _ in range(50):
         ep = sampler.sample(rng)
@@ -140,9 +189,12 @@ def test_smlmt_classes_from_distinct_documents_or_apart(tmp_path, tiny_enc):
                 dog_mixed |= q.min() < s.max()
             else:
                 assert len(set(doc_of[p])) == n
+            if word == cat:
+                cat_in_doc_7.update(p[doc_of[p] == 7].tolist())
     assert len(dog_sets) > 1 and dog_mixed  # at random, support not always before query
-    with pytest.raises(ValueError, match="index_train_positions.npy.*n_way 4 > 3"):
-        data.SMLMTSampler(out, 4, 2, 2, T)  # bird is not usable
+    assert len(cat_in_doc_7) > 3  # any of a document's 30 occurrences, not always its first
+    with pytest.raises(ValueError, match="index_train_positions.npy.*n_way 5 > 4"):
+        data.SMLMTSampler(out, 5, 2, 2, T)  # bird is not usable
 
 
 def test_index_without_documents_refused(tmp_path, ds):
@@ -278,3 +330,85 @@ def test_positions_episode_masks_labels_and_classes(unknown):
             assert (classes[y] == tok) if tok in classes else y == other
         if unknown == "drop":
             assert (ep.query_y >= 0).any()  # a batch keeps at least one query
+
+
+def test_empty_shard_loads_as_no_tokens(tmp_path):
+    path = str(tmp_path / "train_000000.bin")
+    prepare.write_shard(path, [])
+    assert os.path.getsize(path) == 4 * data.HEADER_INTS
+    tokens = data.load_shard(path)
+    assert tokens.dtype == np.uint16 and len(tokens) == 0
+
+
+def test_shard_reader_reads_a_shard_of_exactly_one_window(tmp_path, tiny_enc):
+    # seq_len 8: shard 0 holds exactly one window of 9 tokens, shard 1 none (8 tokens), shard 2
+    # four (12 tokens): five windows, each drawn uniformly
+    shards = [list(range(9)), list(range(100, 108)), list(range(200, 212))]
+    out = write_data_dir(tmp_path / "out", tiny_enc, {"train": shards})
+    reader = data.ShardReader(out, "train", batch_size=500, seq_len=8)
+    x, y = reader.next_batch(np.random.default_rng(0))
+    windows = {tuple(w) for w in torch.cat([x, y[:, -1:]], 1).tolist()}
+    assert windows == {tuple(range(9))} | {tuple(range(s, s + 9)) for s in range(200, 204)}
+    share = (x[:, 0] == 0).float().mean().item()
+    assert 0.14 < share < 0.26  # 1 window of 5
+    with pytest.raises(ValueError, match=r"every train shard is shorter than seq_len \+ 1 = 13"):
+        data.ShardReader(out, "train", batch_size=1, seq_len=12)
+
+
+def test_smlmt_windows_from_the_first_indexed_positions_start_at_their_shard(tmp_path, tiny_enc):
+    shards, (cat, dog, of) = boundary_shards(tiny_enc)
+    out = write_data_dir(tmp_path / "out", tiny_enc, {"train": shards})
+    prepare.build_index(out, tiny_enc, min_per_million=0, max_per_million=10 ** 6, context=4)
+    sampler = data.SMLMTSampler(out, n_way=2, k_shot=1, q_query=1, seq_len=4)
+    M = sampler.mask_id
+    # the windows of 4 tokens ending at each occurrence; every copy of the word masked
+    expected = {cat: {(of, of, M, M), (M, of, of, M)}, dog: {(cat, cat, of, M), (of, of, cat, M)}}
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        ep = sampler.sample(rng)
+        assert sorted(ep.word_ids.tolist()) == sorted([cat, dog])
+        for c, word in enumerate(ep.word_ids.tolist()):
+            rows = torch.cat([ep.support_x[ep.support_y == c], ep.query_x[ep.query_y == c]])
+            assert {tuple(r) for r in rows.tolist()} == expected[word]
+    # with one support and one query per class, the label arrays are views numpy will not let
+    # anyone write; each tensor must own its memory, or writing one label changes another's
+    query_y = ep.query_y.clone()
+    ep.support_y[:] = 7
+    assert torch.equal(ep.query_y, query_y)
+
+
+def test_positions_sampler_needs_room_for_its_positions(ds):
+    # k_shot + 1 distinct positions among 1..seq_len - 1
+    data.PositionsSampler(ds, "train", batch_size=2, seq_len=4, k_shot=2, n_way=4)
+    with pytest.raises(ValueError, match="k_shot \\+ 1 = 4 positions do not fit in positions 1..3"):
+        data.PositionsSampler(ds, "train", batch_size=2, seq_len=4, k_shot=3, n_way=4)
+
+
+def test_positions_episode_pads_with_distinct_other_ids():
+    # 12 classes from at most 6 support tokens of a 20-id vocabulary: at least 6 padding ids,
+    # distinct from each other and from the support tokens
+    x = np.array([[5, 1, 2, 3, 4, 1], [5, 6, 7, 1, 2, 9], [5, 2, 2, 8, 8, 3]])
+    for seed in range(10):
+        ep = data.positions_episode(x, np.random.default_rng(seed), k_shot=2, n_way=12, vocab=20,
+                                    mask_id=99, unknown="class0")
+        classes = ep.word_ids.tolist()
+        assert len(set(classes)) == 12 and set(classes) <= set(range(20))
+        assert set(x[:, ep.support_at.numpy()].reshape(-1)) <= set(classes)
+
+
+def test_apart_samples_non_overlapping_windows_uniformly():
+    # five windows that never overlap: each of the 10 pairs equally likely
+    nxt, room = data._room(np.array([0, 10, 20, 30, 40]), 5)
+    assert (nxt, room) == ([1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0])
+    rng = np.random.default_rng(0)
+    counts = {}
+    for _ in range(3000):
+        pair = tuple(data._apart(nxt, room, 2, rng).tolist())
+        counts[pair] = counts.get(pair, 0) + 1
+    assert len(counts) == 10 and all(0.07 < c / 3000 < 0.13 for c in counts.values()), counts
+    # overlapping windows (0 and 2 with T = 5): never both, and the count is always met
+    nxt, room = data._room(np.array([0, 2, 10, 11, 30]), 5)
+    assert room[0] == 3
+    for _ in range(200):
+        picked = data._apart(nxt, room, 3, rng)
+        assert len(picked) == 3 and np.all(np.diff(np.array([0, 2, 10, 11, 30])[picked]) >= 5)

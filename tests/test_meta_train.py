@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import common
+import data
 import meta_train
 import prepare
 from conftest import ROOT, make_tiny_encoding
@@ -206,6 +207,13 @@ def test_data_parallel_matches_one_process(data_dir, tmp_path):
     assert_same(weights(tmp_path / "one" / "ckpt_000006.pt"),
                 weights(tmp_path / "two" / "ckpt_000006.pt"), atol=1e-5)
     assert abs(one[-1]["val_loss"] - two[-1]["val_loss"]) < 1e-4
+    # AdamW hardly sees a constant scale of the gradient, so the weights alone would not catch a
+    # sum over ranks instead of a mean: the logged gradient norms and losses must agree too
+    keys = ("grad_norm", "ar_loss", "meta_loss", "support_acc", "query_acc")
+    train_rows = lambda log: [[r[k] for k in keys] for r in log if r["val_loss"] is None]
+    assert len(train_rows(one)) == 6
+    for a, b in zip(train_rows(one), train_rows(two)):
+        assert a == [pytest.approx(v, rel=1e-4) if v is not None else None for v in b]
 
 
 @pytest.mark.parametrize("override, words", [
@@ -447,3 +455,101 @@ def test_wandb_without_the_package_is_a_config_error(data_dir, tmp_path, monkeyp
     with pytest.raises(ConfigError, match="wandb is not installed"):
         run(data_dir, tmp_path / "run", "--wandb_log=True")
     assert not os.path.exists(tmp_path / "run")
+
+
+def one_step_reference(c, data_dir, slots):
+    """The model and (meta runs) head as train() builds them from the seed, with the gradient of
+    one step taken by hand: slots(model, head) accumulates it. -> model, head, the gradient's
+    norm."""
+    torch.manual_seed(c.seed)
+    model = meta_train.Llama(common.model_args(c))
+    head = None
+    if c.meta_ratio > 0:
+        head = meta_train.MetaHead(c.dim, c.vocab_size, c.meta_hidden, c.meta_head_init)
+    out = slots(model, head)
+    params = [p for m in (model, head) if m is not None for p in m.parameters()]
+    norm = torch.cat([p.grad.flatten() for p in params if p.grad is not None]).norm().item()
+    return model, head, norm, out
+
+
+def adamw_step(c, model, head):
+    params = [p for m in (model, head) if m is not None for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=meta_train.get_lr(0, c), betas=(c.beta1, c.beta2),
+                            weight_decay=c.weight_decay)
+    opt.step()
+    ref = {k: v for k, v in model.state_dict().items()}
+    return {**ref, **({"head." + k: v for k, v in head.state_dict().items()} if head else {})}
+
+
+def first_train_row(out_dir):
+    return next(r for r in read_log(out_dir) if r["val_loss"] is None)
+
+
+@pytest.mark.parametrize("batch_size", [8, 4, 2])
+def test_accumulated_ar_step_is_the_full_batch_step(data_dir, tmp_path, batch_size):
+    # 8 sequences a step as 1, 2 or 4 micro-batches, clipping off (the default): the gradient is
+    # that of the mean loss over the 8 sequences drawn for the step's slots, taken as one batch
+    c = run(data_dir, tmp_path, "--meta_ratio=0.0", "--max_steps=1", "--eval_interval=1",
+            "--save_interval=1", f"--batch_size={batch_size}")
+    assert c.grad_clip == 0.0
+    reader = data.ShardReader(data_dir, "train", batch_size, c.seq_len)
+    batches = [reader.next_batch(np.random.default_rng([c.seed, 0, slot, 2]))
+               for slot in range(8 // batch_size)]
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+    def full_batch(model, head):
+        loss = model(x, y)[1]
+        loss.backward()
+        return loss.item()
+
+    model, _, norm, loss = one_step_reference(c, data_dir, full_batch)
+    row = first_train_row(tmp_path)
+    # the norm is logged before the step: AdamW would hide a wrong scale in the weights
+    assert row["grad_norm"] == pytest.approx(norm, rel=1e-5)
+    assert row["ar_loss"] == pytest.approx(loss, rel=1e-5)
+    assert row["ar_tokens"] == 8 * c.seq_len
+    assert row["flops"] == 8 * c.seq_len * model.flops_per_token(c.seq_len)
+    # the mean time of this step's kind only, in milliseconds (a step of this tiny model takes
+    # well under a minute)
+    assert 0 < row["ar_ms"] < 60_000 and row["meta_ms"] is None
+    assert_same(weights(tmp_path / "ckpt_000001.pt"), adamw_step(c, model, None), atol=1e-6)
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_meta_step_gradient_is_the_weighted_mean_over_episodes(data_dir, tmp_path, weight):
+    c = run(data_dir, tmp_path, "--meta_ratio=1.0", "--max_steps=1", "--eval_interval=1",
+            "--save_interval=1", "--episodes_per_step=3", f"--meta_loss_weight={weight}")
+    sampler = data.SMLMTSampler(data_dir, c.n_way, c.k_shot, c.q_query, c.meta_seq_len)
+
+    def episodes(model, head):
+        stats = []
+        for slot in range(3):
+            ep = sampler.sample(np.random.default_rng([c.seed, 0, slot, 3]))
+            stats.append([v.item() for v in meta_train.smlmt_episode(model, head, ep, c,
+                                                                     weight / 3)])
+        return np.mean(stats, axis=0)  # query loss, support accuracy, query accuracy
+
+    model, head, norm, (q_loss, s_acc, q_acc) = one_step_reference(c, data_dir, episodes)
+    row = first_train_row(tmp_path)
+    assert row["grad_norm"] == pytest.approx(norm, rel=1e-5)
+    assert row["meta_loss"] == pytest.approx(q_loss, rel=1e-5) and row["ar_loss"] is None
+    assert (row["support_acc"], row["query_acc"]) == (pytest.approx(s_acc), pytest.approx(q_acc))
+    tokens, flops = meta_train.episode_tokens_and_flops(model, c)
+    assert (row["meta_tokens"], row["flops"]) == (3 * tokens, pytest.approx(3 * flops))
+    assert 0 < row["meta_ms"] < 60_000 and row["ar_ms"] is None
+    assert_same(weights(tmp_path / "ckpt_000001.pt"), adamw_step(c, model, head), atol=1e-6)
+
+
+def test_grad_clip_clips_and_logs_the_norm_before_clipping(data_dir, tmp_path):
+    args = ["--meta_ratio=0.0", "--max_steps=1", "--eval_interval=1", "--save_interval=1"]
+    run(data_dir, tmp_path / "off", *args)
+    run(data_dir, tmp_path / "clip", *args, "--grad_clip=1e-12")
+    off, clip = first_train_row(tmp_path / "off"), first_train_row(tmp_path / "clip")
+    assert clip["grad_norm"] == pytest.approx(off["grad_norm"], rel=1e-6) and off["grad_norm"] > 1
+    # clipped to a norm of 1e-12, the gradient is far below AdamW's eps: the step moves a weight
+    # only by its decay (lr x 0.01 x 1 for the norms), where the unclipped step moves each by about
+    # the lr (1.5e-3 at step 0)
+    w0 = weights(tmp_path / "off" / "ckpt_000000.pt")
+    moved = {d: max((weights(tmp_path / d / "ckpt_000001.pt")[k] - w0[k]).abs().max().item()
+                    for k in w0) for d in ("off", "clip")}
+    assert moved["off"] > 1e-3 and moved["clip"] < 2e-5, moved

@@ -370,3 +370,121 @@ def test_lm_episode_with_adamw_inner_loop_gradient_and_restore():
         torch.testing.assert_close(p.grad, r.grad, rtol=1e-4, atol=1e-6, msg=name)
     for p, b in zip(snapshot(model), before):
         assert torch.equal(p, b)  # restored bit for bit, AdamW's state gone with the episode
+
+
+def test_lr_schedule_boundaries():
+    c = SimpleNamespace(learning_rate=1.0, min_lr=0.1, warmup_steps=10, max_steps=110,
+                        lr_decay_steps=0, lr_schedule="linear")
+    lr = lambda step, **kw: meta_train.get_lr(step, SimpleNamespace(**{**vars(c), **kw}))
+    assert lr(109) == pytest.approx(1.0 - 0.9 * 99 / 100)  # one step before the end
+    assert lr(110) == pytest.approx(0.1) and lr(111) == pytest.approx(0.1)
+    # no warm-up: the peak at step 0
+    assert lr(0, warmup_steps=0) == pytest.approx(1.0)
+    assert lr(55, warmup_steps=0) == pytest.approx(1.0 - 0.9 * 0.5)
+    # decay ending where warm-up ends: the peak at warmup_steps, min_lr one step later
+    assert lr(10, lr_decay_steps=10) == pytest.approx(1.0)
+    assert lr(11, lr_decay_steps=10) == pytest.approx(0.1)
+    # constant: warm-up, then the peak for good, whatever the decay keys say
+    assert lr(4, lr_schedule="constant") == pytest.approx(0.5)
+    assert [lr(s, lr_schedule="constant") for s in (10, 60, 110, 500)] == [1.0] * 4
+
+
+def test_sgd_inner_loop_at_a_warmup_schedule():
+    # SGD over 3 inner steps, warm-up 2 then linear to 0 at step 3: lrs 0.05, 0.1, 0.1
+    torch.manual_seed(0)
+    w0, x, y = torch.randn(3, 4), torch.randn(4, 5), torch.randn(3, 5)
+    w = w0.clone().requires_grad_()
+    loss = lambda w: ((w @ x - y) ** 2).sum()
+    c = cfg(inner_steps=3, inner_lr=0.1, inner_lr_schedule="linear", inner_warmup_steps=2)
+    acc = meta_train.adapt([w], lambda: (loss(w), torch.tensor(0.5)), c)
+    assert acc == 0.5  # the support accuracy of support_loss, read after the steps
+    ref = w0.clone().requires_grad_()
+    for lr in (0.05, 0.1, 0.1):
+        g, = torch.autograd.grad(loss(ref), [ref])
+        ref = (ref - lr * g).detach().requires_grad_()
+    torch.testing.assert_close(w.detach(), ref.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_features_read_the_last_or_the_given_positions():
+    model, _, _ = setup()
+    x = torch.randint(0, V, (3, T))
+    with torch.no_grad():
+        h = model.hidden(x)
+        torch.testing.assert_close(meta_train.features(model, x), h[:, -1])
+        at = torch.tensor([5, 1])
+        # (B * A, C) in (sequence, position) order, as PositionsSampler orders the labels
+        ref = torch.stack([h[b, a] for b in range(3) for a in at.tolist()])
+        torch.testing.assert_close(meta_train.features(model, x, at), ref)
+
+
+def test_accuracy_leaves_out_unlabelled_examples():
+    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [5.0, 0.0], [0.0, 1.0]])
+    y = torch.tensor([0, 0, -1, 1])  # right, wrong, left out, right
+    assert meta_train.accuracy(logits, y).item() == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("task, mode", [("smlmt", "head"), ("smlmt", "all"), ("positions", "head"),
+                                        ("lm", "all")])
+def test_episode_tokens_and_flops(task, mode):
+    model = Llama(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=V,
+                            max_seq_len=64))
+    c = cfg(meta_task=task, inner_params=mode, n_way=5, k_shot=3, q_query=2, meta_seq_len=16,
+            seq_len=64, positions_batch=6, inner_steps=7)
+    tokens, flops = meta_train.episode_tokens_and_flops(model, c)
+    f = lambda T, out=False: model.flops_per_token(T, output=out)  # forward + backward
+    if task == "smlmt":  # 15 support, 10 query windows of 16; the inner loop reads features
+        support, query, per = 15 * 16, 10 * 16, f(16)
+        read = support + query
+    elif task == "positions":  # 6 sequences of 64 read once, passed as support and as query
+        support, query, per = 6 * 64, 6 * 64, f(64)
+        read = 6 * 64
+    else:  # 3 support chunks and one query chunk of 16, through the output projection
+        support, query, per = 3 * 16, 16, f(16, True)
+        read = support + query
+    assert tokens == read
+    # head: one support forward (a third); all: 7 inner forward-backward steps, then a forward
+    inner = support * per / 3 if mode == "head" else 7 * support * per + support * per / 3
+    assert flops == pytest.approx(inner + query * per, rel=1e-12)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_inner_loop_leaves_weights_the_loss_does_not_use_alone(optimizer):
+    # autograd.grad gives None for them: no step, and no weight decay either
+    torch.manual_seed(0)
+    w, unused = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    before = unused.detach().clone()
+    c = cfg(inner_optimizer=optimizer, inner_steps=2, inner_lr=0.1, inner_weight_decay=0.5)
+    meta_train.adapt([w, unused], lambda: ((w ** 2).sum(), torch.tensor(1.0)), c)
+    assert torch.equal(unused.detach(), before)
+
+
+def test_episodes_in_one_bf16_autocast_region_read_the_restored_weights():
+    # restore() writes the weights back in place: autocast's cached bf16 copies of the adapted
+    # weights must not be what the next episode of the same region reads
+    model, head, ep = setup(3)
+    c = cfg(inner_params="all", inner_steps=3, inner_lr=0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = smlmt_episode(model, head, ep, c)
+        second = smlmt_episode(model, head, ep, c)
+    assert [v.item() for v in first] == [v.item() for v in second]
+
+
+def test_all_reduce_grads_in_small_buckets_averages_every_gradient_once(tmp_path):
+    # one gloo rank told it is one of 2: the sum over ranks is the identity and the division by 2
+    # is left, so each gradient must come back exactly halved, once, however the flat buckets
+    # (at least 5 elements here) cut the list
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.zeros(shape)) for shape in [(2, 3), (4,), (1,), (3, 2)]]
+        params.append(torch.nn.Parameter(torch.zeros(2)))  # no gradient: skipped
+        for p in params[:-1]:
+            p.grad = torch.randn_like(p)
+        before = [p.grad.clone() for p in params[:-1]]
+        meta_train.all_reduce_grads(params, 2, bucket_numel=5)
+        for p, g in zip(params, before):
+            assert torch.equal(p.grad, g / 2)
+        assert params[-1].grad is None
+    finally:
+        dist.destroy_process_group()

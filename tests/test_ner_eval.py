@@ -111,6 +111,8 @@ def test_span_f1_no_entities():
     assert (m["f1"], m["per_type"]) == (0.0, {})
     with pytest.raises(ValueError):
         span_f1([["O", "O"]], [["O"]])
+    with pytest.raises(ValueError):  # a sentence without its prediction is not scored as none
+        span_f1([["B-PER"], ["O"]], [["B-PER"]])
 
 
 # Tokenization and first-sub-token alignment
@@ -638,3 +640,18 @@ def test_help():
     with pytest.raises(SystemExit) as e:
         ner_eval.get_args(["--help"])
     assert e.value.code == 0
+
+
+def test_prf_with_unequal_precision_and_recall():
+    # at precision = recall, F1 equals either; here it must be their harmonic mean
+    m = ner_eval.prf(1, 2, 4)
+    assert (m["precision"], m["recall"]) == (0.5, 0.25)
+    assert m["f1"] == pytest.approx(1 / 3)
+    assert (m["correct"], m["predicted"], m["gold"]) == (1, 2, 4)
+    assert ner_eval.prf(0, 0, 3)["f1"] == 0.0 and ner_eval.prf(0, 3, 0)["f1"] == 0.0
+    gold = [["B-PER", "O", "B-LOC", "I-LOC", "B-ORG"]]  # PER(0,1) LOC(2,4) ORG(4,5)
+    pred = [["B-PER", "O", "B-LOC", "O", "O"]]  # PER right, LOC(2,3) wrong end, ORG missed
+    m = span_f1(gold, pred)
+    assert (m["correct"], m["predicted"], m["gold"]) == (1, 2, 3)
+    assert (m["precision"], m["recall"], m["f1"]) == (0.5, pytest.approx(1 / 3), pytest.approx(0.4))
+    assert m["per_type"]["ORG"] == ner_eval.prf(0, 0, 1)

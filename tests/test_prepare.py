@@ -13,7 +13,8 @@ import tiktoken
 import common
 import data
 import prepare
-from conftest import CONTEXT, EOT, TINY_WORDS, split_stream, write_text
+from conftest import (CONTEXT, EOT, TINY_WORDS, boundary_shards, split_stream, write_data_dir,
+                      write_text)
 
 
 def check_shard_sizes(data_dir, enc, shard_tokens):
@@ -244,6 +245,7 @@ def test_cli_end_to_end(tmp_path, tiny_enc, docs, monkeypatch, capsys):
     # the printed sample: decoded candidates from the most to the least frequent
     counts = np.bincount(split_stream(out, "train"), minlength=tiny_enc.n_vocab)
     examples = meta["index"]["examples"]
+    assert len(examples) == min(10, len(words))  # ten, spread over the frequency range
     assert ", ".join(map(repr, examples)) in printed and set(examples) <= set(words)
     assert examples[0] == tiny_enc.decode([int(word_ids[np.argmax(counts[word_ids])])])
     assert examples[-1] == tiny_enc.decode([int(word_ids[np.argmin(counts[word_ids])])])
@@ -353,3 +355,38 @@ def test_staging_left_by_a_killed_run_is_removed(tmp_path, tiny_enc, docs):
         (out / stale / "train_000000.bin").write_bytes(b"\0" * 100)
     prepare.write_shards(docs, tiny_enc, str(out), val_tokens=50, progress=False)
     assert not any(n.startswith(".") for n in os.listdir(out))
+
+
+def test_index_keeps_occurrences_from_the_context_boundary_on_and_band_edges(tmp_path, tiny_enc):
+    shards, (cat, dog, _) = boundary_shards(tiny_enc)
+    out = write_data_dir(tmp_path / "out", tiny_enc, {"train": shards})
+    # a band whose ends are exactly the two words' frequencies keeps both
+    index = prepare.build_index(out, tiny_enc, min_per_million=125000.0,
+                                max_per_million=250000.0, context=4)
+    load = lambda key: np.load(os.path.join(out, index["train"][key])).tolist()
+    assert np.load(os.path.join(out, "index_words.npy")).tolist() == sorted([cat, dog])
+    # an occurrence needs context - 1 = 3 tokens before it in its shard: shard position 3 is the
+    # first that qualifies (global 3 and 8 + 3), 2 and 0 do not
+    by_word = {cat: [3, 11], dog: [5, 12]}
+    assert load("offsets") == [0, 2, 4]
+    assert load("positions") == by_word[min(cat, dog)] + by_word[max(cat, dog)]
+    assert load("docs") == [0, 1, 0, 1]  # one document per shard
+    assert index["train"]["n_positions"] == 4 and "val" not in index
+    # a band just inside either frequency leaves that word out
+    # (a band of one frequency, lo = hi, is a band too)
+    for lo, hi, kept in ((125000.5, 250000.0, [cat]), (125000.0, 249999.5, [dog]),
+                         (250000.0, 250000.0, [cat])):
+        prepare.build_index(out, tiny_enc, min_per_million=lo, max_per_million=hi, context=4)
+        assert np.load(os.path.join(out, "index_words.npy")).tolist() == kept
+
+
+def test_shards_of_another_tokenizer_get_no_index_and_tokens_must_be_1d(tmp_path, tiny_enc, ds):
+    other = tiktoken.Encoding(name="other", pat_str=tiny_enc._pat_str,
+                              mergeable_ranks=tiny_enc._mergeable_ranks,
+                              special_tokens=tiny_enc._special_tokens)
+    with pytest.raises(ValueError, match="meta.json: shards of tokenizer 'tiny', index asked for "
+                                         "with 'other'"):
+        prepare.build_index(ds, other)
+    with pytest.raises(ValueError, match="x.bin: tokens must be a 1-d array, got shape \\(2, 2\\)"):
+        prepare.write_shard(str(tmp_path / "x.bin"), [[1, 2], [3, 4]])
+    assert not os.path.exists(tmp_path / "x.bin")

@@ -1,0 +1,111 @@
+"""common.check_config: every refusal, named by its key, and the boundary values just inside
+each range, which must pass (so that < and <= cannot be swapped unseen)."""
+from types import SimpleNamespace
+
+import pytest
+
+import common
+import meta_train
+from common import ConfigError
+
+
+def cfg(tmp_path, **kw):
+    # the defaults describe a valid run but for data_dir, which must exist
+    return SimpleNamespace(**{**meta_train.DEFAULTS, "data_dir": str(tmp_path), **kw})
+
+
+def test_defaults_pass(tmp_path):
+    common.check_config(cfg(tmp_path), 1)
+
+
+CHOICE_KEYS = ["meta_task", "positions_unknown", "inner_params", "lr_schedule",
+               "inner_lr_schedule", "inner_optimizer", "decay_params", "meta_head_init", "dtype"]
+
+
+@pytest.mark.parametrize("key", CHOICE_KEYS)
+def test_every_choice_key_refuses_other_values_and_takes_each_of_its_own(tmp_path, key):
+    assert set(CHOICE_KEYS) == set(common.CHOICES)  # a new choice key gets this test too
+    with pytest.raises(ConfigError, match=rf"^{key} must be one of .*got 'nope'"):
+        common.check_config(cfg(tmp_path, **{key: "nope"}), 1)
+    for value in common.CHOICES[key]:
+        # lm needs the whole model adapted; every other value stands alone
+        extra = {"inner_params": "all"} if value == "lm" else {}
+        common.check_config(cfg(tmp_path, **{key: value, **extra}), 1)
+
+
+# (key, a refused value, the message, an accepted value at the edge of the range)
+REFUSED = [
+    ("meta_ratio", 1.01, "meta_ratio must be in [0, 1]", 1.0),
+    ("meta_ratio", -0.01, "meta_ratio must be in [0, 1]", 0.0),
+    ("n_way", 1, "n_way must be at least 2, got 1", 2),
+    ("k_shot", 0, "k_shot must be at least 1, got 0", 1),
+    ("q_query", 0, "q_query must be at least 1, got 0", 1),
+    ("inner_steps", -1, "inner_steps must be at least 0, got -1", 0),
+    *[(k, 0, f"{k} must be at least 1, got 0", 1) for k in (
+        "seq_len", "meta_seq_len", "eval_interval", "eval_sequences", "save_interval",
+        "log_interval", "episodes_per_step", "positions_batch")],
+    ("batch_size", 0, "batch_size must be at least 1, got 0", None),
+    ("total_batch_size", 0, "total_batch_size must be at least 1, got 0", None),
+    *[(k, -1, f"{k} must be at least 0, got -1", 0) for k in (
+        "max_steps", "warmup_steps", "lr_decay_steps", "eval_episodes", "inner_warmup_steps")],
+    *[(k, -1e-9, f"{k} must be at least 0, got -1e-09", 0.0) for k in (
+        "learning_rate", "min_lr", "weight_decay", "grad_clip", "inner_lr", "inner_eps",
+        "inner_weight_decay")],
+    ("learning_rate", float("nan"), "learning_rate must be at least 0, got nan", None),
+    *[(k, 1.0, f"{k} must be in [0, 1), got 1.0", 0.0) for k in (
+        "beta1", "beta2", "inner_beta1", "inner_beta2")],
+    *[(k, -0.1, f"{k} must be in [0, 1), got -0.1", 0.999) for k in (
+        "beta1", "beta2", "inner_beta1", "inner_beta2")],
+]
+
+
+@pytest.mark.parametrize("key, bad, message, edge", REFUSED)
+def test_each_range_refuses_just_outside_and_takes_its_edge(tmp_path, key, bad, message, edge):
+    with pytest.raises(ConfigError) as e:
+        common.check_config(cfg(tmp_path, **{key: bad}), 1)
+    assert message in str(e.value)
+    if edge is not None:
+        common.check_config(cfg(tmp_path, **{key: edge}), 1)
+
+
+def test_lm_task_needs_every_weight_adapted(tmp_path):
+    with pytest.raises(ConfigError, match="meta_task 'lm' adapts the whole model"):
+        common.check_config(cfg(tmp_path, meta_task="lm", inner_params="head"), 1)
+
+
+def test_batch_must_split_over_micro_batches_and_ranks(tmp_path):
+    # 256 = 32 x 4 x 2: fits 2 ranks; 32 x 3 ranks does not divide it
+    common.check_config(cfg(tmp_path, batch_size=32, total_batch_size=256), 2)
+    with pytest.raises(ConfigError, match="total_batch_size 256 is not a multiple of batch_size "
+                                          "32 x 3 ranks"):
+        common.check_config(cfg(tmp_path, batch_size=32, total_batch_size=256), 3)
+    with pytest.raises(ConfigError, match="total_batch_size 96 is not a multiple of batch_size "
+                                          "64 x 1 ranks"):
+        common.check_config(cfg(tmp_path, batch_size=64, total_batch_size=96), 1)
+
+
+def test_episodes_must_split_over_ranks_in_meta_runs_only(tmp_path):
+    with pytest.raises(ConfigError, match="episodes_per_step 3 does not split evenly over 2 ranks"):
+        common.check_config(cfg(tmp_path, episodes_per_step=3, total_batch_size=64,
+                                batch_size=32), 2)
+    common.check_config(cfg(tmp_path, episodes_per_step=4, total_batch_size=64, batch_size=32), 2)
+    # a vanilla run never draws an episode
+    common.check_config(cfg(tmp_path, episodes_per_step=3, total_batch_size=64, batch_size=32,
+                            meta_ratio=0.0), 2)
+
+
+def test_head_counts_and_data_dir(tmp_path):
+    with pytest.raises(ConfigError, match="dim 96 must be a multiple of n_heads 5"):
+        common.check_config(cfg(tmp_path, n_heads=5), 1)
+    with pytest.raises(ConfigError, match="n_heads a multiple of n_kv_heads 5"):
+        common.check_config(cfg(tmp_path, n_kv_heads=5), 1)
+    with pytest.raises(ConfigError, match=f"data_dir '{tmp_path}/none' not found"):
+        common.check_config(cfg(tmp_path, data_dir=str(tmp_path / "none")), 1)
+
+
+def test_model_args_context_covers_ar_batches_and_episodes(tmp_path):
+    for seq_len, meta_seq_len in ((512, 128), (64, 256)):
+        a = common.model_args(cfg(tmp_path, seq_len=seq_len, meta_seq_len=meta_seq_len, dim=48,
+                                  n_layers=3, n_heads=6, n_kv_heads=3, vocab_size=100))
+        assert a.max_seq_len == max(seq_len, meta_seq_len)
+        assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size) == (48, 3, 6, 3, 100)
