@@ -9,7 +9,7 @@ import torch
 import common
 import data
 import prepare
-from conftest import CONTEXT, boundary_shards, split_stream, write_data_dir, write_text
+from conftest import CONTEXT, TINY_WORDS, boundary_shards, split_stream, write_data_dir, write_text
 
 
 def contains(haystack, needle):
@@ -298,6 +298,28 @@ def test_lm_task_short_documents(tmp_path, tiny_enc):
         assert torch.cat([sy.flatten(), qy.flatten()]).tolist() == tokens[1:]
     with pytest.raises(ValueError, match="no train document.*13"):
         data.LMTaskSampler(out, 3, 4)
+
+
+def test_lm_task_draws_every_span_of_every_document_uniformly(tmp_path, tiny_enc):
+    # K=2, T=4: an episode is 13 consecutive tokens of one document. Documents of 13, 15 and 17
+    # tokens ("a", 11, 13 or 15 words, <|endoftext|>) hold 1, 3 and 5 such spans: 9 in all, each
+    # to be drawn with probability 1/9; each document starts its words elsewhere in the list, so
+    # every span has other tokens
+    docs = ["a" + "".join(" " + TINY_WORDS[(shift + i) % len(TINY_WORDS)] for i in range(m))
+            for shift, m in ((0, 11), (5, 13), (10, 15))]
+    path = write_text(tmp_path / "a.txt", docs)
+    out = str(tmp_path / "out")
+    prepare.write_shards(prepare.iter_text_docs([path]), tiny_enc, out, val_tokens=0,
+                         progress=False)
+    sampler = data.LMTaskSampler(out, 2, 4)
+    rng, n = np.random.default_rng(0), 1800
+    counts = {}
+    for _ in range(n):
+        sx, sy, qx, qy = sampler.sample(rng)
+        span = tuple(torch.cat([sx.flatten(), qx.flatten()]).tolist()) + (qy[0, -1].item(),)
+        counts[span] = counts.get(span, 0) + 1
+    assert len(counts) == 9
+    assert all(abs(v - n / 9) < 60 for v in counts.values()), counts  # 200 +- 4.5 std
 
 
 @pytest.mark.parametrize("unknown", ["class0", "drop"])
