@@ -553,3 +553,37 @@ def test_grad_clip_clips_and_logs_the_norm_before_clipping(data_dir, tmp_path):
     moved = {d: max((weights(tmp_path / d / "ckpt_000001.pt")[k] - w0[k]).abs().max().item()
                     for k in w0) for d in ("off", "clip")}
     assert moved["off"] > 1e-3 and moved["clip"] < 2e-5, moved
+
+
+def test_logged_times_are_per_micro_step_per_episode_and_training_only(data_dir, tmp_path,
+                                                                         monkeypatch):
+    # a fake clock that moves only while data is read (0.25 s an AR micro-batch, 0.5 s an
+    # episode) and by 1 us a reading: the logged step times and the training time are then known
+    # by hand, whatever the machine's speed
+    clock = [0.0]
+
+    def now():
+        clock[0] += 1e-6
+        return clock[0]
+
+    def advancing(f, seconds):
+        def wrapped(*a, **kw):
+            clock[0] += seconds
+            return f(*a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(meta_train, "time", SimpleNamespace(time=now))
+    monkeypatch.setattr(data.ShardReader, "next_batch", advancing(data.ShardReader.next_batch, 0.25))
+    monkeypatch.setattr(data.SMLMTSampler, "sample", advancing(data.SMLMTSampler.sample, 0.5))
+    args = ["--max_steps=4", "--eval_interval=2", "--save_interval=2"]
+    run(data_dir, tmp_path / "ar", *args, "--meta_ratio=0.0", "--batch_size=2")  # 4 micro-steps
+    run(data_dir, tmp_path / "meta", *args, "--meta_ratio=1.0", "--episodes_per_step=3")
+    for name, kind, ms, per_step in (("ar", "ar_ms", 250, 1.0), ("meta", "meta_ms", 500, 1.5)):
+        rows = [r for r in read_log(tmp_path / name) if r["val_loss"] is None]
+        assert len(rows) == 4
+        for r in rows:
+            assert ms <= r[kind] < ms + 0.1, (name, r)
+        # evaluation (which reads val data through the same readers) and checkpoint writes are
+        # not training time
+        assert [r["time"] for r in rows] == pytest.approx([per_step * (i + 1) for i in range(4)],
+                                                          abs=1e-3)
