@@ -41,6 +41,9 @@ def write_shard(path, tokens):
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"{path}: tokens must be a 1-d array, got shape {tokens.shape}")
+    if len(tokens) > np.iinfo(np.int32).max:
+        raise ValueError(f"{path}: {len(tokens)} tokens do not fit the int32 header; write smaller "
+                         f"shards")
     if tokens.size and not np.issubdtype(tokens.dtype, np.integer):
         raise ValueError(f"{path}: token ids must be integers, got dtype {tokens.dtype}; nothing "
                          f"written")
@@ -48,9 +51,6 @@ def write_shard(path, tokens):
     if bad.size:
         raise ValueError(f"{path}: token id {bad[0]} does not fit in uint16 (shards hold ids "
                          f"0..65535); nothing written")
-    if len(tokens) >= 2 ** 31:
-        raise ValueError(f"{path}: {len(tokens)} tokens do not fit the int32 header; write smaller "
-                         f"shards")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = MAGIC, VERSION, len(tokens)
 

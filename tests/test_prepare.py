@@ -135,6 +135,9 @@ def test_token_ids_must_fit_uint16(tmp_path, tiny_enc):
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["train_000000.bin"]
     prepare.write_shard(path, [65535])
     assert data.load_shard(path)[0] == 65535
+    # 2^31 tokens overflow the int32 count in the header (a view of one token: no memory)
+    with pytest.raises(ValueError, match="2147483648 tokens do not fit the int32 header"):
+        prepare.write_shard(path, np.broadcast_to(np.uint16(1), (2 ** 31,)))
     # a tokenizer whose ids do not fit is refused before anything is written
     big = tiktoken.Encoding(name="big", pat_str=tiny_enc._pat_str,
                             mergeable_ranks=tiny_enc._mergeable_ranks, special_tokens={EOT: 70000})
