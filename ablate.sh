@@ -2,7 +2,8 @@
 # The README's ablation table: configs/cpu.py for 1000 steps each, five ways, then the speedup
 # against vanilla, adaptation to new text and en_ewt NER of every final checkpoint.
 #   bash ablate.sh                       # after run_cpu.sh has built DATA (default data/cpu)
-#   UNER=path/to/uner STEPS=500 bash ablate.sh
+#   UNER=path/to/uner STEPS=500 bash ablate.sh   # the README's table (500 steps: what 2 shared
+#                                                 # cores allowed in the session that made it)
 # A rerun skips what is done; results go to OUT (default out/ablate).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -10,7 +11,8 @@ OUT=${OUT:-out/ablate}
 DATA=${DATA:-data/cpu}
 STEPS=${STEPS:-1000}
 PY=.venv/bin/python
-ORDER=(vanilla smlmt smlmt-inner0 positions lm-adamw)
+# RUNS picks some of them: RUNS="vanilla lm-adamw" bash ablate.sh
+read -r -a ORDER <<< "${RUNS:-vanilla smlmt smlmt-inner0 positions lm-adamw}"
 keys() {  # the config keys of each run
   case $1 in
     vanilla) echo "--meta_ratio=0" ;;
@@ -23,8 +25,10 @@ keys() {  # the config keys of each run
                     --inner_lr_schedule=cosine --inner_warmup_steps=2" ;;
   esac
 }
-# the proposal's inner loop for the adaptation test, the same for every checkpoint
-ADAPT=(--inner_optimizer=adamw --inner_lr=1e-3 --inner_lr_schedule=cosine --inner_warmup_steps=2)
+# the proposal's inner loop for the adaptation test, the same for every checkpoint; 8 documents,
+# 1 or 4 support chunks, 0 or 5 steps keep it to minutes for five checkpoints on 2 cores
+ADAPT=(--inner_optimizer=adamw --inner_lr=1e-3 --inner_lr_schedule=cosine --inner_warmup_steps=2
+       --docs 8 --ks 1 4 --steps 0 5)
 final=ckpt_$(printf %06d "$STEPS").pt
 for name in "${ORDER[@]}"; do
   run=$OUT/$name

@@ -97,7 +97,8 @@ stage "NER (en_ewt, da_ddt; head and full)" "$OUT/ner.txt" "$last" ner
 
 adapt() {  # the proposal's inner loop (AdamW, warm-up then cosine), the same for both runs
   $PY adapt_eval.py "$OUT/vanilla" "$OUT/meta" --inner_optimizer=adamw --inner_lr=1e-3 \
-    --inner_lr_schedule=cosine --inner_warmup_steps=2 --out "$OUT/adapt.json" > "$OUT/adapt.txt.tmp"
+    --inner_lr_schedule=cosine --inner_warmup_steps=2 --docs 8 --ks 1 4 --steps 0 5 \
+    --out "$OUT/adapt.json" > "$OUT/adapt.txt.tmp"
   mv "$OUT/adapt.txt.tmp" "$OUT/adapt.txt"
 }
 stage "adaptation to new text" "$OUT/adapt.txt" "$last" adapt
