@@ -428,3 +428,28 @@ class LMTaskSampler:
         span = _gather(self.shards, self.shard_starts, np.array([start]), self.span)[0]
         x, y = span[:-1].reshape(K + 1, T), span[1:].reshape(K + 1, T)
         return _tensor(x[:K]), _tensor(y[:K]), _tensor(x[K:]), _tensor(y[K:])
+
+
+def main(argv=None):
+    """Check a data directory as training will read it (shards against meta.json, the index
+    against the shards) and print what it holds: one line per split."""
+    import argparse
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("data_dir")
+    data_dir = p.parse_args(argv).data_dir
+    try:
+        meta = read_meta(data_dir)
+        for split in SPLITS:
+            shards, starts = _load_split(data_dir, split, meta)
+            line = f"{split}: {sum(len(s) for s in shards):,} tokens in {len(shards)} shard(s)"
+            if meta.get("index"):
+                words, offsets, _, docs = _load_index(data_dir, meta, split, shards, starts)
+                line += (f"; index: {len(words):,} words, {int(offsets[-1]):,} occurrences in "
+                         f"{len(np.unique(docs)):,} documents")
+            print(line)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"data.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

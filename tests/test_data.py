@@ -435,3 +435,18 @@ def test_apart_samples_non_overlapping_windows_uniformly():
     for _ in range(200):
         picked = data._apart(nxt, room, 3, rng)
         assert len(picked) == 3 and np.all(np.diff(np.array([0, 2, 10, 11, 30])[picked]) >= 5)
+
+
+def test_cli_checks_a_data_dir_and_prints_what_it_holds(ds, tmp_path, capsys):
+    data.main([ds])
+    lines = capsys.readouterr().out.splitlines()
+    for split, line in zip(data.SPLITS, lines):
+        assert line.startswith(f"{split}: {len(split_stream(ds, split)):,} tokens in ")
+        assert f"index: {len(np.load(os.path.join(ds, 'index_words.npy'))):,} words" in line
+    broken = tmp_path / "broken"
+    shutil.copytree(ds, broken)
+    shard = data.list_shards(str(broken), "val")[0]
+    with open(shard, "ab") as f:
+        f.write(b"\0\0")  # two bytes too many
+    with pytest.raises(SystemExit, match="data.py: error: .*val_000000.bin.*truncated or corrupted"):
+        data.main([str(broken)])
