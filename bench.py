@@ -414,6 +414,8 @@ def main(argv=None):
                           args.num_proc)
     except common.ConfigError as e:
         sys.exit(f"config error: {e}")
+    except (ValueError, OSError) as e:  # a data dir that is there but unreadable or stale
+        sys.exit(f"bench.py: error: {e}")
     facts["config"] = " ".join([os.path.relpath(config)] + overrides)
     facts["command"] = " ".join(["python", "bench.py"] + (sys.argv[1:] if argv is None else argv))
     print(format_table(facts, rows, tera=torch.cuda.is_available()))

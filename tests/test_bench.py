@@ -45,6 +45,13 @@ def test_help_runs():
     assert out.returncode == 2 and "--reps must be at least 1" in out.stderr
 
 
+def test_a_bad_data_dir_is_a_one_line_error(tmp_path):
+    # a data dir that is not there is a skipped row; one that is there but unreadable stops the
+    # run naming the file, without a traceback
+    with pytest.raises(SystemExit, match=r"bench.py: error: .*meta.json does not exist"):
+        bench.main([f"--data_dir={tmp_path}", "--reps=1", "--no_compile"])
+
+
 @pytest.mark.parametrize("with_peer", [False, True])
 def test_tiny_run_table(tmp_path, monkeypatch, with_peer):
     if with_peer:
