@@ -418,8 +418,11 @@ def resume_run(run, c, model, head, optimizer, dev):
     process's RNGs -> (start step, counters, the checkpoint's path). The config must match but for
     RESUME_FREE keys: anything else would change the run."""
     ckpt, path = run.load_resume_checkpoint(dev)
+    free = set(RESUME_FREE)
+    if c.lr_decay_steps > 0 or c.lr_schedule == "constant":
+        free.add("max_steps")  # the lr does not depend on it: a finished run can be extended
     diff = {k: (ckpt["config"].get(k), v) for k, v in vars(c).items()
-            if k not in RESUME_FREE and ckpt["config"].get(k) != v}
+            if k not in free and ckpt["config"].get(k) != v}
     if diff:
         raise ConfigError(f"{path} was written with a different config "
                           f"(key: checkpoint vs now): {diff}")

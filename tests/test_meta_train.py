@@ -122,6 +122,24 @@ def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
     assert (True, False) in kinds and (False, True) in kinds
 
 
+def test_a_finished_run_extended_equals_the_longer_run(data_dir, tmp_path):
+    args = ["--meta_ratio=0.5", "--eval_interval=2", "--save_interval=2", "--lr_decay_steps=50"]
+    run(data_dir, tmp_path / "long", *args, "--max_steps=8")
+    run(data_dir, tmp_path / "short", *args, "--max_steps=4")
+    run(data_dir, tmp_path / "short", *args, "--max_steps=8", "--resume=True")
+    assert_same(weights(tmp_path / "long" / "ckpt.pt"), weights(tmp_path / "short" / "ckpt.pt"),
+                atol=0)
+    timing = ("time", "tok_per_s", "mfu", "ar_ms", "meta_ms")
+    def strip(log):
+        return [{k: v for k, v in r.items() if k not in timing} for r in log]
+    assert strip(read_log(tmp_path / "short")) == strip(read_log(tmp_path / "long"))
+    # with the decay ending at max_steps, more steps would change the lr: refused
+    args = ["--meta_ratio=0.0", "--eval_interval=2", "--save_interval=2", "--lr_decay_steps=0"]
+    run(data_dir, tmp_path / "to_max", *args, "--max_steps=2")
+    with pytest.raises(ConfigError, match=r"'max_steps': \(2, 4\)"):
+        run(data_dir, tmp_path / "to_max", *args, "--max_steps=4", "--resume=True")
+
+
 def test_bf16_compiled_hybrid_run_resumes_exactly(data_dir, tmp_path, monkeypatch):
     """The GPU code path, bf16 autocast + torch.compile + episodes, run on the CPU: both kinds of
     step, and a resume that continues bit for bit."""
