@@ -2,9 +2,9 @@
 # The README's ablation table: configs/cpu.py for 1000 steps each, five ways, then the speedup
 # against vanilla, adaptation to new text and en_ewt NER of every final checkpoint.
 #   bash ablate.sh                       # after run_cpu.sh has built DATA (default data/cpu)
-#   UNER=path/to/uner STEPS=500 bash ablate.sh   # the README's table (500 steps: what 2 shared
-#                                                 # cores allowed in the session that made it)
-# A rerun skips what is done; results go to OUT (default out/ablate).
+#   UNER=path/to/uner bash ablate.sh     # the README's table (about 80 min on 2 cores)
+# Results go to OUT (default out/ablate). A rerun skips what is done; a rerun with a larger STEPS
+# extends the finished runs exactly (the lr does not decay to max_steps) and redoes the results.
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-out/ablate}
@@ -41,15 +41,21 @@ for name in "${ORDER[@]}"; do
     --eval_interval=100 --save_interval=100 --resume=$resume $(keys "$name")
 done
 runs=("${ORDER[@]/#/$OUT/}")
-[ -e "$OUT/compare.txt" ] || $PY analyze.py --compare "${runs[@]}" --out "$OUT" > /dev/null
-if [ ! -e "$OUT/adapt.txt" ]; then
+current() {  # current FILE RUN...: FILE is newer than every run's last checkpoint
+  local f=$1 r
+  shift
+  for r in "$@"; do [ "$f" -nt "$r/ckpt.pt" ] || return 1; done
+}
+current "$OUT/compare.txt" "${runs[@]}" ||
+  $PY analyze.py --compare "${runs[@]}" --out "$OUT" > /dev/null
+if ! current "$OUT/adapt.txt" "${runs[@]}"; then
   $PY adapt_eval.py "${runs[@]}" "${ADAPT[@]}" --out "$OUT/adapt.json" > "$OUT/adapt.txt.tmp"
   mv "$OUT/adapt.txt.tmp" "$OUT/adapt.txt"
 fi
 uner=()
 if [ -n "${UNER:-}" ]; then uner=(--data_dir "$UNER"); fi
 for name in "${ORDER[@]}"; do
-  [ -e "$OUT/ner_$name.json" ] && continue
+  current "$OUT/ner_$name.json" "$OUT/$name" && continue
   $PY ner_eval.py "$OUT/$name" ${uner[@]+"${uner[@]}"} --train_sets en_ewt --test_sets en_ewt \
     --regime full --max_train_sentences 2000 --max_eval_sentences 500 --lr 1e-3 --threads 1 \
     --out "$OUT/ner_$name.json" > /dev/null

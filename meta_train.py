@@ -39,7 +39,7 @@ eval_episodes = 10  # fixed val episodes for meta query accuracy
 log_interval = 10
 save_interval = 250
 keep_checkpoints = True  # numbered ckpt_NNNNNN.pt copies (weights, no optimizer) for analyze.py
-resume = False
+resume = False  # continue out_dir exactly; max_steps may grow unless the lr decays to it
 seed = 42
 # model: the paper configs change only dim
 dim = 96
