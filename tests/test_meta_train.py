@@ -62,6 +62,12 @@ def read_log(out_dir):
         return [json.loads(line) for line in f]
 
 
+def read_log_untimed(out_dir):
+    """The log without its timings, which differ between otherwise identical runs."""
+    timing = ("time", "tok_per_s", "mfu", "ar_ms", "meta_ms")
+    return [{k: v for k, v in r.items() if k not in timing} for r in read_log(out_dir)]
+
+
 def weights(path):
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     return {**ckpt["model"], **{"head." + k: v for k, v in (ckpt["head"] or {}).items()}}
@@ -113,10 +119,7 @@ def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
     run(data_dir, part, *args, "--resume=True")
     assert_same(weights(full / "ckpt_000008.pt"), weights(part / "ckpt_000008.pt"), atol=0)
     # the log is the uninterrupted run's, line for line, up to timings
-    timing = ("time", "tok_per_s", "mfu", "ar_ms", "meta_ms")
-    def strip(log):
-        return [{k: v for k, v in r.items() if k not in timing} for r in log]
-    assert strip(read_log(part)) == strip(read_log(full))
+    assert read_log_untimed(part) == read_log_untimed(full)
     # log lines of both kinds before and after the resume point: the run was a hybrid
     kinds = {(r["ar_loss"] is not None, r["meta_loss"] is not None) for r in read_log(part)}
     assert (True, False) in kinds and (False, True) in kinds
@@ -129,10 +132,7 @@ def test_a_finished_run_extended_equals_the_longer_run(data_dir, tmp_path):
     run(data_dir, tmp_path / "short", *args, "--max_steps=8", "--resume=True")
     assert_same(weights(tmp_path / "long" / "ckpt.pt"), weights(tmp_path / "short" / "ckpt.pt"),
                 atol=0)
-    timing = ("time", "tok_per_s", "mfu", "ar_ms", "meta_ms")
-    def strip(log):
-        return [{k: v for k, v in r.items() if k not in timing} for r in log]
-    assert strip(read_log(tmp_path / "short")) == strip(read_log(tmp_path / "long"))
+    assert read_log_untimed(tmp_path / "short") == read_log_untimed(tmp_path / "long")
     # with the decay ending at max_steps, more steps would change the lr: refused
     args = ["--meta_ratio=0.0", "--eval_interval=2", "--save_interval=2", "--lr_decay_steps=0"]
     run(data_dir, tmp_path / "to_max", *args, "--max_steps=2")
@@ -327,9 +327,7 @@ def test_resume_drops_a_torn_last_log_line_and_stale_temporaries(data_dir, tmp_p
     assert sorted(os.listdir(part)) == sorted([".lock", ".mine", "ckpt.pt", "ckpt_000004.pt",
                                                "ckpt_000006.pt", "log.jsonl"])
     assert_same(weights(full / "ckpt_000006.pt"), weights(part / "ckpt_000006.pt"), atol=0)
-    timing = ("time", "tok_per_s", "mfu", "ar_ms", "meta_ms")
-    strip = lambda log: [{k: v for k, v in r.items() if k not in timing} for r in log]
-    assert strip(read_log(part)) == strip(read_log(full))  # every complete line kept
+    assert read_log_untimed(part) == read_log_untimed(full)  # every complete line kept
 
 
 def test_a_torn_line_inside_the_log_is_an_error_naming_it(data_dir, tmp_path):
