@@ -32,7 +32,9 @@ and attention probabilities):
 
 The second form reads each run's log.jsonl and compares validation loss against steps, tokens,
 estimated FLOPs and training wall time: how far into the first run's budget each other run reaches
-the first run's final validation loss. It prints a table and writes compare.txt and compare.png.
+the first run's final validation loss. It prints a table and writes compare.txt and compare.png;
+for meta runs both also show the meta val numbers (query accuracy after the inner loop and with no
+inner steps, nearest support class mean, support accuracy after adapting) with standard errors.
 """
 import argparse
 import csv
@@ -403,6 +405,9 @@ def plot_metrics(rows, out_dir):
 
 # the x-axes of a comparison: log.jsonl keys (tokens = ar_tokens + meta_tokens)
 AXES = ["step", "tokens", "flops", "time"]
+# meta_train's eval numbers on fixed val episodes: query accuracy after the inner loop, with no
+# inner steps, by the nearest support class mean, support accuracy after the inner loop
+META_ACCS = ["val_query_acc", "val_query_acc0", "val_centroid_acc", "val_support_acc"]
 
 
 def read_log(run_dir):
@@ -427,6 +432,10 @@ def read_log(run_dir):
         # null (not logged) becomes nan, shown as n/a
         "flops": np.array([r.get("flops") for r in recs], dtype=float),
         "time": np.array([r.get("time") for r in recs], dtype=float),
+        # meta_train's mechanism numbers on its fixed val episodes and their standard errors
+        # (nan where a run or an older log has none)
+        **{k: np.array([r.get(k) for r in recs], dtype=float)
+           for name in META_ACCS for k in (name, name + "_se")},
     }
 
 
@@ -480,6 +489,16 @@ def compare_table(runs, logs):
             else:
                 cells.append(f"{x:.2f}" + (f" ({1 / x:.2f}x)" if x > 0 else ""))
         lines.append(f"{run:<30} " + " ".join(f"{c:>15}" for c in cells))
+    with_meta = [(run, log) for run, log in zip(runs, logs)
+                 if not np.isnan(log["val_query_acc"]).all()]
+    if with_meta:
+        lines += ["", "meta val episodes at the last eval (+- standard error): query accuracy after "
+                  "the inner loop, with none, nearest class mean, support after the inner loop:",
+                  f"{'run':<30} " + " ".join(f"{name[4:]:>15}" for name in META_ACCS)]
+        for run, log in with_meta:
+            lines.append(f"{run:<30} " + " ".join(
+                f"{log[n][-1]:>7.3f} +-{log[n + '_se'][-1]:.3f}" if not np.isnan(log[n][-1])
+                else f"{'n/a':>15}" for n in META_ACCS))
     return "\n".join(lines) + "\n"
 
 
@@ -491,7 +510,8 @@ def plot_compare(runs, logs, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    meta = any(not np.isnan(log["val_query_acc"]).all() for log in logs)
+    fig, axes = plt.subplots(3 if meta else 2, 2, figsize=(10, 10.5 if meta else 7))
     for ax, axis in zip(axes.flat, AXES):
         for run, log in zip(runs, logs):
             ax.plot(log[axis], log["val_loss"], marker=".", label=run)
@@ -499,6 +519,20 @@ def plot_compare(runs, logs, path):
         ax.set_xlabel(axis)
         ax.set_ylabel("val loss")
     axes.flat[0].legend(fontsize=8)
+    if meta:  # left: after the inner loop (solid) and with none (dashed); right: the references
+        for ax, names in zip(axes[2], [META_ACCS[:2], META_ACCS[2:]]):
+            for i, (run, log) in enumerate(zip(runs, logs)):
+                for name, ls in zip(names, ["-", "--"]):
+                    if not np.isnan(log[name]).all():
+                        ax.errorbar(log["step"], log[name], yerr=log[name + "_se"], ls=ls,
+                                    marker=".", color=f"C{i}", capsize=2, label=f"{run} {name[4:]}")
+            ax.set_xlabel("step")
+            ax.set_ylabel("meta val accuracy")
+            ax.legend(fontsize=7)
+        axes[2][0].set_title("query: after the inner loop (solid), no inner steps (dashed)",
+                             fontsize=9)
+        axes[2][1].set_title("nearest support class mean (solid), support after adapting (dashed)",
+                             fontsize=9)
     fig.suptitle("validation loss; dashed: the first run's final value", fontsize=10)
     fig.tight_layout()
     common.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))

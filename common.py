@@ -86,7 +86,9 @@ CHOICES = {"meta_task": ("smlmt", "lm", "positions"), "positions_unknown": ("cla
            "inner_params": ("head", "all"),
            "lr_schedule": SCHEDULES, "inner_lr_schedule": SCHEDULES,
            "inner_optimizer": ("sgd", "adamw"), "decay_params": ("all", "matrices"),
-           "meta_head_init": ("xavier", "default"), "dtype": ("auto", "float32", "bfloat16")}
+           "meta_head_init": ("xavier", "default"), "dtype": ("auto", "float32", "bfloat16"),
+           "meta_read": ("mask", "before"), "meta_features": ("raw", "standardize"),
+           "meta_head_rows": ("words", "proto")}
 
 
 def check_config(c, world_size):
@@ -100,6 +102,16 @@ def check_config(c, world_size):
         raise ConfigError(f"meta_ratio must be in [0, 1], got {c.meta_ratio}")
     if c.meta_task == "lm" and c.inner_params != "all":
         raise ConfigError("meta_task 'lm' adapts the whole model: set inner_params='all'")
+    if c.meta_read == "before" and c.meta_task != "smlmt":
+        raise ConfigError(f"meta_read 'before' reads SMLMT windows; meta_task {c.meta_task!r} "
+                          f"needs meta_read='mask'")
+    if c.meta_read == "before" and c.meta_seq_len < 2:
+        raise ConfigError("meta_read 'before' needs meta_seq_len of at least 2")
+    if c.meta_features == "standardize" and c.inner_params != "head":
+        raise ConfigError("meta_features 'standardize' takes the support statistics once, at the "
+                          "original weights: set inner_params='head'")
+    if not 0.0 <= c.ar_mask_rate < 1.0:
+        raise ConfigError(f"ar_mask_rate must be in [0, 1), got {c.ar_mask_rate}")
     if c.n_way < 2:
         raise ConfigError(f"n_way must be at least 2, got {c.n_way}")
     for key in ("batch_size", "total_batch_size", "seq_len", "meta_seq_len", "eval_interval",
@@ -313,7 +325,9 @@ def numbered_checkpoints(out_dir):
 
 
 LOG_KEYS = ["step", "lr", "ar_loss", "meta_loss", "support_acc", "query_acc", "val_loss",
-            "val_query_acc", "grad_norm", "ar_tokens", "meta_tokens", "flops", "time", "tok_per_s",
+            "val_query_acc", "val_query_acc_se", "val_query_acc0", "val_query_acc0_se",
+            "val_centroid_acc", "val_centroid_acc_se", "val_support_acc", "val_support_acc_se",
+            "grad_norm", "ar_tokens", "meta_tokens", "flops", "time", "tok_per_s",
             "mfu", "ar_ms", "meta_ms"]
 
 

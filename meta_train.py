@@ -91,6 +91,15 @@ inner_weight_decay = 0.0
 meta_loss_weight = 1.0
 meta_hidden = 128
 meta_head_init = "xavier"  # "xavier": Xavier-uniform weights (the paper); "default": PyTorch's
+# well-posed episodes (issue 24; each an ablation, the first value the paper's):
+meta_read = "mask"  # SMLMT features at the [MASK] itself, or "before": the state just before it,
+# the one next-token training shapes to predict the word
+meta_features = "raw"  # or "standardize": each episode's features minus the support mean, over
+# the support's per-dimension spread (the raw [MASK] state is mostly one shared direction)
+meta_head_rows = "words"  # class rows: the output rows of the N word ids (the paper), or "proto":
+# initialised from the support prototypes of the head's last hidden layer (Proto-MAML)
+ar_mask_rate = 0.0  # share of AR input tokens replaced by [MASK] (targets unchanged), so that
+# pretraining sees the token the episodes read
 # system
 device = "auto"  # "auto": cuda when available, else cpu
 dtype = "auto"  # "auto": bfloat16 autocast on cuda, float32 on cpu
@@ -128,9 +137,21 @@ class MetaHead(nn.Module):
         """The weights an episode uses: [w1, b1, w2, b2, w3, b3, out rows (N, h), out bias (N,)]."""
         return [*self.mlp.parameters(), self.out.weight[word_ids], self.out.bias[word_ids]]
 
+    def proto_rows(self, s_feat, support_y, n_way):
+        """Proto-MAML (Triantafillou et al. 2020): class rows from the support prototypes mu_c of
+        the last hidden layer, W_c = 2 mu_c, b_c = -|mu_c|^2, so that the unadapted logits are
+        -|h - mu_c|^2 up to a per-example constant. s_feat (N*K, C), support_y (N*K,) (label -1:
+        left out) -> (N, hidden), (N,), differentiable in the MLP's weights."""
+        h = self.mlp(s_feat)  # (N*K, hidden)
+        keep = support_y >= 0
+        onehot = F.one_hot(support_y[keep], n_way).to(h.dtype)  # (S, N)
+        mu = onehot.T @ h[keep] / onehot.sum(0).clamp(min=1)[:, None]  # (N, hidden)
+        return 2 * mu, -(mu * mu).sum(-1)
+
     def add_grad(self, grads, word_ids):
         """First order: gradients taken at the adapted episode weights are applied to the head's
-        own weights (the N rows of the output layer receive theirs, the other rows none)."""
+        own weights (the N rows of the output layer receive theirs, the other rows none; g_w and
+        g_b None: the rows did not come from the output layer)."""
         *g_mlp, g_w, g_b = grads
         for p, g in [*zip(self.mlp.parameters(), g_mlp), (self.out.weight, None),
                      (self.out.bias, None)]:
@@ -138,8 +159,9 @@ class MetaHead(nn.Module):
                 p.grad = torch.zeros_like(p)
             if g is not None:
                 p.grad += g
-        self.out.weight.grad.index_add_(0, word_ids, g_w)
-        self.out.bias.grad.index_add_(0, word_ids, g_b)
+        if g_w is not None:
+            self.out.weight.grad.index_add_(0, word_ids, g_w)
+            self.out.bias.grad.index_add_(0, word_ids, g_b)
 
 
 def head_logits(params, h):
@@ -150,11 +172,29 @@ def head_logits(params, h):
     return F.linear(h, w_out, b_out)
 
 
-def features(model, x, at=None):
+def features(model, x, at=None, before=False):
     """Final hidden states at the masked positions: each window's last (SMLMT windows end at the
-    occurrence), or the positions `at` (A,) of every window: (B, T) -> (B, C) or (B * A, C)."""
+    occurrence; before=True: the one before it), or the positions `at` (A,) of every window:
+    (B, T) -> (B, C) or (B * A, C)."""
     h = model.hidden(x)  # (B, T, C)
-    return h[:, -1] if at is None else h[:, at].flatten(0, 1)
+    return h[:, -2 if before else -1] if at is None else h[:, at].flatten(0, 1)
+
+
+def support_stats(s_feat, eps=1e-5):
+    """Per-dimension mean and spread of an episode's support features (N*K, C) -> (C,), (C,)."""
+    return s_feat.mean(0), s_feat.std(0, correction=0) + eps
+
+
+def centroid_accuracy(s_feat, support_y, q_feat, query_y, n_way):
+    """Nearest class mean of the support features (Euclidean), the reference any adaptation
+    should beat: s_feat (S, C), q_feat (Q, C), labels -1 left out; a class without support
+    examples is never predicted."""
+    keep = support_y >= 0
+    onehot = F.one_hot(support_y[keep], n_way).to(s_feat.dtype)  # (S', N)
+    counts = onehot.sum(0)  # (N,)
+    mu = onehot.T @ s_feat[keep] / counts.clamp(min=1)[:, None]  # (N, C)
+    d = torch.cdist(q_feat, mu).masked_fill(counts == 0, float("inf"))  # (Q, N)
+    return accuracy(-d, query_y)
 
 
 def weights_changed():
@@ -209,22 +249,44 @@ def accuracy(logits, y):
     return (logits.argmax(-1) == y)[y >= 0].float().mean().detach()
 
 
-def smlmt_episode(model, head, ep, c, loss_scale=None):
+def smlmt_episode(model, head, ep, c, loss_scale=None, probe=None):
     """One N-way K-shot SMLMT episode, first-order MAML (also a positions episode, whose examples
     are read at ep.support_at / ep.query_at; label -1: left out). With loss_scale, loss_scale *
     query loss is backpropagated: the backbone's .grad gets its ordinary gradient at the adapted
     weights, the head's .grad the gradient taken at its adapted copy. Without it (eval) nothing is
     accumulated. Every weight of model and head ends the episode exactly as it started.
+    probe (eval): a dict that receives the same episode's query accuracy with no inner steps
+    (query_acc0) and the nearest-class-mean accuracy of its support features (centroid_acc).
     Returns (query loss, support accuracy after adaptation, query accuracy)."""
-    fast = [p.detach().clone().requires_grad_() for p in head.episode_params(ep.word_ids)]
+    before = c.meta_read == "before"
+    proto = c.meta_head_rows == "proto"
+    read = lambda x, at: features(model, x, at, before).float()  # noqa: E731
+    s_raw = None  # (N*K, C) at the original weights; all mode without the keys needs none
+    if c.inner_params == "head" or proto or probe is not None or c.meta_features != "raw":
+        with torch.no_grad():
+            s_raw = read(ep.support_x, ep.support_at)
+    stats = support_stats(s_raw) if c.meta_features == "standardize" else None
+    norm = (lambda f: f) if stats is None else (lambda f: (f - stats[0]) / stats[1])  # noqa: E731
+    params = head.episode_params(ep.word_ids)
+    if proto:  # the class rows, a function of the MLP: the outer gradient flows through them
+        with nullcontext() if loss_scale is not None else torch.no_grad():
+            rows = head.proto_rows(norm(s_raw), ep.support_y, len(ep.word_ids))
+        params = params[:-2] + list(rows)
+    fast = [p.detach().clone().requires_grad_() for p in params]
+    if probe is not None:
+        with torch.no_grad():
+            q_raw = read(ep.query_x, ep.query_at)
+            q_logits0 = head_logits(fast, norm(q_raw))
+            probe["query_acc0"] = accuracy(q_logits0, ep.query_y)
+            probe["centroid_acc"] = centroid_accuracy(norm(s_raw), ep.support_y, norm(q_raw),
+                                                      ep.query_y, len(ep.word_ids))
     # 1. adapt on the support set
     if c.inner_params == "head":
         # ANIL: the backbone is fixed during adaptation, so its support features are computed
         # once and the inner loop costs only the tiny head
-        with torch.no_grad():
-            s_feat = features(model, ep.support_x, ep.support_at).float()  # (N*K, C)
+        s_feat = norm(s_raw)
         adapted, saved = fast, None
-        support = lambda: head_logits(fast, s_feat)
+        support = lambda: head_logits(fast, s_feat)  # noqa: E731
     else:
         # features() never projects onto the vocabulary: the output layer neither adapts nor
         # needs saving (in configs/cpu.py it is half the backbone)
@@ -232,7 +294,7 @@ def smlmt_episode(model, head, ep, c, loss_scale=None):
                    if p.requires_grad and p is not model.output.weight]
         saved = [p.detach().clone() for p in adapted]
         adapted = adapted + fast
-        support = lambda: head_logits(fast, features(model, ep.support_x, ep.support_at).float())
+        support = lambda: head_logits(fast, norm(read(ep.support_x, ep.support_at)))  # noqa: E731
 
     def support_loss():
         logits = support()  # (N*K, N)
@@ -242,12 +304,17 @@ def smlmt_episode(model, head, ep, c, loss_scale=None):
     s_acc = adapt(adapted, support_loss, c)
     # 2. the query loss at the adapted weights
     with nullcontext() if loss_scale is not None else torch.no_grad():
-        q_logits = head_logits(fast, features(model, ep.query_x, ep.query_at).float())  # (N*Q, N)
+        q_feat = q_raw if probe is not None and saved is None else read(ep.query_x, ep.query_at)
+        q_logits = head_logits(fast, norm(q_feat))  # (N*Q, N)
         q_loss = F.cross_entropy(q_logits, ep.query_y, ignore_index=-1)
     # 3. first order: its gradient at the adapted weights is the original weights' gradient
     if loss_scale is not None:
         (q_loss * loss_scale).backward()
-        head.add_grad([p.grad for p in fast], ep.word_ids)
+        grads = [p.grad for p in fast]
+        if proto:  # through the prototypes into the MLP; no output row was used
+            torch.autograd.backward(rows, grads[-2:])
+            grads[-2:] = None, None
+        head.add_grad(grads, ep.word_ids)
     if saved is not None:
         restore(adapted[:len(saved)], saved)
     return q_loss.detach(), s_acc, accuracy(q_logits, ep.query_y)
@@ -259,11 +326,14 @@ def lm_loss(model, x, y):
     return F.cross_entropy(logits.flatten(0, 1), y.flatten()), accuracy(logits, y)
 
 
-def lm_episode(model, ep, c, loss_scale=None):
+def lm_episode(model, ep, c, loss_scale=None, probe=None):
     """One learn-this-text episode: adapt every weight on K support chunks of a document, then
     take the next-token loss of the chunk that follows, at the adapted weights (first order),
-    and restore the weights exactly. Returns as smlmt_episode."""
+    and restore the weights exactly. Returns as smlmt_episode; probe as there (query_acc0 only)."""
     support_x, support_y, query_x, query_y = ep
+    if probe is not None:
+        with torch.no_grad():
+            probe["query_acc0"] = lm_loss(model, query_x, query_y)[1]
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.detach().clone() for p in params]
     # 1. adapt on the support chunks
@@ -277,10 +347,10 @@ def lm_episode(model, ep, c, loss_scale=None):
     return q_loss.detach(), s_acc, q_acc
 
 
-def run_episode(model, head, ep, c, loss_scale=None):
+def run_episode(model, head, ep, c, loss_scale=None, probe=None):
     if c.meta_task == "lm":
-        return lm_episode(model, ep, c, loss_scale)
-    return smlmt_episode(model, head, ep, c, loss_scale)  # smlmt and positions
+        return lm_episode(model, ep, c, loss_scale, probe)
+    return smlmt_episode(model, head, ep, c, loss_scale, probe)  # smlmt and positions
 
 
 def episode_tokens_and_flops(model, c):
@@ -300,6 +370,16 @@ def episode_tokens_and_flops(model, c):
     # head mode: one support forward (the features); all mode: inner steps, then one more forward
     inner = support * f / 3 if c.inner_params == "head" else (c.inner_steps + 1 / 3) * support * f
     return tokens, inner + query * f
+
+
+def mask_inputs(x, rng, rate, mask_id):
+    """AR inputs x (B, T) with a share `rate` of tokens, drawn from rng, replaced by mask_id (the
+    targets keep the real tokens): pretraining then sees the token that episodes read."""
+    if rate == 0:
+        return x
+    x = x.clone()
+    x[torch.from_numpy(rng.random(tuple(x.shape)) < rate)] = mask_id
+    return x
 
 
 def get_lr(step, c):
@@ -390,13 +470,21 @@ def load_data(c):
     return meta, train_reader, val, sampler, val_sampler
 
 
+# the meta numbers of every eval, over the fixed val episodes, each with its standard error
+# (_se): query accuracy after the inner loop, with no inner steps, by the nearest class mean of the
+# support features (the reference adaptation should beat), support accuracy after the inner loop
+VAL_META = ("val_query_acc", "val_query_acc0", "val_centroid_acc", "val_support_acc")
+
+
 @torch.no_grad()
 def evaluate(model, head, val, val_sampler, c, env, autocast):
     """Next-token val loss on the fixed val windows (the same for every run, vanilla or meta,
-    whatever its batch size) and meta query accuracy on fixed val episodes (None without), both
-    split across ranks and summed."""
+    whatever its batch size) and the VAL_META numbers on fixed val episodes (None without), both
+    split across ranks and summed -> (val loss, {name: value, name_se: its standard error})."""
     model.eval()
-    stats = torch.zeros(4, dtype=torch.float64, device=env.dev)  # loss sum, tokens, acc sum, eps
+    stats = torch.zeros(2, dtype=torch.float64, device=env.dev)  # loss sum, tokens
+    # per VAL_META number: sum, sum of squares, episodes with it
+    acc = torch.zeros(len(VAL_META), 3, dtype=torch.float64, device=env.dev)
     for rows in torch.arange(env.rank, c.eval_sequences, env.world_size).split(c.batch_size):
         x, y = to_device((val[0][rows], val[1][rows]), env.dev)
         with autocast:
@@ -404,13 +492,26 @@ def evaluate(model, head, val, val_sampler, c, env, autocast):
         stats[1] += y.numel()
     for i in range(env.rank, c.eval_episodes if val_sampler else 0, env.world_size):
         ep = to_device(val_sampler.sample(np.random.default_rng([VAL_SEED, i])), env.dev)
+        probe = {}
         with torch.enable_grad(), autocast:
-            stats[2] += run_episode(model, head, ep, c)[2]
-        stats[3] += 1
+            _, s_acc, q_acc = run_episode(model, head, ep, c, probe=probe)
+        got = [q_acc, probe.get("query_acc0"), probe.get("centroid_acc"), s_acc]
+        for j, v in enumerate(got):
+            if v is not None:
+                v = v.double()
+                acc[j] += torch.stack([v, v * v, torch.ones_like(v)])
     if env.ddp:
         dist.all_reduce(stats)
+        dist.all_reduce(acc)
     model.train()
-    return (stats[0] / stats[1]).item(), (stats[2] / stats[3]).item() if stats[3] > 0 else None
+    out = {}
+    for name, (total, squares, n) in zip(VAL_META, acc.tolist()):
+        mean = total / n if n else None
+        out[name] = mean
+        # the sample standard deviation over the episodes, over sqrt(episodes)
+        out[name + "_se"] = (math.sqrt(max(squares / n - mean * mean, 0.0) / (n - 1))
+                             if n > 1 else None)
+    return (stats[0] / stats[1]).item(), out
 
 
 def resume_run(run, c, model, head, optimizer, dev):
@@ -582,11 +683,12 @@ def train(c):
             # step's loss shows they are finite (a resumed run did both before it stopped)
             fresh = step > start_step or not c.resume
             if fresh and (step % c.eval_interval == 0 or step == c.max_steps):
-                val_loss, val_acc = evaluate(model, head, val, val_sampler, c, env, autocast)
+                val_loss, val_meta = evaluate(model, head, val, val_sampler, c, env, autocast)
                 if env.master:
-                    log(step=step, val_loss=val_loss, val_query_acc=val_acc, **counters)
-                    acc = f", val query acc {val_acc:.3f}" if val_acc is not None else ""
-                    bar.write(f"step {step}: val loss {val_loss:.4f}{acc}")
+                    log(step=step, val_loss=val_loss, **val_meta, **counters)
+                    bar.write(f"step {step}: val loss {val_loss:.4f}" + "".join(
+                        f", {k[4:]} {val_meta[k]:.3f}+-{val_meta[k + '_se'] or 0:.3f}"
+                        for k in VAL_META if val_meta[k] is not None))
             if step == c.max_steps:
                 if fresh:  # no later loss will vouch for these weights: check them directly
                     if not (math.isfinite(val_loss) and all(p.isfinite().all() for p in params)):
@@ -623,7 +725,9 @@ def train(c):
                                                            c.meta_loss_weight / len(slots))
                     stats[1:4] += torch.stack([q_loss, s_acc, q_acc])
                 else:
-                    x, y = to_device(train_reader.next_batch(rng), env.dev)
+                    x, y = train_reader.next_batch(rng)
+                    x = mask_inputs(x, rng, c.ar_mask_rate, meta["mask_id"])
+                    x, y = to_device((x, y), env.dev)
                     with autocast:
                         loss = model(x, y)[1]
                     (loss / grad_accum).backward()

@@ -223,6 +223,30 @@ def test_speedup_of_curves_with_a_known_ratio(tmp_path, capsys):
     assert (tmp_path / "a" / "analysis" / "compare.png").stat().st_size > 0
 
 
+def test_compare_shows_the_meta_val_numbers(tmp_path, capsys):
+    steps = np.arange(0, 201, 100)
+    write_log(tmp_path / "a", steps, 5 - 0.002 * steps, steps, steps, steps, meta_tokens_null=True)
+    write_log(tmp_path / "b", steps, 5 - 0.001 * steps, steps, steps, steps)
+    rows = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
+    with open(tmp_path / "b" / "log.jsonl", "w") as f:
+        for r in rows:
+            if r["val_loss"] is not None:  # eval lines carry the meta numbers, the last these
+                r.update(val_query_acc=0.31, val_query_acc_se=0.012, val_query_acc0=0.14,
+                         val_query_acc0_se=0.01, val_centroid_acc=0.2, val_centroid_acc_se=0.011,
+                         val_support_acc=0.9, val_support_acc_se=0.02)
+            f.write(json.dumps(r) + "\n")
+    b = analyze.read_log(tmp_path / "b")
+    assert b["val_query_acc"].tolist() == [0.31] * 3 and b["val_support_acc_se"][-1] == 0.02
+    assert np.isnan(analyze.read_log(tmp_path / "a")["val_query_acc"]).all()
+    analyze.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    out = capsys.readouterr().out
+    line = [l for l in out.splitlines() if l.startswith(str(tmp_path / "b"))][-1]
+    assert line.split()[1:] == ["0.310", "+-0.012", "0.140", "+-0.010", "0.200", "+-0.011",
+                                "0.900", "+-0.020"]
+    assert not any(l.startswith(str(tmp_path / "a")) and "+-" in l for l in out.splitlines())
+    assert (tmp_path / "a" / "analysis" / "compare.png").stat().st_size > 0
+
+
 def test_speedup_not_reached_and_resumed_log(tmp_path, capsys):
     steps = np.arange(0, 1001, 100)
     write_log(tmp_path / "a", steps, 5 - 0.002 * steps, steps, steps, steps)

@@ -100,6 +100,24 @@ def test_meta_run_lifts_query_accuracy(data_dir, tmp_path):
     assert all(r["query_acc"] is not None for r in log if r["val_loss"] is None)
 
 
+def test_every_eval_logs_the_mechanism_numbers(data_dir, tmp_path, capsys):
+    # the well-posed keys on together, AR steps with [MASK] among their inputs
+    run(data_dir, tmp_path / "meta", "--meta_ratio=0.5", "--max_steps=4", "--eval_interval=2",
+        "--save_interval=4", "--eval_episodes=6", "--meta_features=standardize",
+        "--meta_head_rows=proto", "--meta_read=before", "--ar_mask_rate=0.1")
+    evals = [r for r in read_log(tmp_path / "meta") if r["val_loss"] is not None]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    for r in evals:
+        for name in meta_train.VAL_META:
+            assert 0 <= r[name] <= 1 and 0 <= r[name + "_se"] <= 0.5, (name, r)
+    # standard errors over 6 episodes of 8 queries each: accuracies move in steps of 1/8
+    assert any(r[name + "_se"] > 0 for r in evals for name in meta_train.VAL_META)
+    assert "query_acc0" in capsys.readouterr().out
+    run(data_dir, tmp_path / "vanilla", "--meta_ratio=0.0", "--max_steps=1")
+    r = read_log(tmp_path / "vanilla")[0]
+    assert all(r[name] is None and r[name + "_se"] is None for name in meta_train.VAL_META)
+
+
 def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
     full, part = tmp_path / "full", tmp_path / "part"
     part.mkdir()

@@ -3,6 +3,7 @@ import copy
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -488,3 +489,174 @@ def test_all_reduce_grads_in_small_buckets_averages_every_gradient_once(tmp_path
         assert params[-1].grad is None
     finally:
         dist.destroy_process_group()
+
+
+def test_centroid_accuracy_by_hand():
+    # class 0 support at (0, 0) and (2, 0): mean (1, 0); class 1 at (0, 4): mean (0, 4);
+    # class 2 has no support example (its only one is unlabelled) and is never predicted
+    s = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0], [9.0, 9.0]])
+    s_y = torch.tensor([0, 0, 1, -1])
+    q = torch.tensor([[1.0, 1.0],    # nearer (1, 0): class 0, right
+                      [0.0, 3.0],    # nearer (0, 4): class 1, right
+                      [1.0, 1.9],    # distance 1.9 to class 0, sqrt(1 + 4.41) to 1: 0, wrong
+                      [9.0, 9.0],    # labelled 2, the class with no mean: wrong
+                      [5.0, 5.0]])   # left out
+    q_y = torch.tensor([0, 1, 1, 2, -1])
+    acc = meta_train.centroid_accuracy(s, s_y, q, q_y, 3)
+    assert acc.item() == pytest.approx(2 / 4)
+
+
+def test_support_standardisation_invariants():
+    torch.manual_seed(0)
+    s = torch.randn(12, 5) * torch.tensor([10.0, 0.1, 1.0, 3.0, 0.5]) + 7.0
+    mean, sd = meta_train.support_stats(s)
+    z = (s - mean) / sd
+    torch.testing.assert_close(z.mean(0), torch.zeros(5), atol=1e-5, rtol=0)
+    # eps 1e-5 in the spread: the dimension of spread 0.1 comes out 1e-4 short of 1
+    torch.testing.assert_close(z.std(0, correction=0), torch.ones(5), atol=2e-4, rtol=0)
+    # per-dimension scale and shift of the features leave the standardised ones as they were
+    a, b = torch.tensor([3.0, 0.2, 1.0, 5.0, 2.0]), torch.randn(5)
+    mean2, sd2 = meta_train.support_stats(s * a + b)
+    torch.testing.assert_close((s * a + b - mean2) / sd2, z, atol=1e-3, rtol=2e-3)  # eps again
+
+
+def test_standardised_episode_ignores_the_scale_of_each_feature():
+    # the final norm's weight scales each feature dimension: with standardisation the episode
+    # is the same (its [MASK] state's shared direction and scale are taken out), raw it is not
+    model, head, ep = setup(5)
+    results = {}
+    for features in ("raw", "standardize"):
+        c = cfg(meta_features=features, inner_steps=5, inner_lr=0.3)
+        first = smlmt_episode(model, head, ep, c)[0].item()
+        scaled = copy.deepcopy(model)
+        with torch.no_grad():
+            scaled.norm.weight.mul_(torch.linspace(0.2, 5.0, 32))
+        results[features] = (first, smlmt_episode(scaled, head, ep, c)[0].item())
+    assert results["standardize"][0] == pytest.approx(results["standardize"][1], rel=1e-4)
+    assert abs(results["raw"][0] - results["raw"][1]) > 1e-2
+
+
+def reference_episode_grads(model, head, ep, c):
+    """The slow first-order reference for the well-posed keys: the inner loop's change of every
+    episode weight is computed on detached copies, then the query loss is taken at (original
+    weights + that change) as a function of the originals, so that backward gives the FOMAML
+    gradient, including the one through the Proto-MAML rows into the MLP."""
+    model, head = copy.deepcopy(model), copy.deepcopy(head)
+    pos = -2 if c.meta_read == "before" else -1
+    with torch.no_grad():
+        s_raw = model.hidden(ep.support_x)[:, pos]
+    if c.meta_features == "standardize":
+        mean, sd = s_raw.mean(0), s_raw.std(0, correction=0) + 1e-5
+        norm = lambda f: (f - mean) / sd
+    else:
+        norm = lambda f: f
+    mlp = list(head.mlp.parameters())
+
+    def mlp_out(ws, f):
+        for w, b in zip(ws[0::2], ws[1::2]):
+            f = torch.relu(f @ w.T + b)
+        return f
+
+    def rows():
+        if c.meta_head_rows == "words":
+            return [head.out.weight[ep.word_ids], head.out.bias[ep.word_ids]]
+        h = mlp_out(mlp, norm(s_raw))
+        mu = torch.stack([h[ep.support_y == k].mean(0) for k in range(len(ep.word_ids))])
+        return [2 * mu, -(mu ** 2).sum(-1)]
+
+    logits = lambda ps, f: mlp_out(ps[:-2], f) @ ps[-2].T + ps[-1]
+    start = [p.detach().clone() for p in mlp + rows()]
+    fast = [p.clone().requires_grad_() for p in start]
+    for _ in range(c.inner_steps):
+        loss = F.cross_entropy(logits(fast, norm(s_raw)), ep.support_y)
+        with torch.no_grad():
+            for p, g in zip(fast, torch.autograd.grad(loss, fast)):
+                p -= c.inner_lr * g
+    delta = [(f - s).detach() for f, s in zip(fast, start)]
+    adapted = [p + d for p, d in zip(mlp + rows(), delta)]
+    q_feat = norm(model.hidden(ep.query_x)[:, pos])
+    F.cross_entropy(logits(adapted, q_feat), ep.query_y).backward()
+    return model, head
+
+
+@pytest.mark.parametrize("features, rows, read", [
+    ("raw", "words", "mask"), ("standardize", "words", "mask"), ("raw", "proto", "mask"),
+    ("standardize", "proto", "before"), ("raw", "words", "before")])
+def test_well_posed_keys_give_the_first_order_gradient(features, rows, read):
+    model, head, ep = setup(6)
+    before = snapshot(model, head)
+    c = cfg(meta_features=features, meta_head_rows=rows, meta_read=read, inner_steps=3,
+            inner_lr=0.3)
+    smlmt_episode(model, head, ep, c, loss_scale=1.0)
+    ref_model, ref_head = reference_episode_grads(model, head, ep, c)
+    for (name, p), ref in zip(list(model.named_parameters()) + list(head.named_parameters()),
+                              list(ref_model.parameters()) + list(ref_head.parameters())):
+        if ref.grad is None:
+            assert p.grad is None or (p.grad == 0).all(), name
+        else:
+            torch.testing.assert_close(p.grad, ref.grad, rtol=1e-4, atol=1e-6, msg=name)
+    if rows == "proto":  # the class rows came from the prototypes: no output row moves
+        assert (head.out.weight.grad == 0).all() and (head.out.bias.grad == 0).all()
+        assert head.mlp[0].weight.grad.abs().sum() > 0
+    for p, b in zip(snapshot(model, head), before):
+        assert torch.equal(p, b)
+
+
+def test_proto_rows_start_as_the_nearest_prototype_classifier():
+    # W_c = 2 mu_c, b_c = -|mu_c|^2: the logits are -|h - mu_c|^2 + |h|^2, so with no inner steps
+    # the episode's query accuracy is the nearest-centroid accuracy of the head's hidden layer
+    model, head, ep = setup(7)
+    c = cfg(meta_head_rows="proto", inner_steps=0)
+    with torch.no_grad():
+        s_h = head.mlp(model.hidden(ep.support_x)[:, -1])
+        q_h = head.mlp(model.hidden(ep.query_x)[:, -1])
+        w, b = head.proto_rows(model.hidden(ep.support_x)[:, -1], ep.support_y, N)
+    mu = torch.stack([s_h[ep.support_y == k].mean(0) for k in range(N)])
+    torch.testing.assert_close(q_h @ w.T + b, -torch.cdist(q_h, mu) ** 2 + (q_h ** 2).sum(-1, True),
+                               rtol=1e-4, atol=1e-4)
+    _, _, q_acc = smlmt_episode(model, head, ep, c)
+    assert q_acc == meta_train.centroid_accuracy(s_h, ep.support_y, q_h, ep.query_y, N)
+
+
+def test_probe_reports_no_adaptation_and_centroid_accuracy():
+    model, head, ep = setup(8)
+    probe = {}
+    c = cfg(inner_steps=4, inner_lr=0.5)
+    smlmt_episode(model, head, ep, c, probe=probe)
+    assert probe["query_acc0"] == smlmt_episode(model, head, ep, cfg(inner_steps=0))[2]
+    with torch.no_grad():
+        s, q = model.hidden(ep.support_x)[:, -1], model.hidden(ep.query_x)[:, -1]
+    assert probe["centroid_acc"] == meta_train.centroid_accuracy(s, ep.support_y, q, ep.query_y, N)
+    # the probe changes nothing else the episode returns
+    assert [v.item() for v in smlmt_episode(model, head, ep, c)] == [
+        v.item() for v in smlmt_episode(model, head, ep, c, probe={})]
+
+
+def test_mask_inputs_replaces_a_share_of_inputs():
+    x = torch.arange(20000).view(100, 200) % 50
+    rng = lambda: np.random.default_rng(1)
+    assert meta_train.mask_inputs(x, rng(), 0.0, 99) is x
+    m = meta_train.mask_inputs(x, rng(), 0.1, 99)
+    masked = m == 99
+    assert 0.09 < masked.float().mean() < 0.11
+    assert torch.equal(m[~masked], x[~masked]) and (x == 99).sum() == 0
+    assert torch.equal(m, meta_train.mask_inputs(x, rng(), 0.1, 99))  # drawn from rng alone
+
+
+@pytest.mark.parametrize("features, rows", [("standardize", "words"), ("standardize", "proto"),
+                                            ("raw", "proto")])
+def test_well_posed_keys_adapt_under_bf16_autocast(features, rows):
+    model, head, ep = setup(3)
+    ep.query_x, ep.query_y = ep.support_x, ep.support_y
+    out = {}
+    for dtype, steps in [(torch.bfloat16, 0), (torch.bfloat16, 5), (torch.float32, 5)]:
+        m, h = copy.deepcopy(model), copy.deepcopy(head)
+        c = cfg(meta_features=features, meta_head_rows=rows, inner_steps=steps, inner_lr=0.3)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = smlmt_episode(m, h, ep, c, loss_scale=1.0)[0].item()
+        out[dtype, steps] = loss, torch.cat([p.grad.flatten() for mod in (m, h)
+                                             for p in mod.parameters() if p.grad is not None])
+    (loss0, _), (loss, grad), (ref_loss, ref_grad) = out.values()
+    assert loss < 0.8 * loss0 and abs(loss - ref_loss) < 0.05 * ref_loss, (loss0, loss, ref_loss)
+    # bf16 features against fp32: over seeds 3-5 the paper's raw/words episode's cosine is 0.91-1.0
+    assert F.cosine_similarity(grad, ref_grad, dim=0) > 0.9
