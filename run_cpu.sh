@@ -123,8 +123,9 @@ if missing:
 for name in ("vanilla", "meta"):
     rows = [json.loads(l) for l in open(os.path.join(out, name, "log.jsonl"))]
     last = [r for r in rows if r["val_loss"] is not None][-1]
-    acc = last["val_query_acc"]
-    acc = f", val query acc {acc:.3f}" if acc is not None else ""
+    acc = "".join(f", {k[4:].replace('_', ' ')} {last[k]:.3f} +- {last[k + '_se']:.3f}"
+                  for k in ("val_query_acc", "val_query_acc0", "val_centroid_acc")
+                  if last.get(k) is not None)
     print(f"{name:8s} step {last['step']}: val loss {last['val_loss']:.4f}{acc}; "
           f"{last['flops']:.3g} FLOPs, {last['time']:.0f} s of training")
 print()

@@ -19,7 +19,8 @@ def test_defaults_pass(tmp_path):
 
 
 CHOICE_KEYS = ["meta_task", "positions_unknown", "inner_params", "lr_schedule",
-               "inner_lr_schedule", "inner_optimizer", "decay_params", "meta_head_init", "dtype"]
+               "inner_lr_schedule", "inner_optimizer", "decay_params", "meta_head_init", "dtype",
+               "meta_read", "meta_features", "meta_head_rows"]
 
 
 @pytest.mark.parametrize("key", CHOICE_KEYS)
@@ -56,6 +57,8 @@ REFUSED = [
         "beta1", "beta2", "inner_beta1", "inner_beta2")],
     *[(k, -0.1, f"{k} must be in [0, 1), got -0.1", 0.999) for k in (
         "beta1", "beta2", "inner_beta1", "inner_beta2")],
+    ("ar_mask_rate", 1.0, "ar_mask_rate must be in [0, 1), got 1.0", 0.0),
+    ("ar_mask_rate", -0.01, "ar_mask_rate must be in [0, 1), got -0.01", 0.999),
 ]
 
 
@@ -109,3 +112,14 @@ def test_model_args_context_covers_ar_batches_and_episodes(tmp_path):
                                   n_layers=3, n_heads=6, n_kv_heads=3, vocab_size=100))
         assert a.max_seq_len == max(seq_len, meta_seq_len)
         assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size) == (48, 3, 6, 3, 100)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(meta_read="before", meta_task="positions"), "meta_read 'before' reads SMLMT windows"),
+    (dict(meta_read="before", meta_seq_len=1), "meta_read 'before' needs meta_seq_len of at least"),
+    (dict(meta_features="standardize", inner_params="all"), "set inner_params='head'")])
+def test_well_posed_keys_refuse_what_they_cannot_do(tmp_path, kw, message):
+    with pytest.raises(ConfigError, match=message):
+        common.check_config(cfg(tmp_path, **kw), 1)
+    common.check_config(cfg(tmp_path, **{k: v for k, v in kw.items()
+                                         if k not in ("meta_read", "meta_features")}), 1)
