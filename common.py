@@ -87,7 +87,7 @@ CHOICES = {"meta_task": ("smlmt", "lm", "positions"), "positions_unknown": ("cla
            "lr_schedule": SCHEDULES, "inner_lr_schedule": SCHEDULES,
            "inner_optimizer": ("sgd", "adamw"), "decay_params": ("all", "matrices"),
            "meta_head_init": ("xavier", "default"), "dtype": ("auto", "float32", "bfloat16"),
-           "meta_read": ("mask", "before"), "meta_features": ("raw", "standardize"),
+           "meta_read": ("mask", "before"), "meta_features": ("raw", "standardize", "center"),
            "meta_head_rows": ("words", "proto")}
 
 
@@ -107,9 +107,9 @@ def check_config(c, world_size):
                           f"needs meta_read='mask'")
     if c.meta_read == "before" and c.meta_seq_len < 2:
         raise ConfigError("meta_read 'before' needs meta_seq_len of at least 2")
-    if c.meta_features == "standardize" and c.inner_params != "head":
-        raise ConfigError("meta_features 'standardize' takes the support statistics once, at the "
-                          "original weights: set inner_params='head'")
+    if c.meta_features != "raw" and c.inner_params != "head":
+        raise ConfigError(f"meta_features {c.meta_features!r} takes the support statistics once, "
+                          "at the original weights: set inner_params='head'")
     if not 0.0 <= c.ar_mask_rate < 1.0:
         raise ConfigError(f"ar_mask_rate must be in [0, 1), got {c.ar_mask_rate}")
     if c.n_way < 2:

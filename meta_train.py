@@ -95,7 +95,8 @@ meta_head_init = "xavier"  # "xavier": Xavier-uniform weights (the paper); "defa
 meta_read = "mask"  # SMLMT features at the [MASK] itself, or "before": the state just before it,
 # the one next-token training shapes to predict the word
 meta_features = "raw"  # or "standardize": each episode's features minus the support mean, over
-# the support's per-dimension spread (the raw [MASK] state is mostly one shared direction)
+# the support's per-dimension spread (the raw [MASK] state is mostly one shared direction), or
+# "center": over one spread for all dimensions (keeps the features' geometry)
 meta_head_rows = "words"  # class rows: the output rows of the N word ids (the paper), or "proto":
 # initialised from the support prototypes of the head's last hidden layer (Proto-MAML)
 ar_mask_rate = 0.0  # share of AR input tokens replaced by [MASK] (targets unchanged), so that
@@ -180,9 +181,15 @@ def features(model, x, at=None, before=False):
     return h[:, -2 if before else -1] if at is None else h[:, at].flatten(0, 1)
 
 
-def support_stats(s_feat, eps=1e-5):
-    """Per-dimension mean and spread of an episode's support features (N*K, C) -> (C,), (C,)."""
-    return s_feat.mean(0), s_feat.std(0, correction=0) + eps
+def support_stats(s_feat, per_dim=True, eps=1e-5):
+    """Mean and spread of an episode's support features (N*K, C) -> (C,), (C,): the spread per
+    dimension, or (per_dim=False) one for all of them, the root mean square deviation, which
+    keeps the features' geometry (per dimension, a direction the features barely use is scaled up
+    to as much weight as the one that carries the classes)."""
+    mean = s_feat.mean(0)
+    if per_dim:
+        return mean, s_feat.std(0, correction=0) + eps
+    return mean, ((s_feat - mean) ** 2).mean().sqrt().expand_as(mean) + eps
 
 
 def centroid_accuracy(s_feat, support_y, q_feat, query_y, n_way):
@@ -265,7 +272,8 @@ def smlmt_episode(model, head, ep, c, loss_scale=None, probe=None):
     if c.inner_params == "head" or proto or probe is not None or c.meta_features != "raw":
         with torch.no_grad():
             s_raw = read(ep.support_x, ep.support_at)
-    stats = support_stats(s_raw) if c.meta_features == "standardize" else None
+    stats = None if c.meta_features == "raw" else support_stats(s_raw, c.meta_features ==
+                                                                "standardize")
     norm = (lambda f: f) if stats is None else (lambda f: (f - stats[0]) / stats[1])  # noqa: E731
     params = head.episode_params(ep.word_ids)
     if proto:  # the class rows, a function of the MLP: the outer gradient flows through them

@@ -518,6 +518,13 @@ def test_support_standardisation_invariants():
     a, b = torch.tensor([3.0, 0.2, 1.0, 5.0, 2.0]), torch.randn(5)
     mean2, sd2 = meta_train.support_stats(s * a + b)
     torch.testing.assert_close((s * a + b - mean2) / sd2, z, atol=1e-3, rtol=2e-3)  # eps again
+    # one spread for all dimensions: centred, mean square 1 over all entries, the geometry kept
+    mean, sd = meta_train.support_stats(s, per_dim=False)
+    z = (s - mean) / sd
+    torch.testing.assert_close((z ** 2).mean(), torch.tensor(1.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cdist(z, z) * sd[0], torch.cdist(s, s), rtol=1e-4, atol=1e-4)
+    mean2, sd2 = meta_train.support_stats(3.0 * s + b, per_dim=False)
+    torch.testing.assert_close((3.0 * s + b - mean2) / sd2, z, atol=1e-4, rtol=1e-4)
 
 
 def test_standardised_episode_ignores_the_scale_of_each_feature():
@@ -547,6 +554,10 @@ def reference_episode_grads(model, head, ep, c):
         s_raw = model.hidden(ep.support_x)[:, pos]
     if c.meta_features == "standardize":
         mean, sd = s_raw.mean(0), s_raw.std(0, correction=0) + 1e-5
+        norm = lambda f: (f - mean) / sd
+    elif c.meta_features == "center":
+        mean = s_raw.mean(0)
+        sd = (s_raw - mean).pow(2).sum(1).mean().div(s_raw.shape[1]).sqrt() + 1e-5
         norm = lambda f: (f - mean) / sd
     else:
         norm = lambda f: f
@@ -581,7 +592,8 @@ def reference_episode_grads(model, head, ep, c):
 
 @pytest.mark.parametrize("features, rows, read", [
     ("raw", "words", "mask"), ("standardize", "words", "mask"), ("raw", "proto", "mask"),
-    ("standardize", "proto", "before"), ("raw", "words", "before")])
+    ("standardize", "proto", "before"), ("raw", "words", "before"), ("center", "words", "before"),
+    ("center", "proto", "mask")])
 def test_well_posed_keys_give_the_first_order_gradient(features, rows, read):
     model, head, ep = setup(6)
     before = snapshot(model, head)
@@ -644,7 +656,7 @@ def test_mask_inputs_replaces_a_share_of_inputs():
 
 
 @pytest.mark.parametrize("features, rows", [("standardize", "words"), ("standardize", "proto"),
-                                            ("raw", "proto")])
+                                            ("raw", "proto"), ("center", "words")])
 def test_well_posed_keys_adapt_under_bf16_autocast(features, rows):
     model, head, ep = setup(3)
     ep.query_x, ep.query_y = ep.support_x, ep.support_y
