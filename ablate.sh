@@ -25,6 +25,8 @@ keys() {  # the config keys of each run
                     --inner_lr_schedule=cosine --inner_warmup_steps=2" ;;
   esac
 }
+# these runs compare the paper's episode (the table predates configs/cpu.py's well-posed keys)
+PAPER_EPISODE=(--meta_read=mask --meta_features=raw --inner_lr=0.1)
 # the proposal's inner loop for the adaptation test, the same for every checkpoint; 8 documents,
 # 1 or 4 support chunks, 0 or 5 steps keep it to minutes for five checkpoints on 2 cores
 ADAPT=(--inner_optimizer=adamw --inner_lr=1e-3 --inner_lr_schedule=cosine --inner_warmup_steps=2
@@ -38,7 +40,7 @@ for name in "${ORDER[@]}"; do
   echo "== $name"
   # shellcheck disable=SC2046
   $PY meta_train.py configs/cpu.py --data_dir="$DATA" --out_dir="$run" --max_steps="$STEPS" \
-    --eval_interval=100 --save_interval=100 --resume=$resume $(keys "$name")
+    --eval_interval=100 --save_interval=100 --resume=$resume "${PAPER_EPISODE[@]}" $(keys "$name")
 done
 runs=("${ORDER[@]/#/$OUT/}")
 current() {  # current FILE RUN...: FILE is newer than every run's last checkpoint
