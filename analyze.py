@@ -492,8 +492,9 @@ def compare_table(runs, logs):
     with_meta = [(run, log) for run, log in zip(runs, logs)
                  if not np.isnan(log["val_query_acc"]).all()]
     if with_meta:
-        lines += ["", "meta val episodes at the last eval (+- standard error): query accuracy after "
-                  "the inner loop, with none, nearest class mean, support after the inner loop:",
+        lines += ["", "meta val episodes at the last eval (+- standard error): query accuracy "
+                  "after the inner loop, with none, nearest class mean, support after the inner "
+                  "loop:",
                   f"{'run':<30} " + " ".join(f"{name[4:]:>15}" for name in META_ACCS)]
         for run, log in with_meta:
             lines.append(f"{run:<30} " + " ".join(
