@@ -86,7 +86,8 @@ CHOICES = {"meta_task": ("smlmt", "lm", "positions"), "positions_unknown": ("cla
            "inner_params": ("head", "all"),
            "lr_schedule": SCHEDULES, "inner_lr_schedule": SCHEDULES,
            "inner_optimizer": ("sgd", "adamw"), "decay_params": ("all", "matrices"),
-           "meta_head_init": ("xavier", "default"), "dtype": ("auto", "float32", "bfloat16")}
+           "meta_head_init": ("xavier", "default"),
+           "init": ("pytorch", "gpt2"), "dtype": ("auto", "float32", "bfloat16")}
 
 
 def check_config(c, world_size):
@@ -145,7 +146,8 @@ def model_args(c):
     """The model a meta_train config describes; its context covers AR batches and episodes."""
     from model import ModelArgs
     return ModelArgs(dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
-                     vocab_size=c.vocab_size, max_seq_len=max(c.seq_len, c.meta_seq_len))
+                     vocab_size=c.vocab_size, max_seq_len=max(c.seq_len, c.meta_seq_len),
+                     init=c.init)
 
 
 def init_device(device="auto"):

@@ -47,6 +47,7 @@ n_layers = 12
 n_heads = 12
 n_kv_heads = 4
 vocab_size = 50304
+init = "pytorch"  # "pytorch": PyTorch's module defaults, as the paper's code; "gpt2": N(0, 0.02)
 # batch: total_batch_size sequences per AR step = batch_size x grad_accum x ranks
 seq_len = 512
 batch_size = 32
