@@ -87,7 +87,7 @@ CHOICES = {"meta_task": ("smlmt", "lm", "positions"), "positions_unknown": ("cla
            "lr_schedule": SCHEDULES, "inner_lr_schedule": SCHEDULES,
            "inner_optimizer": ("sgd", "adamw"), "decay_params": ("all", "matrices"),
            "meta_head_init": ("xavier", "default"),
-           "init": ("pytorch", "gpt2"), "dtype": ("auto", "float32", "bfloat16")}
+           "init": ("pytorch", "gpt2"), "head_grad": ("fomaml", "paper"), "dtype": ("auto", "float32", "bfloat16")}
 
 
 def check_config(c, world_size):
@@ -101,6 +101,9 @@ def check_config(c, world_size):
         raise ConfigError(f"meta_ratio must be in [0, 1], got {c.meta_ratio}")
     if c.meta_task == "lm" and c.inner_params != "all":
         raise ConfigError("meta_task 'lm' adapts the whole model: set inner_params='all'")
+    if c.head_grad == "paper" and (c.inner_params != "head" or c.meta_task == "lm"):
+        raise ConfigError("head_grad 'paper' replays the paper code's head-only inner loop: it "
+                          "needs inner_params='head' and meta_task 'smlmt' or 'positions'")
     if c.n_way < 2:
         raise ConfigError(f"n_way must be at least 2, got {c.n_way}")
     for key in ("batch_size", "total_batch_size", "seq_len", "meta_seq_len", "eval_interval",

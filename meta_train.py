@@ -69,6 +69,8 @@ meta_ratio = 0.5  # probability that an optimizer step is made of meta episodes
 meta_task = "smlmt"  # "smlmt": masked-word classification episodes; "lm": learn-this-text
 # episodes; "positions": the paper code's tasks, from random positions of a pretraining micro-batch
 inner_params = "head"  # "head": adapt the meta head only (ANIL); "all": adapt every weight
+head_grad = "fomaml"  # the head's outer gradient: "fomaml", or "paper": as the paper's code left
+# it (the last support gradient plus the query gradient of the rank's last episode of the step)
 # an SMLMT meta step reads about as many tokens as an AR step, as in the paper (where every
 # micro-batch of the same 256 x 512 sequences was either AR or meta): 4 x 32 x 8 x 128 = 256 x 512;
 # for "positions" that takes total_batch_size / positions_batch episodes
@@ -165,11 +167,12 @@ def weights_changed():
     torch.clear_autocast_cache()
 
 
-def adapt(params, support_loss, c):
+def adapt(params, support_loss, c, last=None):
     """The inner loop: c.inner_steps steps of SGD or AdamW on params, in place, at the inner lr
     schedule. Gradients come from autograd.grad, so the .grad fields, which hold the outer
     gradient being accumulated, are never touched, and AdamW's moments live only in this call.
-    support_loss() -> (loss, accuracy). Returns the support accuracy at the adapted weights."""
+    support_loss() -> (loss, accuracy). Returns the support accuracy at the adapted weights; the
+    list `last`, if given, receives the last inner step's gradients (taken before its update)."""
     schedule = SimpleNamespace(learning_rate=c.inner_lr, warmup_steps=c.inner_warmup_steps,
                                lr_schedule=c.inner_lr_schedule, lr_decay_steps=c.inner_steps,
                                max_steps=c.inner_steps, min_lr=0.0)
@@ -178,6 +181,8 @@ def adapt(params, support_loss, c):
     for t in range(c.inner_steps):
         lr = get_lr(t, schedule)
         grads = torch.autograd.grad(support_loss()[0], params, allow_unused=True)
+        if last is not None:
+            last[:] = grads
         with torch.no_grad():
             for p, g, state in zip(params, grads, moments):
                 if g is None:
@@ -240,7 +245,8 @@ def smlmt_episode(model, head, ep, c, loss_scale=None):
         return (F.cross_entropy(logits, ep.support_y, ignore_index=-1),
                 accuracy(logits, ep.support_y))
 
-    s_acc = adapt(adapted, support_loss, c)
+    last = []
+    s_acc = adapt(adapted, support_loss, c, last)
     # 2. the query loss at the adapted weights
     with nullcontext() if loss_scale is not None else torch.no_grad():
         q_logits = head_logits(fast, features(model, ep.query_x, ep.query_at).float())  # (N*Q, N)
@@ -248,6 +254,13 @@ def smlmt_episode(model, head, ep, c, loss_scale=None):
     # 3. first order: its gradient at the adapted weights is the original weights' gradient
     if loss_scale is not None:
         (q_loss * loss_scale).backward()
+        if c.head_grad == "paper" and last:
+            # the paper's code ran each inner step as zero_grad, support backward, SGD step on the
+            # head's own .grad: the head's gradients from earlier episodes of the step (on this
+            # rank) are wiped, and the last support gradient, unscaled, stays under the query's
+            for p in head.parameters():
+                p.grad = None
+            head.add_grad(last, ep.word_ids)
         head.add_grad([p.grad for p in fast], ep.word_ids)
     if saved is not None:
         restore(adapted[:len(saved)], saved)

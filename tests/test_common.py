@@ -20,7 +20,7 @@ def test_defaults_pass(tmp_path):
 
 CHOICE_KEYS = ["meta_task", "positions_unknown", "inner_params", "lr_schedule",
                "inner_lr_schedule", "inner_optimizer", "decay_params", "meta_head_init", "dtype",
-               "init"]
+               "init", "head_grad"]
 
 
 @pytest.mark.parametrize("key", CHOICE_KEYS)

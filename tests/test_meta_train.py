@@ -30,7 +30,8 @@ TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--vocab_si
         "--seq_len=32", "--batch_size=4", "--total_batch_size=8", "--meta_seq_len=16",
         "--n_way=4", "--k_shot=2", "--q_query=2", "--inner_steps=5", "--inner_lr=0.5",
         "--meta_hidden=32", "--eval_sequences=8", "--eval_episodes=4", "--log_interval=1",
-        "--compile=False", "--warmup_steps=2", "--learning_rate=3e-3", "--min_lr=3e-4"]
+        "--compile=False", "--warmup_steps=2", "--learning_rate=3e-3", "--min_lr=3e-4",
+        "--init=gpt2"]  # the tolerances and the learning test below were sized on its weights
 
 
 @pytest.fixture(scope="module")

@@ -83,6 +83,58 @@ def test_fomaml_head_mode_gradients():
         assert torch.equal(p, b)  # stored weights unchanged by the episode
 
 
+def paper_meta_micro_batches(model, head, episodes, inner_steps, inner_lr, scale):
+    """pico-maml-train (afbb6fb) src/training/trainer.py, the meta branch of _training_loop, slowly
+    and literally: per meta micro-batch, snapshot the head; per inner step inner_optimizer.
+    zero_grad(), support forward through the frozen backbone, backward, SGD step; then the query
+    loss / accumulation, backward; then head.load_state_dict(snapshot). Grads left on the head
+    and backbone are what the outer AdamW step would read."""
+    inner_optimizer = torch.optim.SGD(head.parameters(), lr=inner_lr)
+    for ep in episodes:
+        orig_state = {k: v.clone() for k, v in head.state_dict().items()}
+        for _ in range(inner_steps):
+            for p in model.parameters():
+                p.requires_grad_(False)
+            inner_optimizer.zero_grad()
+            logits = head.out(head.mlp(model.hidden(ep.support_x)[:, -1]))[:, ep.word_ids]
+            F.cross_entropy(logits, ep.support_y).backward()
+            inner_optimizer.step()
+            for p in model.parameters():
+                p.requires_grad_(True)
+        logits = head.out(head.mlp(model.hidden(ep.query_x)[:, -1]))[:, ep.word_ids]
+        (F.cross_entropy(logits, ep.query_y) * scale).backward()
+        with torch.no_grad():
+            head.load_state_dict(orig_state)
+
+
+@pytest.mark.parametrize("inner_steps", [3, 0])
+def test_head_grad_paper_replays_the_paper_codes_loop(inner_steps):
+    model, head, ep0 = setup(2)
+    episodes = [ep0] + [setup(s)[2] for s in (3, 4)]  # one meta step of three episodes
+    episodes[1].word_ids = torch.tensor([5, 9, 2, 11])
+    ref_model, ref_head = copy.deepcopy(model), copy.deepcopy(head)
+    c = cfg(head_grad="paper", inner_steps=inner_steps, inner_lr=0.5)
+    for ep in episodes:
+        smlmt_episode(model, head, ep, c, loss_scale=1 / 3)
+    paper_meta_micro_batches(ref_model, ref_head, episodes, inner_steps, 0.5, 1 / 3)
+    for (name, p), ref in zip(list(model.named_parameters()) + list(head.named_parameters()),
+                              list(ref_model.parameters()) + list(ref_head.parameters())):
+        if ref.grad is None:
+            assert p.grad is None or (p.grad == 0).all(), name
+        else:
+            torch.testing.assert_close(p.grad, ref.grad, rtol=1e-5, atol=1e-6, msg=name)
+    # and it is not FOMAML, unless there is no inner loop (then the paper's code is FOMAML)
+    fomaml = copy.deepcopy(setup(2)[:2])
+    for ep in episodes:
+        smlmt_episode(*fomaml, ep, cfg(inner_steps=inner_steps, inner_lr=0.5), loss_scale=1 / 3)
+    differs = [not torch.allclose(p.grad, f.grad, atol=1e-6)
+               for p, f in zip(head.parameters(), fomaml[1].parameters())]
+    assert all(differs) if inner_steps else not any(differs)
+    for p, f in zip(model.parameters(), fomaml[0].parameters()):  # the backbone's: the same
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, f.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_fomaml_head_mode_never_reruns_backbone_in_inner_loop():
     model, head, ep = setup()
     calls = []
