@@ -12,6 +12,14 @@ One data directory holds:
         and a description of the index
     index_words.npy (W,) int32
         candidate word ids, shared by both splits
+    index_spellings.npy (V,) int32
+        for every token, the candidate (index into words) it spells in another case or spacing
+        (' Word', 'word', 'WORD' ...; the candidate itself too), or -1
+    index_multi_spellings.npy (S, 1 + L) int32
+        spellings of several tokens ('Orbit' = 'Or' + 'bit'): rows [candidate, tokens, -1 padding]
+    index_token_kinds.npy (V,) uint8
+        bit 1: the token begins a word (first character not a letter or digit); bit 2: it ends
+        inside one (last character a letter or digit)
     index_{split}_offsets.npy (W+1,) int64
         the occurrences of word i are positions[offsets[i]:offsets[i+1]]
     index_{split}_positions.npy (P,) int64
@@ -127,10 +135,17 @@ def _load_index(data_dir, meta, split, shards, starts):
         raise FileNotFoundError(f"{meta_path}: no SMLMT index; {rebuild}")
     if split not in index:
         raise ValueError(f"{meta_path}: the SMLMT index has no {split} split")
-    if "docs" not in index[split]:
-        raise ValueError(f"{meta_path}: the SMLMT index has no document numbers (an older "
-                         f"version wrote it); rebuild it with "
-                         f"`python prepare.py --reindex --out {data_dir}`")
+    if "docs" not in index[split] or "spellings" not in index:
+        raise ValueError(f"{meta_path}: the SMLMT index has no document numbers or word spellings "
+                         f"(an older version wrote it, of word-initial tokens, not whole words); "
+                         f"rebuild it with `python prepare.py --reindex --out {data_dir}`")
+    for key in ("spellings", "multi_spellings", "token_kinds"):
+        path = os.path.join(data_dir, index[key])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"index file {path} does not exist; {rebuild}")
+        if key != "multi_spellings" and len(np.load(path, mmap_mode="r")) != meta["vocab_size"]:
+            raise ValueError(f"{path}: not one entry per token of the vocabulary "
+                             f"({meta['vocab_size']}); {rebuild}")
     words_path = os.path.join(data_dir, index["words"])
     offsets_path = os.path.join(data_dir, index[split]["offsets"])
     positions_path = os.path.join(data_dir, index[split]["positions"])
@@ -247,9 +262,12 @@ class SMLMTSampler:
     prepare.py writes.
 
     An episode draws n_way distinct usable candidate words and, per word, k_shot + q_query
-    occurrences: the first k_shot are support, the rest query. Each example is the window of seq_len
-    tokens ENDING at the occurrence, with every token of the window equal to the word replaced by
-    mask_id (so the last token is always mask_id); its label is the word's class 0..N-1.
+    whole-word occurrences: the first k_shot are support, the rest query. Each example is the
+    window of seq_len tokens ENDING at the occurrence, in which every word that begins with a
+    spelling of the class word (' Word', 'word', 'WORD', 'Or' + 'bit' for ' orbit', ...) is
+    masked whole: every token of it and every token that continues the word (' President' + 'ial'
+    -> [MASK][MASK]), so neither a [MASK] followed by the rest of its word nor another spelling
+    gives the class away. The last token is always mask_id; the label is the word's class 0..N-1.
     A word's occurrences come from k_shot + q_query distinct documents if its indexed occurrences in
     the split span that many, else from occurrences whose windows do not overlap; a word that allows
     neither is not usable. (Distinct documents can still give overlapping windows where a window
@@ -263,6 +281,16 @@ class SMLMTSampler:
         self.shards, self.shard_starts = _load_split(data_dir, split, self.meta)
         self.words, self.offsets, self.positions, docs = _load_index(data_dir, self.meta, split,
                                                                      self.shards, self.shard_starts)
+        index = self.meta["index"]
+        # token tables indexed by any token id, mask_id and padding ids included
+        self.spelling = np.full(2 ** 16 + 1, -1, dtype=np.int64)  # (V',) candidate spelled, or -1
+        self.spelling[:self.meta["vocab_size"]] = np.load(os.path.join(data_dir, index["spellings"]))
+        kinds = np.zeros(2 ** 16 + 1, dtype=np.uint8)
+        kinds[:self.meta["vocab_size"]] = np.load(os.path.join(data_dir, index["token_kinds"]))
+        self.begins_word, self.ends_in_word = (kinds & 1) > 0, (kinds & 2) > 0
+        self.begins_word[self.meta["vocab_size"]:] = True
+        multi = np.load(os.path.join(data_dir, index["multi_spellings"])).astype(np.int64)
+        self.multi_of, self.multi = multi[:, 0], multi[:, 1:]  # (S,), (S, L) -1 padded
         index_path = os.path.join(data_dir, self.meta["index"][split]["positions"])
         if seq_len > self.meta["index"]["context"]:
             raise ValueError(f"{index_path}: seq_len {seq_len} > the index's context "
@@ -289,15 +317,64 @@ class SMLMTSampler:
         spread = np.array(sorted(self.spread), dtype=np.int64)
         self.usable = np.union1d(np.flatnonzero(~few_docs), spread)  # indices into words
         self.n_words = len(self.usable)
-        if n_way > self.n_words:
-            raise ValueError(f"{index_path}: n_way {n_way} > {self.n_words} candidate words whose "
-                             f"{split} occurrences give k_shot + q_query = {n} windows from "
-                             f"distinct documents or windows that do not overlap")
+        self.spelled = self.spelling[self.words]  # (W,) the candidate whose spellings word i masks
+        n_distinct = len(np.unique(self.spelled[self.usable]))
+        if n_way > n_distinct:
+            raise ValueError(f"{index_path}: n_way {n_way} > {n_distinct} candidate words (up to "
+                             f"case and spacing) whose {split} occurrences give k_shot + q_query = "
+                             f"{n} windows from distinct documents or windows that do not overlap")
+
+    def _masked(self, x, spelled):
+        """x (N, M, T) windows, spelled (N,) the candidate whose spellings class n masks -> (N, M, T)
+        bool: the tokens of every word that begins with such a spelling. A word begins where a
+        token begins one, or follows a token that does not end inside one ('(' + 'word'), or at
+        the window's start; it goes on through the tokens that do neither."""
+        N, M, T = x.shape
+        starts = self.begins_word[x]
+        starts[..., 1:] |= ~self.ends_in_word[x[..., :-1]]
+        starts[..., 0] = True
+        # words that begin with a single-token spelling: (h,) class, window, position each
+        n, m, t = np.nonzero(starts & (self.spelling[x] == spelled[:, None, None]))
+        rows = np.flatnonzero(np.isin(self.multi_of, spelled))  # (R,) several-token spellings
+        if len(rows):
+            order = np.argsort(spelled)
+            row_n = order[np.searchsorted(spelled, self.multi_of[rows], sorter=order)]  # (R,)
+            seqs = self.multi[rows]  # (R, L), -1 padded
+            # word starts that hold the first token of one of their class's rows
+            first = np.zeros(len(self.begins_word), dtype=bool)
+            first[seqs[:, 0]] = True
+            cn, cm, ct = np.nonzero(first[x] & starts)
+            V1 = len(self.begins_word)
+            keys = row_n * V1 + seqs[:, 0]
+            by_key = np.argsort(keys)
+            lo = np.searchsorted(keys[by_key], cn * V1 + x[cn, cm, ct], side="left")
+            cnt = np.searchsorted(keys[by_key], cn * V1 + x[cn, cm, ct], side="right") - lo
+            # every (start, row) pair to compare: start j with each of its cnt[j] rows
+            at = np.repeat(np.arange(len(cn)), cnt)
+            r = by_key[np.repeat(lo, cnt) + np.arange(cnt.sum()) - np.repeat(np.cumsum(cnt) - cnt,
+                                                                              cnt)]
+            cn, cm, ct = cn[at], cm[at], ct[at]
+            ok = np.ones(len(r), dtype=bool)
+            for i in range(1, seqs.shape[1]):
+                want = seqs[r, i]
+                ok &= (want < 0) | ((ct + i < T) & (x[cn, cm, np.minimum(ct + i, T - 1)] == want))
+            n, m, t = (np.concatenate(a) for a in ((n, cn[ok]), (m, cm[ok]), (t, ct[ok])))
+        masked = np.zeros(x.shape, dtype=bool)
+        masked[n, m, t] = True
+        while len(t):  # on through the tokens that continue each word (rarely more than two)
+            keep = t + 1 < T
+            n, m, t = n[keep], m[keep], t[keep] + 1
+            keep = ~starts[n, m, t]
+            n, m, t = n[keep], m[keep], t[keep]
+            masked[n, m, t] = True
+        return masked
 
     def sample(self, rng):
         """-> Episode, drawn from rng, a numpy Generator (as in ShardReader.next_batch)."""
         N, K, Q, T = self.n_way, self.k_shot, self.q_query, self.seq_len
         cls = rng.choice(self.usable, N, replace=False)  # (N,) class c is word self.words[cls[c]]
+        while len(np.unique(self.spelled[cls])) < N:  # two spellings of one word (' City', ' city')
+            cls = rng.choice(self.usable, N, replace=False)
         picks = np.empty((N, K + Q), dtype=np.int64)  # K+Q of each class's groups
         for j, c in enumerate(cls):
             if c in self.spread:  # shuffled: _apart returns them in text order
@@ -318,7 +395,7 @@ class SMLMTSampler:
         starts = pos.reshape(-1) - T + 1
         x = _gather(self.shards, self.shard_starts, starts, T).reshape(N, K + Q, T)
         word_ids = self.words[cls].astype(np.int64)
-        x[x == word_ids[:, None, None]] = self.mask_id
+        x[self._masked(x, self.spelled[cls])] = self.mask_id
         labels = np.broadcast_to(np.arange(N)[:, None], (N, K + Q))
         return Episode(support_x=_tensor(x[:, :K].reshape(N * K, T)),
                        support_y=_tensor(labels[:, :K].reshape(-1)),

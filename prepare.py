@@ -34,6 +34,7 @@ DEFAULT_MIN_PER_MILLION = 10.0
 DEFAULT_MAX_PER_MILLION = 300.0
 DEFAULT_MAX_OCCURRENCES = 1000
 DEFAULT_CONTEXT = 512
+BEGINS_WORD, ENDS_IN_WORD = 1, 2  # index_token_kinds.npy's bits
 
 
 def write_shard(path, tokens):
@@ -361,6 +362,65 @@ def _check_band(min_per_million, max_per_million):
                          f"and {max_per_million}")
 
 
+def _token_kinds(enc):
+    """-> (n_vocab,) uint8 bit flags of every token: BEGINS_WORD where its first character is not a
+    letter or digit (' cat', '.', '\\n', '–', special tokens), so it cannot continue the word before
+    it; ENDS_IN_WORD where its last character is a letter or digit (any script: 'caf' + 'é' is one
+    word). A token holding part of a character counts as letters at both ends."""
+    kinds = np.zeros(enc.n_vocab, dtype=np.uint8)
+    special = {enc.encode_single_token(s) for s in enc.special_tokens_set}
+    for t in range(enc.n_vocab):
+        if t in special:
+            kinds[t] = BEGINS_WORD
+            continue
+        try:
+            b = enc.decode_single_token_bytes(t)
+        except KeyError:  # a gap in the ids
+            continue
+        try:
+            s = b.decode("utf-8")
+            alnum = [s[0].isalnum(), s[-1].isalnum()]  # '–' and '“' are punctuation, 'é' a letter
+        except UnicodeDecodeError:  # part of a character: taken as part of a word
+            alnum = [True, True]
+        kinds[t] = (0 if alnum[0] else BEGINS_WORD) | (ENDS_IN_WORD if alnum[1] else 0)
+    return kinds
+
+
+def _spellings(enc, words):
+    """Every spelling of each candidate word: the same letters in lower case, capitalised, upper
+    case or as the candidate has them, with or without the leading space (' word', 'word',
+    ' Word', 'WORD', ...). Candidates that differ only in case or spacing share their spellings
+    (under the first of them) -> (single (n_vocab,) int32: the candidate, as an index into words,
+    whose spelling a token is, or -1; multi (S, 1 + L) int32: rows [candidate, its tokens, -1
+    padding], the spellings that take several tokens ('Orbit' = 'Or' + 'bit'))."""
+    of_key, forms = {}, {}
+    for i, t in enumerate(words):
+        letters = enc.decode_single_token_bytes(int(t))[1:].decode()
+        c = of_key.setdefault(letters.lower(), i)
+        forms.setdefault(c, set()).update({letters, letters.lower(), letters.capitalize(),
+                                           letters.upper()})
+    single = np.full(enc.n_vocab, -1, dtype=np.int32)
+    multi = []
+    for c, spelt in forms.items():
+        for s in sorted(spelt):
+            for text in (" " + s, s):
+                ids = enc.encode_ordinary(text)
+                if len(ids) == 1:
+                    single[ids[0]] = c
+                else:
+                    multi.append([c] + ids)
+    width = max((len(m) for m in multi), default=1)
+    multi = np.array([m + [-1] * (width - len(m)) for m in multi], dtype=np.int32).reshape(-1, width)
+    return single, multi
+
+
+def _whole_word(shard, kinds):
+    """(n,) bool: the token ends a word, i.e. the next token begins one or the shard ends."""
+    out = np.ones(len(shard), dtype=bool)
+    out[:-1] = (kinds[shard[1:]] & BEGINS_WORD) > 0
+    return out
+
+
 def _candidate_words(enc, counts, train_tokens, min_per_million, max_per_million, source):
     """The word tokens whose train frequency lies in the band -> (word ids (W,) int32 in id order,
     10 of them decoded, from the most to the least frequent)."""
@@ -396,15 +456,16 @@ def _candidate_words(enc, counts, train_tokens, min_per_million, max_per_million
     return words, examples
 
 
-def _index_split(shards, words, eot_id, max_occurrences, context, rng):
-    """Up to max_occurrences random occurrences of each word in one split's shards, each with
+def _index_split(shards, words, eot_id, max_occurrences, context, rng, kinds):
+    """Up to max_occurrences random whole-word occurrences of each word in one split's shards
+    (the next token begins a new word: ' res' in ' res judicata', not in ' research'), each with
     context - 1 tokens before it in its shard -> (offsets (W+1,), positions (P,), docs (P,))."""
     is_word = np.zeros(2 ** 16, dtype=bool)  # indexed by uint16 tokens
     is_word[words] = True
     keys, pos, eots = np.zeros(0, np.int64), np.zeros(0, np.int64), []
     start = 0
     for shard in shards:
-        p = np.flatnonzero(is_word[shard])
+        p = np.flatnonzero(is_word[shard] & _whole_word(shard, kinds))
         p = p[p >= context - 1]
         new_keys = (shard[p].astype(np.int64) << 32) | rng.integers(0, 2 ** 32, len(p))
         keys, pos = _keep_lowest(np.concatenate([keys, new_keys]),
@@ -425,14 +486,16 @@ def build_index(data_dir, enc, min_per_million=DEFAULT_MIN_PER_MILLION,
                 context=DEFAULT_CONTEXT, seed=0, source=None):
     """Write the SMLMT occurrence index of data_dir and record it in meta.json -> meta["index"].
 
-    Candidate words: tokens that decode to a space and at least 3 letters (word-initial, so masking
-    a token masks a word start), never special tokens, that occur in the TRAIN shards with a
+    Candidate words: tokens that decode to a space and at least 3 letters, never special tokens,
+    that occur as a whole word (the next token begins a new word) in the TRAIN shards with a
     frequency in [min_per_million, max_per_million] occurrences per million train tokens. Both
-    splits index the same candidates; for each candidate and split, up to max_occurrences positions
-    chosen uniformly at random, only positions with at least context - 1 tokens before them in the
-    same shard, so any window of up to `context` tokens ending at the occurrence lies inside one
-    shard; and the document of each (documents end at <|endoftext|>), so that an episode can take a
-    word from distinct documents. The files are written to a staging directory and renamed into
+    splits index the same candidates; for each candidate and split, up to max_occurrences
+    whole-word positions chosen uniformly at random, only positions with at least context - 1
+    tokens before them in the same shard, so any window of up to `context` tokens ending at the
+    occurrence lies inside one shard; and the document of each (documents end at <|endoftext|>),
+    so that an episode can take a word from distinct documents. For the sampler's masking, every
+    token's kind (begins a word, ends inside one) and each candidate's single-token spellings in
+    other cases and spacings. The files are written to a staging directory and renamed into
     place at the end, meta.json last, so a failure leaves the previous index as it was.
     source: what the train split was made from (input files, a dataset), for errors about the text.
     """
@@ -444,26 +507,34 @@ def build_index(data_dir, enc, min_per_million=DEFAULT_MIN_PER_MILLION,
     _check_band(min_per_million, max_per_million)
     t0 = time.time()
     shards, _ = _load_split(data_dir, "train", meta)
-    counts = np.zeros(enc.n_vocab, dtype=np.int64)
+    kinds = _token_kinds(enc)
+    counts = np.zeros(enc.n_vocab, dtype=np.int64)  # whole-word occurrences: what is indexed
     for shard in shards:
-        counts += np.bincount(shard, minlength=enc.n_vocab)[:enc.n_vocab]
+        counts += np.bincount(shard[_whole_word(shard, kinds)],
+                              minlength=enc.n_vocab)[:enc.n_vocab]
     words, examples = _candidate_words(enc, counts, meta["train_tokens"], min_per_million,
                                        max_per_million, source)
-    index = {"n_words": len(words), "words": "index_words.npy", "min_per_million": min_per_million,
+    spellings, multi = _spellings(enc, words)
+    index = {"n_words": len(words), "words": "index_words.npy", "spellings": "index_spellings.npy",
+             "multi_spellings": "index_multi_spellings.npy", "token_kinds": "index_token_kinds.npy",
+             "min_per_million": min_per_million,
              "max_per_million": max_per_million, "train_tokens": meta["train_tokens"],
              "examples": examples, "max_occurrences": max_occurrences, "context": context,
              "seed": seed}
     _remove_stale_staging(data_dir)
     staging = tempfile.mkdtemp(dir=data_dir, prefix=".build_index-")
     try:
-        common.atomic_write(os.path.join(staging, "index_words.npy"), lambda f: np.save(f, words))
+        for name, arr in (("words", words), ("spellings", spellings),
+                          ("multi_spellings", multi), ("token_kinds", kinds)):
+            common.atomic_write(os.path.join(staging, f"index_{name}.npy"),
+                                lambda f: np.save(f, arr))
         for i, split in enumerate(SPLITS):
             if not meta["shards"].get(split):
                 continue
             shards, _ = _load_split(data_dir, split, meta)
             offsets, positions, docs = _index_split(shards, words, meta["eot_id"],
                                                     max_occurrences, context,
-                                                    np.random.default_rng([seed, i]))
+                                                    np.random.default_rng([seed, i]), kinds)
             files = {"offsets": offsets, "positions": positions, "docs": docs}
             for key, arr in files.items():
                 common.atomic_write(os.path.join(staging, f"index_{split}_{key}.npy"),
