@@ -107,13 +107,13 @@ def check_config(c, world_size):
     if c.n_way < 2:
         raise ConfigError(f"n_way must be at least 2, got {c.n_way}")
     for key in ("batch_size", "total_batch_size", "seq_len", "meta_seq_len", "eval_interval",
-                "eval_sequences", "save_interval", "log_interval", "episodes_per_step",
-                "positions_batch", "k_shot", "q_query", "dim", "n_layers", "n_heads",
-                "n_kv_heads", "vocab_size", "meta_hidden"):
+                "eval_sequences", "save_interval", "log_interval", "positions_batch", "k_shot",
+                "q_query", "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
+                "meta_hidden"):
         if getattr(c, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {getattr(c, key)}")
     for key in ("max_steps", "warmup_steps", "lr_decay_steps", "eval_episodes",
-                "inner_warmup_steps", "inner_steps"):
+                "episodes_per_step", "inner_warmup_steps", "inner_steps"):
         if getattr(c, key) < 0:
             raise ConfigError(f"{key} must be at least 0, got {getattr(c, key)}")
     for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "inner_lr",
@@ -136,7 +136,7 @@ def check_config(c, world_size):
                           f"{c.batch_size} x {world_size} ranks")
     if c.meta_ratio > 0 and c.episodes_per_step % world_size:
         raise ConfigError(f"episodes_per_step {c.episodes_per_step} does not split evenly over "
-                          f"{world_size} ranks")
+                          f"{world_size} ranks; set it to a multiple of {world_size}")
     try:
         model_args(c)  # ModelArgs checks the head counts itself
     except ValueError as e:

@@ -71,10 +71,10 @@ meta_task = "smlmt"  # "smlmt": masked-word classification episodes; "lm": learn
 inner_params = "head"  # "head": adapt the meta head only (ANIL); "all": adapt every weight
 head_grad = "fomaml"  # the head's outer gradient: "fomaml", or "paper": as the paper's code left
 # it (the last support gradient plus the query gradient of the rank's last episode of the step)
-# an SMLMT meta step reads about as many tokens as an AR step, as in the paper (where every
-# micro-batch of the same 256 x 512 sequences was either AR or meta): 4 x 32 x 8 x 128 = 256 x 512;
-# for "positions" that takes total_batch_size / positions_batch episodes
-episodes_per_step = 4  # over all ranks, split among them; independent of batch_size
+# 0 ("auto"): a meta step reads as many tokens as an AR step, as in the paper (where every
+# micro-batch of the same 256 x 512 sequences was either AR or meta): SMLMT 4 x 32 x 8 x 128 =
+# 256 x 512; positions total_batch_size / positions_batch = 32 episodes of 8 x 512
+episodes_per_step = 0  # over all ranks, split among them; independent of batch_size
 n_way = 32
 k_shot = 4
 q_query = 4
@@ -316,6 +316,17 @@ def episode_tokens_and_flops(model, c):
     return tokens, inner + query * f
 
 
+def auto_episodes_per_step(c):
+    """episodes_per_step, where 0 ("auto") becomes as many episodes as read an AR step's
+    total_batch_size x seq_len tokens (rounded, at least 1)."""
+    tokens = {"smlmt": c.n_way * (c.k_shot + c.q_query) * c.meta_seq_len,
+              "positions": c.positions_batch * c.seq_len,
+              "lm": (c.k_shot + 1) * c.meta_seq_len}.get(c.meta_task, 0)
+    if c.episodes_per_step or tokens <= 0:  # set, or a bad config that check_config names
+        return c.episodes_per_step
+    return max(1, round(c.total_batch_size * c.seq_len / tokens))
+
+
 def get_lr(step, c):
     """Linear warm-up over warmup_steps, then constant, or linear or cosine decay from
     learning_rate to min_lr, reached at lr_decay_steps (0: at max_steps) and held after it. The
@@ -525,6 +536,7 @@ def describe(c, model, head, env, cost, grad_accum, start_step, bf16, peak):
 def train(c):
     env = common.init_device(c.device)
     say = print if env.master else (lambda *a, **k: None)
+    c.episodes_per_step = auto_episodes_per_step(c)  # resolved once: checkpoints hold the number
     common.check_config(c, env.world_size)
     grad_accum = c.total_batch_size // (c.batch_size * env.world_size)
     meta, train_reader, val, sampler, val_sampler = load_data(c)

@@ -44,11 +44,12 @@ REFUSED = [
     ("inner_steps", -1, "inner_steps must be at least 0, got -1", 0),
     *[(k, 0, f"{k} must be at least 1, got 0", 1) for k in (
         "seq_len", "meta_seq_len", "eval_interval", "eval_sequences", "save_interval",
-        "log_interval", "episodes_per_step", "positions_batch")],
+        "log_interval", "positions_batch")],
     ("batch_size", 0, "batch_size must be at least 1, got 0", None),
     ("total_batch_size", 0, "total_batch_size must be at least 1, got 0", None),
     *[(k, -1, f"{k} must be at least 0, got -1", 0) for k in (
-        "max_steps", "warmup_steps", "lr_decay_steps", "eval_episodes", "inner_warmup_steps")],
+        "max_steps", "warmup_steps", "lr_decay_steps", "eval_episodes", "inner_warmup_steps",
+        "episodes_per_step")],
     *[(k, -1e-9, f"{k} must be at least 0, got -1e-09", 0.0) for k in (
         "learning_rate", "min_lr", "weight_decay", "grad_clip", "inner_lr", "inner_eps",
         "inner_weight_decay")],

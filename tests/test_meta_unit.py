@@ -360,9 +360,17 @@ def test_defaults_are_the_papers_meta_run():
                  inner_lr=0.01, inner_optimizer="sgd", meta_hidden=128, meta_head_init="xavier",
                  seed=42, inner_params="head", meta_task="smlmt")
     assert {k: d[k] for k in paper} == paper
-    # a meta step reads as many tokens as an AR step
-    episode = d["n_way"] * (d["k_shot"] + d["q_query"]) * d["meta_seq_len"]
-    assert d["episodes_per_step"] * episode == 256 * 512
+    # a meta step reads as many tokens as an AR step: 4 SMLMT episodes of 32 x 8 x 128, or the
+    # paper code's 32 positions episodes of its 8 x 512 micro-batches (its 256 sequences a step)
+    assert d["episodes_per_step"] == 0
+    c = SimpleNamespace(**d)
+    assert meta_train.auto_episodes_per_step(c) == 4 and 4 * 32 * 8 * 128 == 256 * 512
+    c.meta_task = "positions"
+    assert meta_train.auto_episodes_per_step(c) == 32 and 32 * 8 * 512 == 256 * 512
+    c.meta_task, c.inner_params = "lm", "all"
+    assert meta_train.auto_episodes_per_step(c) == round(256 * 512 / (5 * 128))
+    c.episodes_per_step = 3  # a number that is set stays
+    assert meta_train.auto_episodes_per_step(c) == 3
 
 
 def test_adamw_inner_step_is_a_hand_computed_adamw_step():
