@@ -19,7 +19,7 @@ One data directory holds:
         spellings of several tokens ('Orbit' = 'Or' + 'bit'): rows [candidate, tokens, -1 padding]
     index_token_kinds.npy (V,) uint8
         bit 1: the token begins a word (first character not a letter or digit); bit 2: it ends
-        inside one (last character a letter or digit)
+        inside one (last character a letter)
     index_{split}_offsets.npy (W+1,) int64
         the occurrences of word i are positions[offsets[i]:offsets[i+1]]
     index_{split}_positions.npy (P,) int64
@@ -30,6 +30,7 @@ One data directory holds:
 import glob
 import json
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -507,13 +508,64 @@ class LMTaskSampler:
         return _tensor(x[:K]), _tensor(y[:K]), _tensor(x[K:]), _tensor(y[K:])
 
 
+def audit(data_dir, enc, n_episodes=500, n_way=32, k_shot=4, q_query=4, seq_len=128):
+    """What SMLMT episodes show of their labels -> dict: candidate words; prefix classes (train
+    candidates followed by more of the same word in over half their occurrences; the index keeps
+    only their whole-word occurrences); per window, the shares with a [MASK] followed by the rest
+    of its word, with a single-token spelling of the class word at a word start, and whose text
+    decoded with enc (masks as '#') shows the class word in any case as a whole word; episodes/s
+    of sampling (CPU time). Targets: the three shares 0."""
+    import re
+    s = SMLMTSampler(data_dir, n_way, k_shot, q_query, seq_len)
+    stream = np.concatenate(s.shards)
+    is_word = np.zeros(len(s.begins_word), dtype=bool)
+    is_word[s.words] = True
+    p = np.flatnonzero(is_word[stream[:-1]])
+    more = ~s.begins_word[stream[p + 1]]  # (P,) the occurrence goes on as the same word
+    total = np.bincount(stream[p], minlength=len(is_word))[s.words]
+    prefix = np.bincount(stream[p][more], minlength=len(is_word))[s.words] > total / 2  # (W,)
+    rng = np.random.default_rng(0)
+    t0 = time.process_time()
+    episodes = [s.sample(rng) for _ in range(n_episodes)]
+    seconds = time.process_time() - t0
+    leaks, n = np.zeros(3), 0
+    for ep in episodes:
+        spelled = s.spelled[np.searchsorted(s.words, ep.word_ids.numpy())]  # (N,)
+        for x, y in ((ep.support_x, ep.support_y), (ep.query_x, ep.query_y)):
+            x, y = x.numpy(), y.numpy()
+            masked = x == s.mask_id
+            starts = s.begins_word[x]
+            starts[:, 1:] |= ~s.ends_in_word[x[:, :-1]] | masked[:, :-1]
+            leaks[0] += (masked[:, :-1] & ~masked[:, 1:] & ~s.begins_word[x[:, 1:]]).any(1).sum()
+            leaks[1] += (starts & ~masked & (s.spelling[x] == spelled[y, None])).any(1).sum()
+            for row, label in zip(x.tolist(), y.tolist()):
+                word = enc.decode([int(ep.word_ids[label])]).strip()
+                text = "".join("#" if t == s.mask_id else enc.decode([t]) for t in row)
+                leaks[2] += bool(re.search(rf"(?<![^\W\d_]){re.escape(word)}(?![^\W\d_])", text,
+                                           re.IGNORECASE))
+            n += len(x)
+    return {"candidates": len(s.words), "prefix_classes": int(prefix.sum()),
+            "prefix_per_episode": float(np.mean([prefix[np.searchsorted(s.words,
+                                                                        e.word_ids.numpy())].sum()
+                                                 for e in episodes])),
+            "windows": n, "mask_then_rest": leaks[0] / n, "spelling_shown": leaks[1] / n,
+            "word_in_text": leaks[2] / n, "episodes_s": n_episodes / seconds}
+
+
 def main(argv=None):
     """Check a data directory as training will read it (shards against meta.json, the index
-    against the shards) and print what it holds: one line per split."""
+    against the shards) and print what it holds: one line per split; with --audit N, what N
+    SMLMT episodes of train show of their labels (audit())."""
     import argparse
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("data_dir")
-    data_dir = p.parse_args(argv).data_dir
+    p.add_argument("--audit", type=int, default=0, metavar="N", help="episodes to audit")
+    p.add_argument("--n_way", type=int, default=32)
+    p.add_argument("--k_shot", type=int, default=4)
+    p.add_argument("--q_query", type=int, default=4)
+    p.add_argument("--seq_len", type=int, default=128)
+    args = p.parse_args(argv)
+    data_dir = args.data_dir
     try:
         meta = read_meta(data_dir)
         for split in SPLITS:
@@ -524,7 +576,18 @@ def main(argv=None):
                 line += (f"; index: {len(words):,} words, {int(offsets[-1]):,} occurrences in "
                          f"{len(np.unique(docs)):,} documents")
             print(line)
-    except (OSError, ValueError) as e:
+        if args.audit:
+            import common
+            a = audit(data_dir, common.get_encoding(meta["tokenizer"]), args.audit, args.n_way,
+                      args.k_shot, args.q_query, args.seq_len)
+            print(f"SMLMT, {args.audit} episodes of {args.n_way}-way {args.k_shot}+"
+                  f"{args.q_query} x {args.seq_len}: {a['candidates']:,} candidate words, "
+                  f"{a['prefix_classes']:,} of them mostly prefixes ({a['prefix_per_episode']:.2f} "
+                  f"an episode); of {a['windows']:,} windows {a['mask_then_rest']:.2%} show a "
+                  f"[MASK] followed by the rest of its word, {a['spelling_shown']:.2%} a spelling "
+                  f"of the word, {a['word_in_text']:.2%} the word in their text; "
+                  f"{a['episodes_s']:,.0f} episodes/s (CPU time)")
+    except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"data.py: error: {e}")
 
 

@@ -365,8 +365,9 @@ def _check_band(min_per_million, max_per_million):
 def _token_kinds(enc):
     """-> (n_vocab,) uint8 bit flags of every token: BEGINS_WORD where its first character is not a
     letter or digit (' cat', '.', '\\n', '–', special tokens), so it cannot continue the word before
-    it; ENDS_IN_WORD where its last character is a letter or digit (any script: 'caf' + 'é' is one
-    word). A token holding part of a character counts as letters at both ends."""
+    it; ENDS_IN_WORD where its last character is a letter (any script: 'caf' + 'é' is one word; a
+    letter after '274' begins one). A token holding part of a character begins a word and does not
+    end inside one, as the punctuation it mostly is."""
     kinds = np.zeros(enc.n_vocab, dtype=np.uint8)
     special = {enc.encode_single_token(s) for s in enc.special_tokens_set}
     for t in range(enc.n_vocab):
@@ -378,11 +379,11 @@ def _token_kinds(enc):
         except KeyError:  # a gap in the ids
             continue
         try:
-            s = b.decode("utf-8")
-            alnum = [s[0].isalnum(), s[-1].isalnum()]  # '–' and '“' are punctuation, 'é' a letter
-        except UnicodeDecodeError:  # part of a character: taken as part of a word
-            alnum = [True, True]
-        kinds[t] = (0 if alnum[0] else BEGINS_WORD) | (ENDS_IN_WORD if alnum[1] else 0)
+            s = b.decode("utf-8")  # '–' and '“' are punctuation, 'é' a letter
+            kinds[t] = (0 if s[0].isalnum() else BEGINS_WORD) | (ENDS_IN_WORD if s[-1].isalpha()
+                                                                 else 0)
+        except UnicodeDecodeError:  # bytes of a character split over tokens ('“' often is)
+            kinds[t] = BEGINS_WORD
     return kinds
 
 

@@ -514,3 +514,21 @@ def test_smlmt_classes_are_whole_words_and_every_spelling_is_masked(tmp_path):
                 shown = "".join("#" if t == s.mask_id else enc.decode([t]) for t in row)
                 assert not re.search(rf"(?<![a-z]){classes[label]}(?![a-z])", shown, re.I), shown
                 assert "#ident" not in shown, shown
+
+
+def test_audit_counts_what_episodes_show_of_their_labels(tmp_path, monkeypatch, capsys):
+    enc = prefix_encoding()
+    stream = np.concatenate([enc.encode(d) + [enc.eot_token] for d in PREFIX_DOCS * 6])
+    out = write_data_dir(tmp_path / "d", enc, {"train": [stream], "val": [stream]})
+    prepare.build_index(out, enc, min_per_million=0, max_per_million=10 ** 6, context=8)
+    args = dict(n_episodes=40, n_way=3, k_shot=2, q_query=2, seq_len=8)
+    a = data.audit(out, enc, **args)
+    assert (a["candidates"], a["windows"]) == (7, 40 * 3 * 4)
+    assert a["mask_then_rest"] == a["spelling_shown"] == a["word_in_text"] == 0
+    # ' pres' is no prefix class: 3 of its 5 occurrences a document triple are whole words
+    assert a["prefix_classes"] == 0
+    # the masking of the previous version, one token id only: every kind of leak shows
+    monkeypatch.setattr(data.SMLMTSampler, "_masked",
+                        lambda self, x, spelled: x == self.words[spelled][:, None, None])
+    a = data.audit(out, enc, **args)
+    assert a["mask_then_rest"] > 0 and a["spelling_shown"] > 0 and a["word_in_text"] > 0
