@@ -64,7 +64,7 @@ def read_log(out_dir):
 
 def read_log_untimed(out_dir):
     """The log without its timings, which differ between otherwise identical runs."""
-    timing = ("time", "tok_per_s", "mfu", "ar_ms", "meta_ms")
+    timing = ("time", "wall", "tok_per_s", "mfu", "ar_ms", "meta_ms")
     return [{k: v for k, v in r.items() if k not in timing} for r in read_log(out_dir)]
 
 

@@ -316,8 +316,8 @@ def test_adamw_inner_step_is_a_hand_computed_adamw_step():
     torch.manual_seed(0)
     w0, x, y = torch.randn(3, 4), torch.randn(4, 5), torch.randn(3, 5)
     w = w0.clone().requires_grad_()
-    loss = lambda: (((w @ x - y) ** 2).sum(), torch.tensor(0.0))
-    g = torch.autograd.grad(loss()[0], [w])[0]
+    loss = lambda: ((w @ x - y) ** 2).sum()
+    g = torch.autograd.grad(loss(), [w])[0]
     c = cfg(inner_optimizer="adamw", inner_steps=1, inner_lr=0.1, inner_weight_decay=0.05)
     meta_train.adapt([w], loss, c)
     # step 1: the bias-corrected moments are g and g^2, so the step is lr * g / (|g| + eps)
@@ -333,7 +333,7 @@ def test_adamw_inner_loop_equals_torch_adamw_at_the_inner_schedule(schedule, war
             inner_warmup_steps=warmup, inner_beta1=0.8, inner_beta2=0.99, inner_eps=1e-6,
             inner_weight_decay=0.1)
     w = w0.clone().requires_grad_()
-    meta_train.adapt([w], lambda: (((w @ x - y) ** 2).sum(), torch.tensor(0.0)), c)
+    meta_train.adapt([w], lambda: ((w @ x - y) ** 2).sum(), c)
     ref = w0.clone().requires_grad_()
     opt = torch.optim.AdamW([ref], lr=1.0, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)
     lrs = {"linear": [0.05, 0.05, 0.05 * 2 / 3, 0.05 / 3],  # warm-up 1, then to 0 at step 4
@@ -396,8 +396,8 @@ def test_sgd_inner_loop_at_a_warmup_schedule():
     w = w0.clone().requires_grad_()
     loss = lambda w: ((w @ x - y) ** 2).sum()
     c = cfg(inner_steps=3, inner_lr=0.1, inner_lr_schedule="linear", inner_warmup_steps=2)
-    acc = meta_train.adapt([w], lambda: (loss(w), torch.tensor(0.5)), c)
-    assert acc == 0.5  # the support accuracy of support_loss, read after the steps
+    acc = meta_train.adapt([w], lambda: loss(w), c, lambda: torch.tensor(0.5))
+    assert acc == 0.5  # support_acc, read once after the steps
     ref = w0.clone().requires_grad_()
     for lr in (0.05, 0.1, 0.1):
         g, = torch.autograd.grad(loss(ref), [ref])
@@ -454,7 +454,7 @@ def test_inner_loop_leaves_weights_the_loss_does_not_use_alone(optimizer):
     w, unused = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
     before = unused.detach().clone()
     c = cfg(inner_optimizer=optimizer, inner_steps=2, inner_lr=0.1, inner_weight_decay=0.5)
-    meta_train.adapt([w, unused], lambda: ((w ** 2).sum(), torch.tensor(1.0)), c)
+    meta_train.adapt([w, unused], lambda: (w ** 2).sum(), c)
     assert torch.equal(unused.detach(), before)
 
 
