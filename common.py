@@ -15,7 +15,7 @@ import os
 import re
 import tempfile
 import traceback
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from types import ModuleType, SimpleNamespace
 
 import torch
@@ -205,6 +205,18 @@ def init_device(device="auto"):
     return SimpleNamespace(dev=dev, type=kind, ddp=ddp, rank=rank, local_rank=local_rank,
                            world_size=world_size, master=rank == 0,
                            kept_memory=kind == "cpu" and keep_freed_memory())
+
+
+@contextmanager
+def tf32_off():
+    """Full fp32 matmuls inside: init_device turns TF32 on for CUDA training, which rounds matmul
+    inputs to 10 mantissa bits, too coarse for comparing two implementations at 1e-3."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def init_process_group(env):
