@@ -338,25 +338,24 @@ def all_reduce_grads(params, bucket_numel=2 ** 25):
     construction. A parameter no rank has a gradient for keeps .grad None, as in one process."""
     held = torch.tensor([p.grad is not None for p in params], dtype=torch.float32,
                         device=params[0].device)
-    dist.all_reduce(held)  # how many ranks hold a gradient for each parameter
-    held = held.tolist()
+    dist.all_reduce(held)  # how many ranks hold a gradient for each parameter: the same everywhere
     bucket, size = [], 0
-    for i, p in enumerate(params + [None]):
+    for p in [p for p, n in zip(params, held.tolist()) if n > 0] + [None]:
         if p is not None:
-            bucket.append((p, held[i] > 0))
+            bucket.append(p)
             size += p.numel()
         if bucket and (p is None or size >= bucket_numel):
             flat = torch.cat([(q.grad if q.grad is not None else torch.zeros_like(q)).flatten()
-                              for q, _ in bucket])
+                              for q in bucket])
             dist.all_reduce(flat)
             offset = 0
-            for q, any_rank in bucket:
+            for q in bucket:
                 g = flat[offset:offset + q.numel()].view_as(q)
                 offset += q.numel()
-                if q.grad is not None:
-                    q.grad.copy_(g)
-                elif any_rank:
+                if q.grad is None:
                     q.grad = g.clone()
+                else:
+                    q.grad.copy_(g)
             bucket, size = [], 0
 
 

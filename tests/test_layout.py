@@ -168,6 +168,14 @@ def test_all_reduce_sends_the_same_buckets_whatever_gradients_a_rank_holds(monke
         assert all(torch.equal(p.grad, torch.full_like(p, 2.0 * h)) for p, h in zip(params, has))
     # the counts, then buckets of at least 5 elements: 6 | 4 + 1 | 6 | 2
     assert layouts[0] == layouts[1] == [(5,), (6,), (5,), (6,), (2,)]
+    # a parameter no rank holds a gradient for is left out of every bucket, on every rank
+    monkeypatch.setattr(dist, "all_reduce", lambda t: sent.append(tuple(t.shape)))
+    sent.clear()
+    for p, h in zip(params, [True, False, False, True, False]):
+        p.grad = torch.ones_like(p) if h else None
+    meta_train.all_reduce_grads(params, bucket_numel=5)
+    assert sent == [(5,), (6,), (6,)] and [p.grad is not None for p in params] == [
+        True, False, False, True, False]
 
 
 def test_all_reduce_leaves_none_where_no_rank_has_a_gradient(tmp_path):

@@ -240,7 +240,6 @@ def test_data_parallel_matches_one_process(data_dir, tmp_path):
     (["--meta_ratio=-0.1"], ["meta_ratio must be in [0, 1]"]),
     (["--n_way=9"], ["n_way 9 > 8 candidate words", "index_train_positions.npy"]),
     (["--data_dir=/nonexistent/shards"], ["data_dir '/nonexistent/shards' not found"]),
-    (["--total_batch_size=6"], ["not a multiple of batch_size"]),
     (["--batch_size=0"], ["batch_size must be at least 1, got 0"]),
     (["--eval_interval=0"], ["eval_interval must be at least 1, got 0"]),
     (["--n_heads=3"], ["dim 32 must be a multiple of n_heads 3"]),
