@@ -5,6 +5,7 @@ MAML (FOMAML) episodes, in one loop. meta_ratio = 0 is the vanilla baseline.
   python meta_train.py configs/cpu.py                                  # one process
   python meta_train.py configs/cpu.py --meta_ratio=0 --out_dir=out/vanilla
   torchrun --standalone --nproc_per_node=8 meta_train.py configs/570m.py
+  python meta_train.py configs/570m.py --plan --world_size=16   # its layout, FLOPs, memory
 
 The defaults below are the paper's meta-run settings; a config file of assignments overrides
 them, and --key=value overrides both. An unknown key or a value of the wrong type is an error.
@@ -823,8 +824,6 @@ def print_plan(argv):
 if __name__ == "__main__":
     if any(a in ("-h", "--help") for a in sys.argv[1:]):
         print(__doc__)
-        print("  python meta_train.py configs/570m.py --plan --world_size=16   # a step's layout, "
-              "FLOPs and memory per device, before renting GPUs")
         print("keys and defaults:")
         for k, v in DEFAULTS.items():
             print(f"  --{k}={v!r}")

@@ -237,3 +237,33 @@ def test_a_torch_older_than_the_pin_is_refused(monkeypatch, tmp_path):
         common.init_device("cpu")
     monkeypatch.setattr(torch, "__version__", "2.14.0.dev20260101+cu128")
     assert common.init_device("cpu").type == "cpu"
+
+
+def test_wall_time_counts_checkpoint_writes_and_training_time_does_not(words_dir, tmp_path,
+                                                                       monkeypatch):
+    # a clock that moves by 1 us a reading, and by 10 s while a checkpoint is written
+    clock = [0.0]
+
+    def now():
+        clock[0] += 1e-6
+        return clock[0]
+
+    monkeypatch.setattr(meta_train, "time", SimpleNamespace(time=now))
+    save = common.save_checkpoint
+
+    def slow_save(path, obj):
+        clock[0] += 10.0
+        save(path, obj)
+
+    monkeypatch.setattr(common, "save_checkpoint", slow_save)
+    small = [a for a in REHEARSAL if not a.startswith(("--total_batch_size", "--n_way",
+                                                         "--max_steps", "--save_interval"))]
+    meta_train.train(config(*small, "--total_batch_size=8", "--batch_size=4", "--n_way=4",
+                            "--meta_ratio=0.0", "--max_steps=2", "--save_interval=1",
+                            "--eval_interval=1", "--keep_checkpoints=False",
+                            f"--data_dir={words_dir}", f"--out_dir={tmp_path}"))
+    rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    # saves at steps 0 and 1 before the training rows of steps 1 and 2, none counted as training
+    assert [(r["step"], r["time"], r["wall"]) for r in rows if r["val_loss"] is None] == [
+        (1, pytest.approx(0, abs=1e-3), pytest.approx(10, abs=1e-3)),
+        (2, pytest.approx(0, abs=1e-3), pytest.approx(20, abs=1e-3))]
