@@ -75,7 +75,7 @@ def adaptation_curves(model, spans, ks, steps, inner, T, env, autocast):
             for s in steps:
                 c = SimpleNamespace(**inner, inner_steps=s)
                 with autocast:
-                    meta_train.adapt(params, lambda: meta_train.lm_loss(model, *support), c)
+                    meta_train.adapt(params, lambda: meta_train.lm_loss(model, *support)[0], c)
                     with torch.no_grad():
                         loss = meta_train.lm_loss(model, x[k_max:], y[k_max:])[0]
                 out[k][s].append(loss.item())

@@ -15,7 +15,7 @@ import os
 import re
 import tempfile
 import traceback
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from types import ModuleType, SimpleNamespace
 
 import torch
@@ -90,13 +90,27 @@ CHOICES = {"meta_task": ("smlmt", "lm", "positions"), "positions_unknown": ("cla
            "init": ("pytorch", "gpt2"), "head_grad": ("fomaml", "paper"), "dtype": ("auto", "float32", "bfloat16")}
 
 
-def check_config(c, world_size):
+def auto_episodes_per_step(c):
+    """episodes_per_step, where 0 ("auto") becomes as many episodes as read an AR step's
+    total_batch_size x seq_len tokens (rounded, at least 1)."""
+    tokens = {"smlmt": c.n_way * (c.k_shot + c.q_query) * c.meta_seq_len,
+              "positions": c.positions_batch * c.seq_len,
+              "lm": (c.k_shot + 1) * c.meta_seq_len}[c.meta_task]
+    if c.episodes_per_step or tokens <= 0:  # set, or a bad size that check_config names
+        return c.episodes_per_step
+    return max(1, round(c.total_batch_size * c.seq_len / tokens))
+
+
+def check_config(c, world_size, need_data=True):
     """meta_train.py's config errors, found before any data is read or model built: each names
-    its key, and what torch would reject later (a negative lr, betas outside [0, 1)) is here."""
+    its key, and what torch would reject later (a negative lr, betas outside [0, 1)) is here.
+    need_data=False: the layout alone (meta_train.py --plan), no data directory needed.
+    episodes_per_step 0 is replaced by the number it stands for (auto_episodes_per_step)."""
     for key, allowed in CHOICES.items():
         if getattr(c, key) not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(map(repr, allowed))}, "
                               f"got {getattr(c, key)!r}")
+    c.episodes_per_step = auto_episodes_per_step(c)
     if not 0.0 <= c.meta_ratio <= 1.0:
         raise ConfigError(f"meta_ratio must be in [0, 1], got {c.meta_ratio}")
     if c.meta_task == "lm" and c.inner_params != "all":
@@ -131,18 +145,32 @@ def check_config(c, world_size):
             import wandb  # noqa: F401 (found now, not after minutes of setup)
         except ImportError:
             raise ConfigError("wandb_log=True but wandb is not installed (pip install wandb)")
-    if c.total_batch_size % (c.batch_size * world_size):
-        raise ConfigError(f"total_batch_size {c.total_batch_size} is not a multiple of batch_size "
-                          f"{c.batch_size} x {world_size} ranks")
-    if c.meta_ratio > 0 and c.episodes_per_step % world_size:
-        raise ConfigError(f"episodes_per_step {c.episodes_per_step} does not split evenly over "
-                          f"{world_size} ranks; set it to a multiple of {world_size}")
+    layout(c, world_size)
     try:
         model_args(c)  # ModelArgs checks the head counts itself
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    if not os.path.isdir(c.data_dir):
+    if need_data and not os.path.isdir(c.data_dir):
         raise ConfigError(f"data_dir '{c.data_dir}' not found: write shards with prepare.py first")
+
+
+def layout(c, world_size):
+    """How one optimizer step splits over world_size ranks -> SimpleNamespace(per_rank, micro,
+    accum, episodes): every rank takes total_batch_size / world_size sequences of an AR step, as
+    `accum` micro-batches of `micro`, the largest divisor of per_rank that is at most batch_size
+    (a per-device ceiling); episode slot s of a meta step goes to rank s % world_size, so ranks
+    may hold one episode more than others, or none (they still join every all-reduce). Only a
+    total_batch_size that world_size does not divide cannot run."""
+    if c.total_batch_size % world_size:
+        fit = -(-c.total_batch_size // world_size) * world_size
+        raise ConfigError(f"total_batch_size {c.total_batch_size} does not split over "
+                          f"{world_size} ranks: set total_batch_size={fit} (a multiple of "
+                          f"{world_size}) or run on a number of ranks that divides it")
+    per_rank = c.total_batch_size // world_size
+    micro = max(d for d in range(1, min(c.batch_size, per_rank) + 1) if per_rank % d == 0)
+    episodes = [len(range(r, c.episodes_per_step, world_size)) for r in range(world_size)]
+    return SimpleNamespace(per_rank=per_rank, micro=micro, accum=per_rank // micro,
+                           episodes=episodes if c.meta_ratio > 0 else [0] * world_size)
 
 
 def model_args(c):
@@ -153,11 +181,25 @@ def model_args(c):
                      init=c.init)
 
 
+TORCH_PIN = "2.13.0"  # requirements.txt's pin (a test keeps the two equal)
+
+
+def check_torch(version=None):
+    """Refuse a torch older than the pinned one: the bf16 episode relies on how its autocast
+    caches weight casts, and older releases behave differently there."""
+    version = version or torch.__version__
+    parse = lambda v: tuple(int(n) for n in re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", v).groups("0"))
+    if parse(version) < parse(TORCH_PIN):
+        raise ConfigError(f"torch {version} is older than {TORCH_PIN}, which requirements.txt "
+                          f"pins: pip install torch=={TORCH_PIN} (the CUDA build on a GPU machine)")
+
+
 def init_device(device="auto"):
     """The device this process computes on, and its place in a torchrun job ->
     SimpleNamespace(dev, type, ddp, rank, local_rank, world_size, master, kept_memory). "auto":
     cuda when available (the local rank's GPU under torchrun), else cpu, where glibc is asked to
-    keep freed memory (keep_freed_memory)."""
+    keep freed memory (keep_freed_memory). A torch older than the pinned one is refused."""
+    check_torch()
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world_size = 0, 0, 1
     if ddp:
@@ -181,6 +223,18 @@ def init_device(device="auto"):
     return SimpleNamespace(dev=dev, type=kind, ddp=ddp, rank=rank, local_rank=local_rank,
                            world_size=world_size, master=rank == 0,
                            kept_memory=kind == "cpu" and keep_freed_memory())
+
+
+@contextmanager
+def tf32_off():
+    """Full fp32 matmuls inside: init_device turns TF32 on for CUDA training, which rounds matmul
+    inputs to 10 mantissa bits, too coarse for comparing two implementations at 1e-3."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def init_process_group(env):
@@ -318,7 +372,8 @@ def numbered_checkpoints(out_dir):
 
 
 LOG_KEYS = ["step", "lr", "ar_loss", "meta_loss", "support_acc", "query_acc", "val_loss",
-            "val_query_acc", "grad_norm", "ar_tokens", "meta_tokens", "flops", "time", "tok_per_s",
+            "val_query_acc", "grad_norm", "ar_tokens", "meta_tokens", "flops", "time", "wall",
+            "tok_per_s",
             "mfu", "ar_ms", "meta_ms"]
 
 
