@@ -87,7 +87,8 @@ CHOICES = {"meta_task": ("smlmt", "lm", "positions"), "positions_unknown": ("cla
            "lr_schedule": SCHEDULES, "inner_lr_schedule": SCHEDULES,
            "inner_optimizer": ("sgd", "adamw"), "decay_params": ("all", "matrices"),
            "meta_head_init": ("xavier", "default"),
-           "init": ("pytorch", "gpt2"), "head_grad": ("fomaml", "paper"), "dtype": ("auto", "float32", "bfloat16")}
+           "init": ("pytorch", "gpt2"), "head_grad": ("fomaml", "paper"),
+           "dtype": ("auto", "float32", "bfloat16")}
 
 
 def auto_episodes_per_step(c):

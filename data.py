@@ -285,11 +285,12 @@ class SMLMTSampler:
         index = self.meta["index"]
         # token tables indexed by any token id, mask_id and padding ids included
         self.spelling = np.full(2 ** 16 + 1, -1, dtype=np.int64)  # (V',) candidate spelled, or -1
-        self.spelling[:self.meta["vocab_size"]] = np.load(os.path.join(data_dir, index["spellings"]))
+        V = self.meta["vocab_size"]
+        self.spelling[:V] = np.load(os.path.join(data_dir, index["spellings"]))
         kinds = np.zeros(2 ** 16 + 1, dtype=np.uint8)
-        kinds[:self.meta["vocab_size"]] = np.load(os.path.join(data_dir, index["token_kinds"]))
+        kinds[:V] = np.load(os.path.join(data_dir, index["token_kinds"]))
         self.begins_word, self.ends_in_word = (kinds & 1) > 0, (kinds & 2) > 0
-        self.begins_word[self.meta["vocab_size"]:] = True
+        self.begins_word[V:] = True
         multi = np.load(os.path.join(data_dir, index["multi_spellings"])).astype(np.int64)
         self.multi_of, self.multi = multi[:, 0], multi[:, 1:]  # (S,), (S, L) -1 padded
         index_path = os.path.join(data_dir, self.meta["index"][split]["positions"])
@@ -326,8 +327,8 @@ class SMLMTSampler:
                              f"{n} windows from distinct documents or windows that do not overlap")
 
     def _masked(self, x, spelled):
-        """x (N, M, T) windows, spelled (N,) the candidate whose spellings class n masks -> (N, M, T)
-        bool: the tokens of every word that begins with such a spelling. A word begins where a
+        """x (N, M, T) windows, spelled (N,) the candidate whose spellings class n masks ->
+        (N, M, T) bool: the tokens of every word that begins with such a spelling. A word begins where a
         token begins one, or follows a token that does not end inside one ('(' + 'word'), or at
         the window's start; it goes on through the tokens that do neither."""
         N, M, T = x.shape

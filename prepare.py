@@ -364,8 +364,8 @@ def _check_band(min_per_million, max_per_million):
 
 def _token_kinds(enc):
     """-> (n_vocab,) uint8 bit flags of every token: BEGINS_WORD where its first character is not a
-    letter or digit (' cat', '.', '\\n', '–', special tokens), so it cannot continue the word before
-    it; ENDS_IN_WORD where its last character is a letter (any script: 'caf' + 'é' is one word; a
+    letter or digit (' cat', '.', '\\n', '–', special tokens), so it cannot continue the word
+    before it; ENDS_IN_WORD where its last character is a letter (any script: 'caf' + 'é' is one word; a
     letter after '274' begins one). A token holding part of a character begins a word and does not
     end inside one, as the punctuation it mostly is."""
     kinds = np.zeros(enc.n_vocab, dtype=np.uint8)
@@ -411,8 +411,8 @@ def _spellings(enc, words):
                 else:
                     multi.append([c] + ids)
     width = max((len(m) for m in multi), default=1)
-    multi = np.array([m + [-1] * (width - len(m)) for m in multi], dtype=np.int32).reshape(-1, width)
-    return single, multi
+    multi = np.array([m + [-1] * (width - len(m)) for m in multi], dtype=np.int32)
+    return single, multi.reshape(-1, width)
 
 
 def _whole_word(shard, kinds):

@@ -459,8 +459,8 @@ def test_cli_checks_a_data_dir_and_prints_what_it_holds(ds, tmp_path, capsys):
 
 
 def prefix_encoding():
-    """A tiny tiktoken.Encoding in which ' pres' is a word and the start of ' pres' + 'ident', ' cat'
-    has the spellings ' Cat', ' CAT', 'cat', 'Cat' (single tokens) and 'CAT' (three bytes)."""
+    """A tiny tiktoken.Encoding in which ' pres' is a word and the start of ' pres' + 'ident',
+    ' cat' has the spellings ' Cat', ' CAT', 'cat', 'Cat' (single tokens) and 'CAT' (three bytes)."""
     ranks = {bytes([i]): i for i in range(256)}
     for w in [" pres", " cat", " Cat", " CAT", " dog", " the", " said", "ident", "cat", "Cat"]:
         b = w.encode()
