@@ -382,7 +382,7 @@ def format_table(facts, rows, tera=False):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = common.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Any other --key=value is a meta_train.py config key overriding the config file.")
     parser.add_argument("--config", help="config file (default configs/cpu.py, on CUDA 181m.py)")

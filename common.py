@@ -3,6 +3,7 @@ Run bookkeeping that every nanoMAML script shares and no reader of the method ne
 configurator, the device / rank / autocast choice, files written atomically, the tokenizer,
 checkpoints with clear errors, and the run directory (its lock, its log, resume or refuse).
 """
+import argparse
 import ast
 import builtins
 import ctypes
@@ -20,6 +21,14 @@ from types import ModuleType, SimpleNamespace
 
 import torch
 import torch.distributed as dist
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, 'prog: error: message', without the usage block (a
+    dozen lines for the scripts with many flags, which buried the error); --help shows it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class ConfigError(ValueError):
@@ -209,8 +218,8 @@ def init_device(device="auto"):
     dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         kind = torch.device(dev).type
-    except RuntimeError as e:
-        raise ConfigError(f"device {device!r}: {e}") from None
+    except RuntimeError:  # torch lists twenty device types this code does not run on
+        kind = None
     if kind not in ("cpu", "cuda"):
         raise ConfigError(f"device {device!r}: only cpu and cuda are supported")
     if kind == "cuda" and not torch.cuda.is_available():
@@ -288,6 +297,28 @@ def atomic_write(path, write):
         raise
 
 
+def make_dir(path, what):
+    """Make the output folder `path` (what: the flag or key naming it), before any work: a file of
+    that name, no permission or a read-only disk is a ConfigError naming it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be created ({e.strerror}); choose another "
+                          f"{what}") from None
+
+
+def check_out_file(path, what):
+    """Make the folder of the output file `path`, before any work; a folder at `path` itself is
+    a ConfigError naming it (what: the flag naming it)."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{what} {path} is a folder; give a file name")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: its folder cannot be created ({e.strerror}); choose "
+                          f"another {what}") from None
+
+
 def write_json(path, obj):
     """Every JSON file nanoMAML writes (meta.json, results, bench tables) goes through here."""
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
@@ -297,7 +328,12 @@ def get_encoding(name="gpt2"):
     import tiktoken
     try:
         return tiktoken.get_encoding(name)
-    except Exception as e:  # tiktoken downloads its vocabulary on first use; offline that fails
+    except Exception as e:
+        known = tiktoken.list_encoding_names()
+        if name not in known:  # not a download problem: no cache or network would help
+            raise RuntimeError(f"unknown tiktoken encoding {name!r}; known: "
+                               f"{', '.join(known)}") from None
+        # tiktoken downloads its vocabulary on first use; offline that fails
         raise RuntimeError(f"cannot load tiktoken encoding {name!r} ({type(e).__name__}); "
                            f"offline, point TIKTOKEN_CACHE_DIR at a cache holding it") from e
 
@@ -312,6 +348,10 @@ def load_checkpoint(path, device="cpu", need=("model_args", "model", "config", "
         # weights_only=False: a checkpoint holds the RNG states (numpy arrays, tuples) beside the
         # tensors; only load checkpoints you wrote or trust
         ckpt = torch.load(path, map_location=device, weights_only=False)
+    except OSError as e:  # permissions, I/O: the file itself may be fine
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: "
+                              f"{e.strerror or e} (the file may be intact: fix the cause and "
+                              f"retry)") from None
     except Exception as e:
         first = str(e).split(". ")[0]  # torch's zip errors run on for several sentences
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {first} "
@@ -372,10 +412,37 @@ def numbered_checkpoints(out_dir):
     return sorted(found)
 
 
+def aside_name(path, why):
+    """A free name beside `path` to keep an old file under: '<path>.<why>-<N>'."""
+    n = 1
+    while os.path.exists(f"{path}.{why}-{n}"):
+        n += 1
+    return f"{path}.{why}-{n}"
+
+
 LOG_KEYS = ["step", "lr", "ar_loss", "meta_loss", "support_acc", "query_acc", "val_loss",
             "val_query_acc", "grad_norm", "ar_tokens", "meta_tokens", "flops", "time", "wall",
             "tok_per_s",
             "mfu", "ar_ms", "meta_ms"]
+
+
+def lock_dir(path, what, holder, other):
+    """Take the OS lock of the directory `path` (exists) -> the open lock file; closing it, or the
+    process ending however it ends (kill -9 too), releases the lock. Held by another process: a
+    ConfigError naming `what`, the other `holder` and its pid, and the `other` way out."""
+    lock = open(os.path.join(path, ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        pid = lock.read().strip() or "?"
+        lock.close()
+        raise ConfigError(f"{what} is in use by another {holder} (pid {pid}); wait for it to "
+                          f"end, or {other}") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
 
 
 class RunDir:
@@ -393,20 +460,10 @@ class RunDir:
         if self.resume and not (os.path.isdir(self.out_dir) and self.checkpoints()):
             raise ConfigError(f"resume=True but {self.out_dir} holds no checkpoint (ckpt.pt or "
                               f"ckpt_NNNNNN.pt)")
-        os.makedirs(self.out_dir, exist_ok=True)
+        make_dir(self.out_dir, "out_dir")
         if self.master:
-            self.lock = open(os.path.join(self.out_dir, ".lock"), "a+")
-            try:
-                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self.lock.seek(0)
-                pid = self.lock.read().strip() or "?"
-                self.lock.close()
-                raise ConfigError(f"out_dir '{self.out_dir}' is in use by another run (pid {pid});"
-                                  f" wait for it to end, or choose another out_dir") from None
-            self.lock.truncate(0)
-            self.lock.write(f"{os.getpid()}\n")
-            self.lock.flush()
+            self.lock = lock_dir(self.out_dir, f"out_dir '{self.out_dir}'", "run",
+                                 "choose another out_dir")
             for name in os.listdir(self.out_dir):  # atomic_write's temporaries, left by a crash
                 if re.fullmatch(r"\.(ckpt(_\d+)?\.pt|log\.jsonl)\..+", name):
                     os.remove(os.path.join(self.out_dir, name))
@@ -436,6 +493,12 @@ class RunDir:
                 failed.append(str(e))
                 continue
             if path != self.ckpt:
+                if failed and os.path.exists(self.ckpt) and self.master:
+                    # the next save would replace it: keep it, it may only have been unreadable
+                    # for a moment and it alone holds the optimizer state
+                    aside = aside_name(self.ckpt, "unreadable")
+                    os.replace(self.ckpt, aside)
+                    print(f"warning: kept the unreadable {self.ckpt} as {aside}")
                 print(f"warning: resuming from {path}: {self.ckpt} is missing or unreadable, and "
                       f"numbered checkpoints hold no optimizer state, so AdamW's moments restart "
                       f"from zero and this run will not match an uninterrupted one bit for bit")
@@ -452,7 +515,10 @@ class RunDir:
                               f"({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}): continue "
                               f"it with --resume=True, or choose another out_dir")
         if self.master and os.path.exists(self.log):
-            os.remove(self.log)
+            # an earlier run that stopped before its first checkpoint: keep its log, out of the way
+            aside = aside_name(self.log, "earlier")
+            os.replace(self.log, aside)
+            print(f"note: {self.log} of an earlier run that wrote no checkpoint is kept as {aside}")
 
     def append_log(self, row):
         """One JSON object per line, always with every key of LOG_KEYS (null where unknown)."""

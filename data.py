@@ -30,7 +30,9 @@ One data directory holds:
 import glob
 import json
 import os
+import sys
 import time
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,8 +112,47 @@ def _load_split(data_dir, split, meta):
             raise ValueError(f"{path}: {len(shard)} tokens but meta.json records "
                              f"{recorded[os.path.basename(path)]}; the shard was replaced after "
                              f"meta.json was written")
+    _check_crc32(data_dir, meta, paths, shards)
     starts = np.cumsum([0] + [len(s) for s in shards[:-1]]).astype(np.int64)
     return shards, starts
+
+
+# (path, size, mtime) of the shards this process has checksummed, and the data dirs without
+# checksums it has given its notice about
+_checked = set()
+
+
+def shard_crc32(tokens):
+    """The checksum meta.json records for a shard: CRC-32 of its uint16 tokens (5 ms per 10M)."""
+    return zlib.crc32(np.ascontiguousarray(tokens, dtype=np.uint16))
+
+
+def _check_crc32(data_dir, meta, paths, shards):
+    """Compare each shard's tokens with the CRC-32 meta.json records for it (once per process and
+    file version): token counts alone miss a shard replaced by other tokens of the same length. A
+    meta.json from before checksums gets a notice once and is read as before."""
+    recorded = meta.get("shard_crc32")
+    if recorded is None:
+        if data_dir not in _checked:
+            _checked.add(data_dir)
+            print(f"note: {os.path.join(data_dir, 'meta.json')} records no shard checksums (an "
+                  f"older prepare.py wrote it): shards are checked by size only; rebuilding the "
+                  f"directory with prepare.py --overwrite adds them", file=sys.stderr)
+        return
+    rebuild = meta.get("command") or f"python prepare.py --text ... --out {data_dir}"
+    rebuild += "" if "--overwrite" in rebuild else " --overwrite"
+    for path, shard in zip(paths, shards):
+        st = os.stat(path)
+        key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+        if key in _checked:
+            continue
+        want, got = recorded.get(os.path.basename(path)), shard_crc32(shard)
+        if want != got:
+            raise ValueError(f"{path}: CRC-32 {got:08x} but meta.json records "
+                             + (f"{want:08x}" if want is not None else "none")
+                             + f"; the shard was replaced or damaged after it was written: rebuild "
+                               f"the directory (`{rebuild}`)")
+        _checked.add(key)
 
 
 def _gather(shards, shard_starts, starts, length):
@@ -227,7 +268,8 @@ class ShardReader:
         self.n_starts = np.array([max(len(s) - seq_len, 0) for s in self.shards], dtype=np.int64)
         if self.n_starts.sum() == 0:
             raise ValueError(f"{data_dir}: every {split} shard is shorter than seq_len + 1 = "
-                             f"{seq_len + 1} tokens")
+                             f"{seq_len + 1} tokens (the longest has "
+                             f"{max(map(len, self.shards))}); lower seq_len")
         self.cum_starts = np.cumsum(self.n_starts)
 
     def next_batch(self, rng):
@@ -324,7 +366,8 @@ class SMLMTSampler:
         if n_way > n_distinct:
             raise ValueError(f"{index_path}: n_way {n_way} > {n_distinct} candidate words (up to "
                              f"case and spacing) whose {split} occurrences give k_shot + q_query = "
-                             f"{n} windows from distinct documents or windows that do not overlap")
+                             f"{n} windows from distinct documents or windows that do not "
+                             f"overlap; lower n_way, k_shot or q_query")
 
     def _masked(self, x, spelled):
         """x (N, M, T) windows, spelled (N,) the candidate whose spellings class n masks ->
@@ -424,6 +467,9 @@ class PositionsSampler:
         self.reader = ShardReader(data_dir, split, batch_size, seq_len)
         self.k_shot, self.n_way, self.unknown = k_shot, n_way, unknown
         self.mask_id, self.vocab = self.reader.meta["mask_id"], self.reader.meta["vocab_size"]
+        if n_way > self.vocab:  # an episode's classes are distinct token ids
+            raise ValueError(f"n_way {n_way} > the {self.vocab} token ids of tokenizer "
+                             f"{self.reader.meta['tokenizer']!r} ({data_dir}); lower n_way")
         if k_shot + 1 > seq_len - 1:
             raise ValueError(f"k_shot + 1 = {k_shot + 1} positions do not fit in positions "
                              f"1..{seq_len - 1} of a {seq_len}-token sequence")
@@ -468,10 +514,11 @@ class LMTaskSampler:
     tokens is never used, so no input token is ever <|endoftext|> and only the very last target can
     be the document's closing one. Spans are uniform over every start that fits in a long-enough
     document (long documents are drawn in proportion to their length). If no document is long
-    enough, the constructor raises ValueError.
+    enough, the constructor raises ValueError ending in `fix`, advice in the caller's own names
+    for k_shot and seq_len.
     """
 
-    def __init__(self, data_dir, k_shot, seq_len, split="train"):
+    def __init__(self, data_dir, k_shot, seq_len, split="train", fix="lower k_shot or seq_len"):
         self.meta = read_meta(data_dir)
         self.k_shot, self.seq_len = k_shot, seq_len
         self.span = (k_shot + 1) * seq_len + 1
@@ -491,9 +538,9 @@ class LMTaskSampler:
         self.doc_begins, self.n_spans = np.concatenate(begins), np.concatenate(n_spans)
         self.n_docs = len(self.doc_begins)  # documents long enough to be used
         if self.n_docs == 0:
-            raise ValueError(f"{data_dir}: no {split} document has (k_shot + 1) * seq_len + 1 = "
-                             f"{self.span} tokens (the longest has {longest}); lower k_shot or "
-                             f"seq_len")
+            raise ValueError(f"{data_dir}: no {split} document has the {self.span} tokens of "
+                             f"{k_shot} + 1 chunks of {seq_len} and a target (the longest has "
+                             f"{longest}); {fix}")
         self.cum_spans = np.cumsum(self.n_spans)
 
     def sample(self, rng):
@@ -565,7 +612,11 @@ def main(argv=None):
     p.add_argument("--k_shot", type=int, default=4)
     p.add_argument("--q_query", type=int, default=4)
     p.add_argument("--seq_len", type=int, default=128)
-    args = p.parse_args(argv)
+    args, unknown = p.parse_known_args(argv)
+    if unknown:  # data.py once tokenized text itself: point the old command line to prepare.py
+        raise SystemExit(f"data.py: error: unknown option {unknown[0]}: data.py only checks a "
+                         f"data directory (python data.py DIR [--audit N]); to tokenize text run "
+                         f"python prepare.py --text FILES --out DIR")
     data_dir = args.data_dir
     try:
         meta = read_meta(data_dir)

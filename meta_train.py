@@ -427,8 +427,9 @@ def load_data(c):
             sampler = data.PositionsSampler(c.data_dir, "train", **args)
             val_sampler = data.PositionsSampler(c.data_dir, "val", **args)
         elif c.meta_ratio > 0:
-            sampler = data.LMTaskSampler(c.data_dir, c.k_shot, c.meta_seq_len, split="train")
-            val_sampler = data.LMTaskSampler(c.data_dir, c.k_shot, c.meta_seq_len, split="val")
+            fix = "lower k_shot or meta_seq_len"
+            sampler = data.LMTaskSampler(c.data_dir, c.k_shot, c.meta_seq_len, "train", fix)
+            val_sampler = data.LMTaskSampler(c.data_dir, c.k_shot, c.meta_seq_len, "val", fix)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
     if meta["mask_id"] >= c.vocab_size:
@@ -473,6 +474,9 @@ def resume_run(run, c, model, head, optimizer, dev):
     if diff:
         raise ConfigError(f"{path} was written with a different config "
                           f"(key: checkpoint vs now): {diff}")
+    if ckpt["step"] > c.max_steps:  # nothing to do would look like success
+        raise ConfigError(f"max_steps {c.max_steps} is below step {ckpt['step']} of {path}; give "
+                          f"--max_steps={ckpt['step']} or more to continue it")
     model.load_state_dict(ckpt["model"])
     if head is not None:
         head.load_state_dict(ckpt["head"])

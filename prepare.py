@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 import common
-from data import HEADER_INTS, MAGIC, SPLITS, VERSION, _load_split, read_meta
+from data import HEADER_INTS, MAGIC, SPLITS, VERSION, _load_split, read_meta, shard_crc32
 
 DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
 DEFAULT_DATASET_CONFIG = "sample-10BT"
@@ -38,7 +38,8 @@ BEGINS_WORD, ENDS_IN_WORD = 1, 2  # index_token_kinds.npy's bits
 
 
 def write_shard(path, tokens):
-    """Write one shard: the header, then the tokens as uint16."""
+    """Write one shard: the header, then the tokens as uint16 -> their CRC-32 (data.py checks it
+    against meta.json)."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"{path}: tokens must be a 1-d array, got shape {tokens.shape}")
@@ -54,11 +55,13 @@ def write_shard(path, tokens):
                          f"0..65535); nothing written")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = MAGIC, VERSION, len(tokens)
+    tokens = tokens.astype(np.uint16, copy=False)
 
     def write(f):
         f.write(header.tobytes())
-        f.write(tokens.astype(np.uint16, copy=False).tobytes())
+        f.write(tokens.tobytes())
     common.atomic_write(path, write)
+    return shard_crc32(tokens)
 
 
 def text_files(patterns):
@@ -202,6 +205,7 @@ class _SplitWriter:
     def __init__(self, out_dir, split, shard_tokens):
         self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
         self.parts, self.n_buffered, self.n_tokens, self.n_docs, self.shards = [], 0, 0, 0, {}
+        self.crc32 = {}
 
     def add(self, tokens, doc_lens):
         self.n_tokens += len(tokens)
@@ -220,7 +224,8 @@ class _SplitWriter:
     def flush(self):
         if self.n_buffered:
             name = f"{self.split}_{len(self.shards):06d}.bin"
-            write_shard(os.path.join(self.out_dir, name), np.concatenate(self.parts))
+            self.crc32[name] = write_shard(os.path.join(self.out_dir, name),
+                                           np.concatenate(self.parts))
             self.shards[name] = self.n_buffered
             self.parts, self.n_buffered = [], 0
 
@@ -250,8 +255,8 @@ def _check_out_dir(out_dir, enc, overwrite):
 
 def _remove_stale_staging(out_dir):
     """A prepare.py killed mid-write (kill -9 runs no cleanup) leaves its staging folder, at scale
-    gigabytes; the next run into the same --out removes it (two runs into one --out at once are
-    not supported)."""
+    gigabytes; the next run into the same --out removes it. Called with --out's lock held, so no
+    live run's staging folder is among them."""
     for path in glob.glob(os.path.join(glob.escape(out_dir), ".write_shards-*")) + glob.glob(
             os.path.join(glob.escape(out_dir), ".build_index-*")):
         shutil.rmtree(path, ignore_errors=True)
@@ -283,7 +288,8 @@ def write_shards(docs, enc, out_dir, val_tokens=1_000_000, shard_tokens=100_000_
                          f"fit uint16 shards")
     _check_out_dir(out_dir, enc, overwrite)
     created = not os.path.exists(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    common.make_dir(out_dir, "--out")
+    lock = common.lock_dir(out_dir, f"--out {out_dir}", "prepare.py", "choose another --out")
     _remove_stale_staging(out_dir)
     staging = tempfile.mkdtemp(dir=out_dir, prefix=".write_shards-")
     try:
@@ -322,7 +328,8 @@ def write_shards(docs, enc, out_dir, val_tokens=1_000_000, shard_tokens=100_000_
         meta = {"tokenizer": enc.name, "vocab_size": enc.n_vocab, "eot_id": enc.eot_token,
                 "mask_id": enc.n_vocab, "train_tokens": train.n_tokens,
                 "val_tokens": val.n_tokens, "train_docs": train.n_docs, "val_docs": val.n_docs,
-                "shards": {"train": train.shards, "val": val.shards}, "command": command,
+                "shards": {"train": train.shards, "val": val.shards},
+                "shard_crc32": {**train.crc32, **val.crc32}, "command": command,
                 "seconds": round(seconds, 2), "index": None}
         common.write_json(os.path.join(staging, "meta.json"), meta)
         if index_args is not None:
@@ -340,8 +347,13 @@ def write_shards(docs, enc, out_dir, val_tokens=1_000_000, shard_tokens=100_000_
         return meta
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if created and not os.listdir(out_dir):  # a failed first run leaves no empty --out behind
-            os.rmdir(out_dir)
+        if created and os.listdir(out_dir) == [".lock"]:  # a failed first run leaves no --out
+            os.remove(os.path.join(out_dir, ".lock"))
+            try:
+                os.rmdir(out_dir)
+            except OSError:  # another prepare.py came in meanwhile: it holds the folder now
+                pass
+        lock.close()
 
 
 def _keep_lowest(keys, pos, k):
@@ -553,7 +565,7 @@ def build_index(data_dir, enc, min_per_million=DEFAULT_MIN_PER_MILLION,
 
 
 def get_args(argv):
-    parser = argparse.ArgumentParser(
+    parser = common.ArgumentParser(
         description="Tokenize text into uint16 token shards with tiktoken, then build the SMLMT "
                     "occurrence index.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -609,6 +621,30 @@ def get_args(argv):
     return args
 
 
+def check_args(args):
+    """The numbers on the command line, before any work; each error names its flag."""
+    least = {"--shard_tokens": (args.shard_tokens, 1), "--num_proc": (args.num_proc, 1),
+             "--context": (args.context, 1),
+             # an episode takes k_shot + q_query >= 2 occurrences of each word
+             "--max_occurrences": (args.max_occurrences, 2)}
+    if args.max_tokens is not None:
+        least["--max_tokens"] = (args.max_tokens, 1)
+    if not args.val_text and not args.reindex:  # training reads the val split: it needs one
+        least["--val_tokens"] = (1_000_000 if args.val_tokens is None else args.val_tokens, 1)
+    for flag, (value, low) in least.items():
+        if value < low:
+            why = " (training reads a val split)" if flag == "--val_tokens" else ""
+            fix = "; or give --val_text FILES" if flag == "--val_tokens" else ""
+            raise ValueError(f"{flag} must be at least {low}{why}, got {value}{fix}")
+    if args.max_tokens is not None and not args.val_text and not args.reindex:
+        val_tokens = args.val_tokens or 1_000_000
+        if args.max_tokens <= val_tokens:
+            raise ValueError(f"--max_tokens {args.max_tokens} leaves no train tokens after the "
+                             f"{val_tokens} val tokens (--val_tokens"
+                             f"{'' if args.val_tokens else ', its default'}); raise --max_tokens "
+                             f"or lower --val_tokens")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = get_args(argv)
@@ -616,10 +652,13 @@ def main(argv=None):
     index_args = dict(min_per_million=args.min_per_million, max_per_million=args.max_per_million,
                       max_occurrences=args.max_occurrences, context=args.context, seed=args.seed)
     try:
+        check_args(args)
         _check_band(args.min_per_million, args.max_per_million)  # before any work
         if args.reindex:
             enc = common.get_encoding(read_meta(args.out)["tokenizer"])
-            index = build_index(args.out, enc, **index_args)
+            with common.lock_dir(args.out, f"--out {args.out}", "prepare.py",
+                                 "choose another --out"):  # write_shards takes its own
+                index = build_index(args.out, enc, **index_args)
         else:
             # inputs are checked before the tokenizer is loaded (which may need the network)
             text_paths = text_files(args.text) if args.text else None

@@ -65,9 +65,15 @@ def test_index_that_does_not_match_shards_rejected(tmp_path, ds):
     with pytest.raises(ValueError, match="index_train_positions.npy"):
         data.SMLMTSampler(out, 4, 2, 2, CONTEXT)
     np.save(os.path.join(out, "index_train_positions.npy"), positions)
-    # a shard rewritten with other tokens of the same length: meta.json agrees, the index does not
+    # a shard rewritten with other tokens of the same length: its checksum in meta.json does not
+    # agree; nor does the index, where meta.json has no checksums (an older prepare.py's)
     shard = data.list_shards(out, "train")[0]
     prepare.write_shard(shard, np.roll(np.asarray(data.load_shard(shard)), 1))
+    with pytest.raises(ValueError, match="train_000000.bin: CRC-32"):
+        data.SMLMTSampler(out, 4, 2, 2, CONTEXT)
+    meta = data.read_meta(out)
+    del meta["shard_crc32"]
+    common.write_json(os.path.join(out, "meta.json"), meta)
     with pytest.raises(ValueError, match="index_train_positions.npy"):
         data.SMLMTSampler(out, 4, 2, 2, CONTEXT)
     # a shard of another length: caught against meta.json, naming the shard
