@@ -12,7 +12,18 @@ DATA=${DATA:-data/cpu}
 STEPS=${STEPS:-1000}
 PY=.venv/bin/python
 # RUNS picks some of them: RUNS="vanilla lm-adamw" bash ablate.sh
-read -r -a ORDER <<< "${RUNS:-vanilla smlmt smlmt-inner0 positions lm-adamw}"
+ALL="vanilla smlmt smlmt-inner0 positions lm-adamw"
+read -r -a ORDER <<< "${RUNS:-$ALL}"
+for name in "${ORDER[@]}"; do  # a typo would train the default (SMLMT) run under its name
+  if [[ " $ALL " != *" $name "* ]]; then
+    echo "ablate.sh: unknown run '$name' in RUNS; valid: $ALL" >&2
+    exit 1
+  fi
+done
+if [[ ! "$STEPS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "ablate.sh: STEPS must be a positive whole number, got '$STEPS'" >&2
+  exit 1
+fi
 keys() {  # the config keys of each run
   case $1 in
     vanilla) echo "--meta_ratio=0" ;;
@@ -31,6 +42,10 @@ PAPER_EPISODE=(--meta_read=mask --meta_features=raw --inner_lr=0.1)
 # 1 or 4 support chunks, 0 or 5 steps keep it to minutes for five checkpoints on 2 cores
 ADAPT=(--inner_optimizer=adamw --inner_lr=1e-3 --inner_lr_schedule=cosine --inner_warmup_steps=2
        --docs 8 --ks 1 4 --steps 0 5)
+if [ ! -x "$PY" ] || [ ! -e "$DATA/meta.json" ]; then
+  echo "ablate.sh: no $PY or no $DATA/meta.json: run bash run_cpu.sh first (it makes both)" >&2
+  exit 1
+fi
 final=ckpt_$(printf %06d "$STEPS").pt
 for name in "${ORDER[@]}"; do
   run=$OUT/$name

@@ -44,7 +44,8 @@ def spans_from_text(paths, enc, n_chunks, T, n_docs):
             if len(spans) == n_docs:
                 break
     if not spans:
-        raise ValueError(f"no document of {paths} has {n_chunks} x {T} + 1 tokens")
+        raise ValueError(f"no document of {paths} has {n_chunks} x {T} + 1 tokens; lower the "
+                         f"largest --ks or --chunk_len")
     return torch.tensor(spans)
 
 
@@ -52,7 +53,8 @@ def spans_from_split(data_dir, n_chunks, T, n_docs, seed):
     """One (n_chunks * T + 1)-token span of each of n_docs distinct val documents long enough
     for it (all of them if fewer), at a random start: documents drawn without replacement, so
     the standard error counts independent documents."""
-    sampler = data.LMTaskSampler(data_dir, n_chunks - 1, T, split="val")
+    sampler = data.LMTaskSampler(data_dir, n_chunks - 1, T, "val",
+                                 "lower the largest --ks or --chunk_len")
     rng = np.random.default_rng(seed)
     docs = rng.choice(sampler.n_docs, min(n_docs, sampler.n_docs), replace=False)
     starts = sampler.doc_begins[docs] + (rng.random(len(docs)) * sampler.n_spans[docs]).astype(
@@ -75,7 +77,7 @@ def adaptation_curves(model, spans, ks, steps, inner, T, env, autocast):
             for s in steps:
                 c = SimpleNamespace(**inner, inner_steps=s)
                 with autocast:
-                    meta_train.adapt(params, lambda: meta_train.lm_loss(model, *support), c)
+                    meta_train.adapt(params, lambda: meta_train.lm_loss(model, *support)[0], c)
                     with torch.no_grad():
                         loss = meta_train.lm_loss(model, x[k_max:], y[k_max:])[0]
                 out[k][s].append(loss.item())
@@ -136,7 +138,7 @@ def plot(results, ks, steps, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
+    p = common.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpts", nargs="+", help="checkpoint files or run directories (their ckpt.pt)")
     p.add_argument("--text", nargs="+", help="held-out text files (default: each run's val split)")
@@ -154,12 +156,32 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--out", help="JSON path (default: adapt_eval.json beside the first checkpoint)")
     args = p.parse_args(argv)
-    if min(args.ks) < 1 or min(args.steps) < 0 or args.docs < 1:
-        p.error("--ks must be >= 1, --steps >= 0, --docs >= 1")
     try:
+        for flag, value, low in (("--ks", min(args.ks), 1), ("--steps", min(args.steps), 0),
+                                 ("--docs", args.docs, 1), ("--chunk_len", args.chunk_len, 1)):
+            if value is not None and value < low:
+                raise ValueError(f"{flag} must be at least {low}, got {value}")
+        for key in INNER_KEYS:  # meta_train's checks, for the keys this script takes
+            value = getattr(args, key)
+            if value is None:
+                continue
+            if key in common.CHOICES and value not in common.CHOICES[key]:
+                raise ValueError(f"--{key} must be one of {', '.join(common.CHOICES[key])}, got "
+                                 f"{value!r}")
+            if key not in common.CHOICES and not value >= 0:  # also refuses nan
+                raise ValueError(f"--{key} must be at least 0, got {value}")
+            if key in ("inner_beta1", "inner_beta2") and not value < 1:
+                raise ValueError(f"--{key} must be below 1, got {value}")
+        if args.out:
+            common.check_out_file(args.out, "--out")
         paths = [common.checkpoint_path(c) for c in args.ckpts]
         ckpts = [common.load_checkpoint(path, need=("model_args", "model", "config", "step",
                                                     "tokenizer")) for path in paths]
+        for path, ckpt in zip(paths[1:], ckpts[1:]):  # losses over other tokens do not compare
+            if ckpt["tokenizer"] != ckpts[0]["tokenizer"]:
+                raise ValueError(f"{path} uses tokenizer {ckpt['tokenizer']!r}, {paths[0]} "
+                                 f"{ckpts[0]['tokenizer']!r}: their losses are not comparable; "
+                                 f"compare checkpoints of one tokenizer")
         first = ckpts[0]["config"]
         inner = {k: getattr(args, k) if getattr(args, k) is not None else first.get(
             k, meta_train.DEFAULTS[k]) for k in INNER_KEYS}
@@ -172,8 +194,13 @@ def main(argv=None):
             enc = common.get_encoding(ckpts[0]["tokenizer"])
             spans = spans_from_text(args.text, enc, max(args.ks) + 1, T, args.docs)
         else:
-            spans = spans_from_split(args.data_dir or first["data_dir"], max(args.ks) + 1, T,
-                                     args.docs, args.seed)
+            data_dir = args.data_dir or first["data_dir"]
+            tokenizer = data.read_meta(data_dir)["tokenizer"]
+            if tokenizer != ckpts[0]["tokenizer"]:
+                raise ValueError(f"{data_dir} holds {tokenizer!r} tokens, the checkpoints read "
+                                 f"{ckpts[0]['tokenizer']!r}; give --data_dir of their tokenizer "
+                                 f"or --text FILES")
+            spans = spans_from_split(data_dir, max(args.ks) + 1, T, args.docs, args.seed)
         env = common.init_device(args.device)
     except (common.CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"adapt_eval.py: error: {e}")
@@ -191,7 +218,6 @@ def main(argv=None):
         print(f"{path}: step {ckpt['step']}, {time.time() - t0:.0f} s")
     print("\n" + format_tables(results, ks, steps), end="")
     out = args.out or os.path.join(os.path.dirname(paths[0]), "adapt_eval.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     common.write_json(out, {"inner": inner, "chunk_len": T, "ks": ks, "steps": steps,
                             "documents": len(spans), "runs": results})
     png = os.path.splitext(out)[0] + ".png"

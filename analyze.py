@@ -250,8 +250,8 @@ def load_probe(ckpt, probe_text=None, data_dir=None, batch=8, seq_len=None):
     cfg = ckpt["config"]
     seq_len = seq_len or cfg["seq_len"]
     if seq_len > ckpt["model_args"]["max_seq_len"]:
-        raise ValueError(f"probe_len {seq_len} > the model's max_seq_len "
-                         f"{ckpt['model_args']['max_seq_len']}")
+        raise ValueError(f"--probe_len {seq_len} > the model's max_seq_len "
+                         f"{ckpt['model_args']['max_seq_len']}; lower --probe_len")
     if probe_text:
         try:
             enc = common.get_encoding(ckpt["tokenizer"])
@@ -261,7 +261,11 @@ def load_probe(ckpt, probe_text=None, data_dir=None, batch=8, seq_len=None):
             tokens = enc.encode_ordinary(f.read())
         source = probe_text
     else:
-        shards = data.list_shards(data_dir or cfg["data_dir"], "val")  # raises, naming the dir
+        try:
+            shards = data.list_shards(data_dir or cfg["data_dir"], "val")
+        except FileNotFoundError as e:  # names the dir; the run's own may have moved
+            raise FileNotFoundError(f"{e}; give --data_dir of the run's shards, or --probe_text "
+                                    f"FILE") from None
         tokens, source = data.load_shard(shards[0]), shards[0]
     windows = probe_windows(tokens, batch, seq_len, source)
     return windows, f"{batch} windows x {seq_len} tokens from {source}"
@@ -542,7 +546,7 @@ def plot_compare(runs, logs, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
+    p = common.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", nargs="?", help="run directory holding ckpt_NNNNNN.pt files")
     p.add_argument("--compare", nargs="+", metavar="RUN",
@@ -569,6 +573,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     if (args.run_dir is None) == (args.compare is None):
         p.error("give either RUN_DIR or --compare RUN_A RUN_B [...]")
+    for flag, value, low in (("--probe_batch", args.probe_batch, 1),
+                             ("--probe_len", args.probe_len, 1), ("--tol", args.tol, 0)):
+        if value is not None and not value >= low:  # also refuses a nan --tol
+            p.error(f"{flag} must be at least {low}, got {value}")
+    if args.probe_text and not os.path.isfile(args.probe_text):
+        p.error(f"--probe_text {args.probe_text} is not a file")
+    if args.out:
+        try:
+            common.make_dir(args.out, "--out")
+        except common.ConfigError as e:
+            p.error(str(e))
 
     if args.compare:
         if len(args.compare) < 2:

@@ -3,6 +3,7 @@ Run bookkeeping that every nanoMAML script shares and no reader of the method ne
 configurator, the device / rank / autocast choice, files written atomically, the tokenizer,
 checkpoints with clear errors, and the run directory (its lock, its log, resume or refuse).
 """
+import argparse
 import ast
 import builtins
 import ctypes
@@ -15,11 +16,19 @@ import os
 import re
 import tempfile
 import traceback
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from types import ModuleType, SimpleNamespace
 
 import torch
 import torch.distributed as dist
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, 'prog: error: message', without the usage block (a
+    dozen lines for the scripts with many flags, which buried the error); --help shows it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class ConfigError(ValueError):
@@ -86,22 +95,44 @@ CHOICES = {"meta_task": ("smlmt", "lm", "positions"), "positions_unknown": ("cla
            "inner_params": ("head", "all"),
            "lr_schedule": SCHEDULES, "inner_lr_schedule": SCHEDULES,
            "inner_optimizer": ("sgd", "adamw"), "decay_params": ("all", "matrices"),
-           "meta_head_init": ("xavier", "default"), "dtype": ("auto", "float32", "bfloat16"),
+           "meta_head_init": ("xavier", "default"),
+           "init": ("pytorch", "gpt2"), "head_grad": ("fomaml", "paper"),
+           "dtype": ("auto", "float32", "bfloat16"),
            "meta_read": ("mask", "before"), "meta_features": ("raw", "standardize", "center"),
            "meta_head_rows": ("words", "proto")}
 
 
-def check_config(c, world_size):
+def auto_episodes_per_step(c):
+    """episodes_per_step, where 0 ("auto") becomes as many episodes as read an AR step's
+    total_batch_size x seq_len tokens (rounded, at least 1)."""
+    tokens = {"smlmt": c.n_way * (c.k_shot + c.q_query) * c.meta_seq_len,
+              "positions": c.positions_batch * c.seq_len,
+              "lm": (c.k_shot + 1) * c.meta_seq_len}[c.meta_task]
+    if c.episodes_per_step or tokens <= 0:  # set, or a bad size that check_config names
+        return c.episodes_per_step
+    return max(1, round(c.total_batch_size * c.seq_len / tokens))
+
+
+def check_config(c, world_size, need_data=True):
     """meta_train.py's config errors, found before any data is read or model built: each names
-    its key, and what torch would reject later (a negative lr, betas outside [0, 1)) is here."""
+    its key, and what torch would reject later (a negative lr, betas outside [0, 1)) is here.
+    need_data=False: the layout alone (meta_train.py --plan), no data directory needed.
+    episodes_per_step 0 is replaced by the number it stands for (auto_episodes_per_step)."""
     for key, allowed in CHOICES.items():
         if getattr(c, key) not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(map(repr, allowed))}, "
                               f"got {getattr(c, key)!r}")
+    c.episodes_per_step = auto_episodes_per_step(c)
     if not 0.0 <= c.meta_ratio <= 1.0:
         raise ConfigError(f"meta_ratio must be in [0, 1], got {c.meta_ratio}")
     if c.meta_task == "lm" and c.inner_params != "all":
         raise ConfigError("meta_task 'lm' adapts the whole model: set inner_params='all'")
+    if c.head_grad == "paper" and (c.inner_params != "head" or c.meta_task == "lm"):
+        raise ConfigError("head_grad 'paper' replays the paper code's head-only inner loop: it "
+                          "needs inner_params='head' and meta_task 'smlmt' or 'positions'")
+    if c.head_grad == "paper" and c.meta_head_rows == "proto":
+        raise ConfigError("head_grad 'paper' replays the words' output rows; meta_head_rows "
+                          "'proto' needs head_grad='fomaml'")
     if c.meta_read == "before" and c.meta_task != "smlmt":
         raise ConfigError(f"meta_read 'before' reads SMLMT windows; meta_task {c.meta_task!r} "
                           f"needs meta_read='mask'")
@@ -115,13 +146,13 @@ def check_config(c, world_size):
     if c.n_way < 2:
         raise ConfigError(f"n_way must be at least 2, got {c.n_way}")
     for key in ("batch_size", "total_batch_size", "seq_len", "meta_seq_len", "eval_interval",
-                "eval_sequences", "save_interval", "log_interval", "episodes_per_step",
-                "positions_batch", "k_shot", "q_query", "dim", "n_layers", "n_heads",
-                "n_kv_heads", "vocab_size", "meta_hidden"):
+                "eval_sequences", "save_interval", "log_interval", "positions_batch", "k_shot",
+                "q_query", "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
+                "meta_hidden"):
         if getattr(c, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {getattr(c, key)}")
     for key in ("max_steps", "warmup_steps", "lr_decay_steps", "eval_episodes",
-                "inner_warmup_steps", "inner_steps"):
+                "episodes_per_step", "inner_warmup_steps", "inner_steps"):
         if getattr(c, key) < 0:
             raise ConfigError(f"{key} must be at least 0, got {getattr(c, key)}")
     for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "inner_lr",
@@ -139,32 +170,61 @@ def check_config(c, world_size):
             import wandb  # noqa: F401 (found now, not after minutes of setup)
         except ImportError:
             raise ConfigError("wandb_log=True but wandb is not installed (pip install wandb)")
-    if c.total_batch_size % (c.batch_size * world_size):
-        raise ConfigError(f"total_batch_size {c.total_batch_size} is not a multiple of batch_size "
-                          f"{c.batch_size} x {world_size} ranks")
-    if c.meta_ratio > 0 and c.episodes_per_step % world_size:
-        raise ConfigError(f"episodes_per_step {c.episodes_per_step} does not split evenly over "
-                          f"{world_size} ranks")
+    layout(c, world_size)
     try:
         model_args(c)  # ModelArgs checks the head counts itself
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    if not os.path.isdir(c.data_dir):
+    if need_data and not os.path.isdir(c.data_dir):
         raise ConfigError(f"data_dir '{c.data_dir}' not found: write shards with prepare.py first")
+
+
+def layout(c, world_size):
+    """How one optimizer step splits over world_size ranks -> SimpleNamespace(per_rank, micro,
+    accum, episodes): every rank takes total_batch_size / world_size sequences of an AR step, as
+    `accum` micro-batches of `micro`, the largest divisor of per_rank that is at most batch_size
+    (a per-device ceiling); episode slot s of a meta step goes to rank s % world_size, so ranks
+    may hold one episode more than others, or none (they still join every all-reduce). Only a
+    total_batch_size that world_size does not divide cannot run."""
+    if c.total_batch_size % world_size:
+        fit = -(-c.total_batch_size // world_size) * world_size
+        raise ConfigError(f"total_batch_size {c.total_batch_size} does not split over "
+                          f"{world_size} ranks: set total_batch_size={fit} (a multiple of "
+                          f"{world_size}) or run on a number of ranks that divides it")
+    per_rank = c.total_batch_size // world_size
+    micro = max(d for d in range(1, min(c.batch_size, per_rank) + 1) if per_rank % d == 0)
+    episodes = [len(range(r, c.episodes_per_step, world_size)) for r in range(world_size)]
+    return SimpleNamespace(per_rank=per_rank, micro=micro, accum=per_rank // micro,
+                           episodes=episodes if c.meta_ratio > 0 else [0] * world_size)
 
 
 def model_args(c):
     """The model a meta_train config describes; its context covers AR batches and episodes."""
     from model import ModelArgs
     return ModelArgs(dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
-                     vocab_size=c.vocab_size, max_seq_len=max(c.seq_len, c.meta_seq_len))
+                     vocab_size=c.vocab_size, max_seq_len=max(c.seq_len, c.meta_seq_len),
+                     init=c.init)
+
+
+TORCH_PIN = "2.13.0"  # requirements.txt's pin (a test keeps the two equal)
+
+
+def check_torch(version=None):
+    """Refuse a torch older than the pinned one: the bf16 episode relies on how its autocast
+    caches weight casts, and older releases behave differently there."""
+    version = version or torch.__version__
+    parse = lambda v: tuple(int(n) for n in re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", v).groups("0"))
+    if parse(version) < parse(TORCH_PIN):
+        raise ConfigError(f"torch {version} is older than {TORCH_PIN}, which requirements.txt "
+                          f"pins: pip install torch=={TORCH_PIN} (the CUDA build on a GPU machine)")
 
 
 def init_device(device="auto"):
     """The device this process computes on, and its place in a torchrun job ->
     SimpleNamespace(dev, type, ddp, rank, local_rank, world_size, master, kept_memory). "auto":
     cuda when available (the local rank's GPU under torchrun), else cpu, where glibc is asked to
-    keep freed memory (keep_freed_memory)."""
+    keep freed memory (keep_freed_memory). A torch older than the pinned one is refused."""
+    check_torch()
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world_size = 0, 0, 1
     if ddp:
@@ -173,8 +233,8 @@ def init_device(device="auto"):
     dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         kind = torch.device(dev).type
-    except RuntimeError as e:
-        raise ConfigError(f"device {device!r}: {e}") from None
+    except RuntimeError:  # torch lists twenty device types this code does not run on
+        kind = None
     if kind not in ("cpu", "cuda"):
         raise ConfigError(f"device {device!r}: only cpu and cuda are supported")
     if kind == "cuda" and not torch.cuda.is_available():
@@ -188,6 +248,18 @@ def init_device(device="auto"):
     return SimpleNamespace(dev=dev, type=kind, ddp=ddp, rank=rank, local_rank=local_rank,
                            world_size=world_size, master=rank == 0,
                            kept_memory=kind == "cpu" and keep_freed_memory())
+
+
+@contextmanager
+def tf32_off():
+    """Full fp32 matmuls inside: init_device turns TF32 on for CUDA training, which rounds matmul
+    inputs to 10 mantissa bits, too coarse for comparing two implementations at 1e-3."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def init_process_group(env):
@@ -240,6 +312,28 @@ def atomic_write(path, write):
         raise
 
 
+def make_dir(path, what):
+    """Make the output folder `path` (what: the flag or key naming it), before any work: a file of
+    that name, no permission or a read-only disk is a ConfigError naming it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be created ({e.strerror}); choose another "
+                          f"{what}") from None
+
+
+def check_out_file(path, what):
+    """Make the folder of the output file `path`, before any work; a folder at `path` itself is
+    a ConfigError naming it (what: the flag naming it)."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{what} {path} is a folder; give a file name")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: its folder cannot be created ({e.strerror}); choose "
+                          f"another {what}") from None
+
+
 def write_json(path, obj):
     """Every JSON file nanoMAML writes (meta.json, results, bench tables) goes through here."""
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
@@ -249,7 +343,12 @@ def get_encoding(name="gpt2"):
     import tiktoken
     try:
         return tiktoken.get_encoding(name)
-    except Exception as e:  # tiktoken downloads its vocabulary on first use; offline that fails
+    except Exception as e:
+        known = tiktoken.list_encoding_names()
+        if name not in known:  # not a download problem: no cache or network would help
+            raise RuntimeError(f"unknown tiktoken encoding {name!r}; known: "
+                               f"{', '.join(known)}") from None
+        # tiktoken downloads its vocabulary on first use; offline that fails
         raise RuntimeError(f"cannot load tiktoken encoding {name!r} ({type(e).__name__}); "
                            f"offline, point TIKTOKEN_CACHE_DIR at a cache holding it") from e
 
@@ -264,6 +363,10 @@ def load_checkpoint(path, device="cpu", need=("model_args", "model", "config", "
         # weights_only=False: a checkpoint holds the RNG states (numpy arrays, tuples) beside the
         # tensors; only load checkpoints you wrote or trust
         ckpt = torch.load(path, map_location=device, weights_only=False)
+    except OSError as e:  # permissions, I/O: the file itself may be fine
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: "
+                              f"{e.strerror or e} (the file may be intact: fix the cause and "
+                              f"retry)") from None
     except Exception as e:
         first = str(e).split(". ")[0]  # torch's zip errors run on for several sentences
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {first} "
@@ -324,11 +427,38 @@ def numbered_checkpoints(out_dir):
     return sorted(found)
 
 
+def aside_name(path, why):
+    """A free name beside `path` to keep an old file under: '<path>.<why>-<N>'."""
+    n = 1
+    while os.path.exists(f"{path}.{why}-{n}"):
+        n += 1
+    return f"{path}.{why}-{n}"
+
+
 LOG_KEYS = ["step", "lr", "ar_loss", "meta_loss", "support_acc", "query_acc", "val_loss",
             "val_query_acc", "val_query_acc_se", "val_query_acc0", "val_query_acc0_se",
             "val_centroid_acc", "val_centroid_acc_se", "val_support_acc", "val_support_acc_se",
-            "grad_norm", "ar_tokens", "meta_tokens", "flops", "time", "tok_per_s",
+            "grad_norm", "ar_tokens", "meta_tokens", "flops", "time", "wall", "tok_per_s",
             "mfu", "ar_ms", "meta_ms"]
+
+
+def lock_dir(path, what, holder, other):
+    """Take the OS lock of the directory `path` (exists) -> the open lock file; closing it, or the
+    process ending however it ends (kill -9 too), releases the lock. Held by another process: a
+    ConfigError naming `what`, the other `holder` and its pid, and the `other` way out."""
+    lock = open(os.path.join(path, ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        pid = lock.read().strip() or "?"
+        lock.close()
+        raise ConfigError(f"{what} is in use by another {holder} (pid {pid}); wait for it to "
+                          f"end, or {other}") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
 
 
 class RunDir:
@@ -346,20 +476,10 @@ class RunDir:
         if self.resume and not (os.path.isdir(self.out_dir) and self.checkpoints()):
             raise ConfigError(f"resume=True but {self.out_dir} holds no checkpoint (ckpt.pt or "
                               f"ckpt_NNNNNN.pt)")
-        os.makedirs(self.out_dir, exist_ok=True)
+        make_dir(self.out_dir, "out_dir")
         if self.master:
-            self.lock = open(os.path.join(self.out_dir, ".lock"), "a+")
-            try:
-                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self.lock.seek(0)
-                pid = self.lock.read().strip() or "?"
-                self.lock.close()
-                raise ConfigError(f"out_dir '{self.out_dir}' is in use by another run (pid {pid});"
-                                  f" wait for it to end, or choose another out_dir") from None
-            self.lock.truncate(0)
-            self.lock.write(f"{os.getpid()}\n")
-            self.lock.flush()
+            self.lock = lock_dir(self.out_dir, f"out_dir '{self.out_dir}'", "run",
+                                 "choose another out_dir")
             for name in os.listdir(self.out_dir):  # atomic_write's temporaries, left by a crash
                 if re.fullmatch(r"\.(ckpt(_\d+)?\.pt|log\.jsonl)\..+", name):
                     os.remove(os.path.join(self.out_dir, name))
@@ -389,6 +509,12 @@ class RunDir:
                 failed.append(str(e))
                 continue
             if path != self.ckpt:
+                if failed and os.path.exists(self.ckpt) and self.master:
+                    # the next save would replace it: keep it, it may only have been unreadable
+                    # for a moment and it alone holds the optimizer state
+                    aside = aside_name(self.ckpt, "unreadable")
+                    os.replace(self.ckpt, aside)
+                    print(f"warning: kept the unreadable {self.ckpt} as {aside}")
                 print(f"warning: resuming from {path}: {self.ckpt} is missing or unreadable, and "
                       f"numbered checkpoints hold no optimizer state, so AdamW's moments restart "
                       f"from zero and this run will not match an uninterrupted one bit for bit")
@@ -405,7 +531,10 @@ class RunDir:
                               f"({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}): continue "
                               f"it with --resume=True, or choose another out_dir")
         if self.master and os.path.exists(self.log):
-            os.remove(self.log)
+            # an earlier run that stopped before its first checkpoint: keep its log, out of the way
+            aside = aside_name(self.log, "earlier")
+            os.replace(self.log, aside)
+            print(f"note: {self.log} of an earlier run that wrote no checkpoint is kept as {aside}")
 
     def append_log(self, row):
         """One JSON object per line, always with every key of LOG_KEYS (null where unknown)."""

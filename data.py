@@ -12,6 +12,14 @@ One data directory holds:
         and a description of the index
     index_words.npy (W,) int32
         candidate word ids, shared by both splits
+    index_spellings.npy (V,) int32
+        for every token, the candidate (index into words) it spells in another case or spacing
+        (' Word', 'word', 'WORD' ...; the candidate itself too), or -1
+    index_multi_spellings.npy (S, 1 + L) int32
+        spellings of several tokens ('Orbit' = 'Or' + 'bit'): rows [candidate, tokens, -1 padding]
+    index_token_kinds.npy (V,) uint8
+        bit 1: the token begins a word (first character not a letter or digit); bit 2: it ends
+        inside one (last character a letter)
     index_{split}_offsets.npy (W+1,) int64
         the occurrences of word i are positions[offsets[i]:offsets[i+1]]
     index_{split}_positions.npy (P,) int64
@@ -22,6 +30,9 @@ One data directory holds:
 import glob
 import json
 import os
+import sys
+import time
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,8 +112,47 @@ def _load_split(data_dir, split, meta):
             raise ValueError(f"{path}: {len(shard)} tokens but meta.json records "
                              f"{recorded[os.path.basename(path)]}; the shard was replaced after "
                              f"meta.json was written")
+    _check_crc32(data_dir, meta, paths, shards)
     starts = np.cumsum([0] + [len(s) for s in shards[:-1]]).astype(np.int64)
     return shards, starts
+
+
+# (path, size, mtime) of the shards this process has checksummed, and the data dirs without
+# checksums it has given its notice about
+_checked = set()
+
+
+def shard_crc32(tokens):
+    """The checksum meta.json records for a shard: CRC-32 of its uint16 tokens (5 ms per 10M)."""
+    return zlib.crc32(np.ascontiguousarray(tokens, dtype=np.uint16))
+
+
+def _check_crc32(data_dir, meta, paths, shards):
+    """Compare each shard's tokens with the CRC-32 meta.json records for it (once per process and
+    file version): token counts alone miss a shard replaced by other tokens of the same length. A
+    meta.json from before checksums gets a notice once and is read as before."""
+    recorded = meta.get("shard_crc32")
+    if recorded is None:
+        if data_dir not in _checked:
+            _checked.add(data_dir)
+            print(f"note: {os.path.join(data_dir, 'meta.json')} records no shard checksums (an "
+                  f"older prepare.py wrote it): shards are checked by size only; rebuilding the "
+                  f"directory with prepare.py --overwrite adds them", file=sys.stderr)
+        return
+    rebuild = meta.get("command") or f"python prepare.py --text ... --out {data_dir}"
+    rebuild += "" if "--overwrite" in rebuild else " --overwrite"
+    for path, shard in zip(paths, shards):
+        st = os.stat(path)
+        key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+        if key in _checked:
+            continue
+        want, got = recorded.get(os.path.basename(path)), shard_crc32(shard)
+        if want != got:
+            raise ValueError(f"{path}: CRC-32 {got:08x} but meta.json records "
+                             + (f"{want:08x}" if want is not None else "none")
+                             + f"; the shard was replaced or damaged after it was written: rebuild "
+                               f"the directory (`{rebuild}`)")
+        _checked.add(key)
 
 
 def _gather(shards, shard_starts, starts, length):
@@ -127,10 +177,17 @@ def _load_index(data_dir, meta, split, shards, starts):
         raise FileNotFoundError(f"{meta_path}: no SMLMT index; {rebuild}")
     if split not in index:
         raise ValueError(f"{meta_path}: the SMLMT index has no {split} split")
-    if "docs" not in index[split]:
-        raise ValueError(f"{meta_path}: the SMLMT index has no document numbers (an older "
-                         f"version wrote it); rebuild it with "
-                         f"`python prepare.py --reindex --out {data_dir}`")
+    if "docs" not in index[split] or "spellings" not in index:
+        raise ValueError(f"{meta_path}: the SMLMT index has no document numbers or word spellings "
+                         f"(an older version wrote it, of word-initial tokens, not whole words); "
+                         f"rebuild it with `python prepare.py --reindex --out {data_dir}`")
+    for key in ("spellings", "multi_spellings", "token_kinds"):
+        path = os.path.join(data_dir, index[key])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"index file {path} does not exist; {rebuild}")
+        if key != "multi_spellings" and len(np.load(path, mmap_mode="r")) != meta["vocab_size"]:
+            raise ValueError(f"{path}: not one entry per token of the vocabulary "
+                             f"({meta['vocab_size']}); {rebuild}")
     words_path = os.path.join(data_dir, index["words"])
     offsets_path = os.path.join(data_dir, index[split]["offsets"])
     positions_path = os.path.join(data_dir, index[split]["positions"])
@@ -211,7 +268,8 @@ class ShardReader:
         self.n_starts = np.array([max(len(s) - seq_len, 0) for s in self.shards], dtype=np.int64)
         if self.n_starts.sum() == 0:
             raise ValueError(f"{data_dir}: every {split} shard is shorter than seq_len + 1 = "
-                             f"{seq_len + 1} tokens")
+                             f"{seq_len + 1} tokens (the longest has "
+                             f"{max(map(len, self.shards))}); lower seq_len")
         self.cum_starts = np.cumsum(self.n_starts)
 
     def next_batch(self, rng):
@@ -247,9 +305,12 @@ class SMLMTSampler:
     prepare.py writes.
 
     An episode draws n_way distinct usable candidate words and, per word, k_shot + q_query
-    occurrences: the first k_shot are support, the rest query. Each example is the window of seq_len
-    tokens ENDING at the occurrence, with every token of the window equal to the word replaced by
-    mask_id (so the last token is always mask_id); its label is the word's class 0..N-1.
+    whole-word occurrences: the first k_shot are support, the rest query. Each example is the
+    window of seq_len tokens ENDING at the occurrence, in which every word that begins with a
+    spelling of the class word (' Word', 'word', 'WORD', 'Or' + 'bit' for ' orbit', ...) is
+    masked whole: every token of it and every token that continues the word (' President' + 'ial'
+    -> [MASK][MASK]), so neither a [MASK] followed by the rest of its word nor another spelling
+    gives the class away. The last token is always mask_id; the label is the word's class 0..N-1.
     A word's occurrences come from k_shot + q_query distinct documents if its indexed occurrences in
     the split span that many, else from occurrences whose windows do not overlap; a word that allows
     neither is not usable. (Distinct documents can still give overlapping windows where a window
@@ -263,6 +324,17 @@ class SMLMTSampler:
         self.shards, self.shard_starts = _load_split(data_dir, split, self.meta)
         self.words, self.offsets, self.positions, docs = _load_index(data_dir, self.meta, split,
                                                                      self.shards, self.shard_starts)
+        index = self.meta["index"]
+        # token tables indexed by any token id, mask_id and padding ids included
+        self.spelling = np.full(2 ** 16 + 1, -1, dtype=np.int64)  # (V',) candidate spelled, or -1
+        V = self.meta["vocab_size"]
+        self.spelling[:V] = np.load(os.path.join(data_dir, index["spellings"]))
+        kinds = np.zeros(2 ** 16 + 1, dtype=np.uint8)
+        kinds[:V] = np.load(os.path.join(data_dir, index["token_kinds"]))
+        self.begins_word, self.ends_in_word = (kinds & 1) > 0, (kinds & 2) > 0
+        self.begins_word[V:] = True
+        multi = np.load(os.path.join(data_dir, index["multi_spellings"])).astype(np.int64)
+        self.multi_of, self.multi = multi[:, 0], multi[:, 1:]  # (S,), (S, L) -1 padded
         index_path = os.path.join(data_dir, self.meta["index"][split]["positions"])
         if seq_len > self.meta["index"]["context"]:
             raise ValueError(f"{index_path}: seq_len {seq_len} > the index's context "
@@ -289,15 +361,65 @@ class SMLMTSampler:
         spread = np.array(sorted(self.spread), dtype=np.int64)
         self.usable = np.union1d(np.flatnonzero(~few_docs), spread)  # indices into words
         self.n_words = len(self.usable)
-        if n_way > self.n_words:
-            raise ValueError(f"{index_path}: n_way {n_way} > {self.n_words} candidate words whose "
-                             f"{split} occurrences give k_shot + q_query = {n} windows from "
-                             f"distinct documents or windows that do not overlap")
+        self.spelled = self.spelling[self.words]  # (W,) the candidate whose spellings word i masks
+        n_distinct = len(np.unique(self.spelled[self.usable]))
+        if n_way > n_distinct:
+            raise ValueError(f"{index_path}: n_way {n_way} > {n_distinct} candidate words (up to "
+                             f"case and spacing) whose {split} occurrences give k_shot + q_query = "
+                             f"{n} windows from distinct documents or windows that do not "
+                             f"overlap; lower n_way, k_shot or q_query")
+
+    def _masked(self, x, spelled):
+        """x (N, M, T) windows, spelled (N,) the candidate whose spellings class n masks ->
+        (N, M, T) bool: the tokens of every word that begins with such a spelling. A word begins where a
+        token begins one, or follows a token that does not end inside one ('(' + 'word'), or at
+        the window's start; it goes on through the tokens that do neither."""
+        N, M, T = x.shape
+        starts = self.begins_word[x]
+        starts[..., 1:] |= ~self.ends_in_word[x[..., :-1]]
+        starts[..., 0] = True
+        # words that begin with a single-token spelling: (h,) class, window, position each
+        n, m, t = np.nonzero(starts & (self.spelling[x] == spelled[:, None, None]))
+        rows = np.flatnonzero(np.isin(self.multi_of, spelled))  # (R,) several-token spellings
+        if len(rows):
+            order = np.argsort(spelled)
+            row_n = order[np.searchsorted(spelled, self.multi_of[rows], sorter=order)]  # (R,)
+            seqs = self.multi[rows]  # (R, L), -1 padded
+            # word starts that hold the first token of one of their class's rows
+            first = np.zeros(len(self.begins_word), dtype=bool)
+            first[seqs[:, 0]] = True
+            cn, cm, ct = np.nonzero(first[x] & starts)
+            V1 = len(self.begins_word)
+            keys = row_n * V1 + seqs[:, 0]
+            by_key = np.argsort(keys)
+            lo = np.searchsorted(keys[by_key], cn * V1 + x[cn, cm, ct], side="left")
+            cnt = np.searchsorted(keys[by_key], cn * V1 + x[cn, cm, ct], side="right") - lo
+            # every (start, row) pair to compare: start j with each of its cnt[j] rows
+            at = np.repeat(np.arange(len(cn)), cnt)
+            r = by_key[np.repeat(lo, cnt) + np.arange(cnt.sum()) - np.repeat(np.cumsum(cnt) - cnt,
+                                                                              cnt)]
+            cn, cm, ct = cn[at], cm[at], ct[at]
+            ok = np.ones(len(r), dtype=bool)
+            for i in range(1, seqs.shape[1]):
+                want = seqs[r, i]
+                ok &= (want < 0) | ((ct + i < T) & (x[cn, cm, np.minimum(ct + i, T - 1)] == want))
+            n, m, t = (np.concatenate(a) for a in ((n, cn[ok]), (m, cm[ok]), (t, ct[ok])))
+        masked = np.zeros(x.shape, dtype=bool)
+        masked[n, m, t] = True
+        while len(t):  # on through the tokens that continue each word (rarely more than two)
+            keep = t + 1 < T
+            n, m, t = n[keep], m[keep], t[keep] + 1
+            keep = ~starts[n, m, t]
+            n, m, t = n[keep], m[keep], t[keep]
+            masked[n, m, t] = True
+        return masked
 
     def sample(self, rng):
         """-> Episode, drawn from rng, a numpy Generator (as in ShardReader.next_batch)."""
         N, K, Q, T = self.n_way, self.k_shot, self.q_query, self.seq_len
         cls = rng.choice(self.usable, N, replace=False)  # (N,) class c is word self.words[cls[c]]
+        while len(np.unique(self.spelled[cls])) < N:  # two spellings of one word (' City', ' city')
+            cls = rng.choice(self.usable, N, replace=False)
         picks = np.empty((N, K + Q), dtype=np.int64)  # K+Q of each class's groups
         for j, c in enumerate(cls):
             if c in self.spread:  # shuffled: _apart returns them in text order
@@ -318,7 +440,7 @@ class SMLMTSampler:
         starts = pos.reshape(-1) - T + 1
         x = _gather(self.shards, self.shard_starts, starts, T).reshape(N, K + Q, T)
         word_ids = self.words[cls].astype(np.int64)
-        x[x == word_ids[:, None, None]] = self.mask_id
+        x[self._masked(x, self.spelled[cls])] = self.mask_id
         labels = np.broadcast_to(np.arange(N)[:, None], (N, K + Q))
         return Episode(support_x=_tensor(x[:, :K].reshape(N * K, T)),
                        support_y=_tensor(labels[:, :K].reshape(-1)),
@@ -345,6 +467,9 @@ class PositionsSampler:
         self.reader = ShardReader(data_dir, split, batch_size, seq_len)
         self.k_shot, self.n_way, self.unknown = k_shot, n_way, unknown
         self.mask_id, self.vocab = self.reader.meta["mask_id"], self.reader.meta["vocab_size"]
+        if n_way > self.vocab:  # an episode's classes are distinct token ids
+            raise ValueError(f"n_way {n_way} > the {self.vocab} token ids of tokenizer "
+                             f"{self.reader.meta['tokenizer']!r} ({data_dir}); lower n_way")
         if k_shot + 1 > seq_len - 1:
             raise ValueError(f"k_shot + 1 = {k_shot + 1} positions do not fit in positions "
                              f"1..{seq_len - 1} of a {seq_len}-token sequence")
@@ -389,10 +514,11 @@ class LMTaskSampler:
     tokens is never used, so no input token is ever <|endoftext|> and only the very last target can
     be the document's closing one. Spans are uniform over every start that fits in a long-enough
     document (long documents are drawn in proportion to their length). If no document is long
-    enough, the constructor raises ValueError.
+    enough, the constructor raises ValueError ending in `fix`, advice in the caller's own names
+    for k_shot and seq_len.
     """
 
-    def __init__(self, data_dir, k_shot, seq_len, split="train"):
+    def __init__(self, data_dir, k_shot, seq_len, split="train", fix="lower k_shot or seq_len"):
         self.meta = read_meta(data_dir)
         self.k_shot, self.seq_len = k_shot, seq_len
         self.span = (k_shot + 1) * seq_len + 1
@@ -412,9 +538,9 @@ class LMTaskSampler:
         self.doc_begins, self.n_spans = np.concatenate(begins), np.concatenate(n_spans)
         self.n_docs = len(self.doc_begins)  # documents long enough to be used
         if self.n_docs == 0:
-            raise ValueError(f"{data_dir}: no {split} document has (k_shot + 1) * seq_len + 1 = "
-                             f"{self.span} tokens (the longest has {longest}); lower k_shot or "
-                             f"seq_len")
+            raise ValueError(f"{data_dir}: no {split} document has the {self.span} tokens of "
+                             f"{k_shot} + 1 chunks of {seq_len} and a target (the longest has "
+                             f"{longest}); {fix}")
         self.cum_spans = np.cumsum(self.n_spans)
 
     def sample(self, rng):
@@ -430,13 +556,68 @@ class LMTaskSampler:
         return _tensor(x[:K]), _tensor(y[:K]), _tensor(x[K:]), _tensor(y[K:])
 
 
+def audit(data_dir, enc, n_episodes=500, n_way=32, k_shot=4, q_query=4, seq_len=128):
+    """What SMLMT episodes show of their labels -> dict: candidate words; prefix classes (train
+    candidates followed by more of the same word in over half their occurrences; the index keeps
+    only their whole-word occurrences); per window, the shares with a [MASK] followed by the rest
+    of its word, with a single-token spelling of the class word at a word start, and whose text
+    decoded with enc (masks as '#') shows the class word in any case as a whole word; episodes/s
+    of sampling (CPU time). Targets: the three shares 0."""
+    import re
+    s = SMLMTSampler(data_dir, n_way, k_shot, q_query, seq_len)
+    stream = np.concatenate(s.shards)
+    is_word = np.zeros(len(s.begins_word), dtype=bool)
+    is_word[s.words] = True
+    p = np.flatnonzero(is_word[stream[:-1]])
+    more = ~s.begins_word[stream[p + 1]]  # (P,) the occurrence goes on as the same word
+    total = np.bincount(stream[p], minlength=len(is_word))[s.words]
+    prefix = np.bincount(stream[p][more], minlength=len(is_word))[s.words] > total / 2  # (W,)
+    rng = np.random.default_rng(0)
+    t0 = time.process_time()
+    episodes = [s.sample(rng) for _ in range(n_episodes)]
+    seconds = time.process_time() - t0
+    leaks, n = np.zeros(3), 0
+    for ep in episodes:
+        spelled = s.spelled[np.searchsorted(s.words, ep.word_ids.numpy())]  # (N,)
+        for x, y in ((ep.support_x, ep.support_y), (ep.query_x, ep.query_y)):
+            x, y = x.numpy(), y.numpy()
+            masked = x == s.mask_id
+            starts = s.begins_word[x]
+            starts[:, 1:] |= ~s.ends_in_word[x[:, :-1]] | masked[:, :-1]
+            leaks[0] += (masked[:, :-1] & ~masked[:, 1:] & ~s.begins_word[x[:, 1:]]).any(1).sum()
+            leaks[1] += (starts & ~masked & (s.spelling[x] == spelled[y, None])).any(1).sum()
+            for row, label in zip(x.tolist(), y.tolist()):
+                word = enc.decode([int(ep.word_ids[label])]).strip()
+                text = "".join("#" if t == s.mask_id else enc.decode([t]) for t in row)
+                leaks[2] += bool(re.search(rf"(?<![^\W\d_]){re.escape(word)}(?![^\W\d_])", text,
+                                           re.IGNORECASE))
+            n += len(x)
+    return {"candidates": len(s.words), "prefix_classes": int(prefix.sum()),
+            "prefix_per_episode": float(np.mean([prefix[np.searchsorted(s.words,
+                                                                        e.word_ids.numpy())].sum()
+                                                 for e in episodes])),
+            "windows": n, "mask_then_rest": leaks[0] / n, "spelling_shown": leaks[1] / n,
+            "word_in_text": leaks[2] / n, "episodes_s": n_episodes / seconds}
+
+
 def main(argv=None):
     """Check a data directory as training will read it (shards against meta.json, the index
-    against the shards) and print what it holds: one line per split."""
+    against the shards) and print what it holds: one line per split; with --audit N, what N
+    SMLMT episodes of train show of their labels (audit())."""
     import argparse
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("data_dir")
-    data_dir = p.parse_args(argv).data_dir
+    p.add_argument("--audit", type=int, default=0, metavar="N", help="episodes to audit")
+    p.add_argument("--n_way", type=int, default=32)
+    p.add_argument("--k_shot", type=int, default=4)
+    p.add_argument("--q_query", type=int, default=4)
+    p.add_argument("--seq_len", type=int, default=128)
+    args, unknown = p.parse_known_args(argv)
+    if unknown:  # data.py once tokenized text itself: point the old command line to prepare.py
+        raise SystemExit(f"data.py: error: unknown option {unknown[0]}: data.py only checks a "
+                         f"data directory (python data.py DIR [--audit N]); to tokenize text run "
+                         f"python prepare.py --text FILES --out DIR")
+    data_dir = args.data_dir
     try:
         meta = read_meta(data_dir)
         for split in SPLITS:
@@ -447,7 +628,18 @@ def main(argv=None):
                 line += (f"; index: {len(words):,} words, {int(offsets[-1]):,} occurrences in "
                          f"{len(np.unique(docs)):,} documents")
             print(line)
-    except (OSError, ValueError) as e:
+        if args.audit:
+            import common
+            a = audit(data_dir, common.get_encoding(meta["tokenizer"]), args.audit, args.n_way,
+                      args.k_shot, args.q_query, args.seq_len)
+            print(f"SMLMT, {args.audit} episodes of {args.n_way}-way {args.k_shot}+"
+                  f"{args.q_query} x {args.seq_len}: {a['candidates']:,} candidate words, "
+                  f"{a['prefix_classes']:,} of them mostly prefixes ({a['prefix_per_episode']:.2f} "
+                  f"an episode); of {a['windows']:,} windows {a['mask_then_rest']:.2%} show a "
+                  f"[MASK] followed by the rest of its word, {a['spelling_shown']:.2%} a spelling "
+                  f"of the word, {a['word_in_text']:.2%} the word in their text; "
+                  f"{a['episodes_s']:,.0f} episodes/s (CPU time)")
+    except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"data.py: error: {e}")
 
 

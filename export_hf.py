@@ -155,7 +155,7 @@ def export(ckpt, enc, out):
         raise ValueError(f"tokenizer {enc.name}: the exported tokenizer files describe GPT-2's "
                          f"byte-level BPE, whose split pattern this one does not use")
     mask_id = enc.n_vocab  # prepare.py puts [MASK] right after the tokenizer's vocabulary
-    os.makedirs(out, exist_ok=True)
+    common.make_dir(out, "output folder")
     common.write_json(os.path.join(out, "config.json"), hf_config(model.args, enc.eot_token))
     common.write_json(os.path.join(out, "generation_config.json"), {
         "bos_token_id": enc.eot_token, "eos_token_id": enc.eot_token})
@@ -165,7 +165,7 @@ def export(ckpt, enc, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
+    p = common.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="checkpoint file, or a run directory (its ckpt.pt)")
     p.add_argument("out", help="folder to write")

@@ -7,12 +7,19 @@ show. Run it after installing the requirements (with the CUDA build of torch):
 
 It (1) tokenizes the text into a small data directory, (2) trains a few hybrid steps of the config
 (configs/570m.py by default: bf16 autocast and torch.compile) and reports graphs compiled, graph
-breaks, peak memory and each step's time and MFU, (3) checks that inner steps change the query
-loss under the run's autocast, as in fp32, (4) resumes from the middle checkpoint and compares the
-final weights, (5) runs bench.py at the config's shape. Any other --key=value overrides a
-meta_train.py config key. Results go to --work/gpu_check.json as well.
+breaks, recompiles after the first step, peak memory and each step's time and MFU, (3) resumes
+from the middle checkpoint and compares the final weights, (4) checks that inner steps lower the
+query loss under the run's autocast as they do in fp32, (5) runs bench.py at the config's shape
+(its peer comparison in full fp32). Any other --key=value overrides a meta_train.py config key.
+
+Each check has a threshold (INNER_DROP_SHARE, BF16_TOL, RESUME_TOL below; no graph breaks, no
+recompiles); the script exits with status 1 when one fails or a stage raises. The JSON report,
+--work/gpu_check.json, is rewritten after every stage, so a failure keeps the earlier figures.
+Disk: the runs keep ckpt.pt only (no numbered copies), at most two plus one being written (at
+570m about 21 GB), and remove them when done. Without CUDA it refuses to run unless --allow_cpu.
 """
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -47,27 +54,55 @@ def build_data(text, enc, out, max_tokens, index_args=None):
     return data.read_meta(out)
 
 
+# Thresholds: each check fails the script (exit status 1) when its figure is past them.
+INNER_DROP_SHARE = 0.5  # bf16 inner steps lower the query loss by at least half fp32's drop
+BF16_TOL = 0.05  # |bf16 - fp32| query loss after adaptation; bf16 keeps 8 significant bits, 0.4%
+# relative per rounding, and a loss near ln 32 = 3.47 read through the whole backbone collects a
+# few of them (~0.01-0.03); a stale cast (the inner steps not seen) moves it by the whole drop
+RESUME_TOL = 0.01  # ||full - resumed|| / ||full's own movement over the resumed steps||. On the
+# CPU the two are bit for bit equal. CUDA's atomic-add kernels (embedding and index_add
+# backward, split-K matmuls) change gradients in their last bits from run to run; AdamW passes
+# that on unamplified except where a gradient is near zero, so a correct resume stays far below
+# 1% of the movement, and a wrong one (optimizer state lost, other data) is tens of percent
+
+
 def train_run(cfg, out_dir, copy_at=None, copy_to=None, resume=False):
-    """meta_train.train on cfg; with copy_at, the files the run writes at that step are copied to
-    copy_to (the state an interrupted run would leave). -> (log rows, compile counters)."""
+    """meta_train.train on cfg; with copy_at, ckpt.pt as the run writes it at that step is copied
+    to copy_to (the state an interrupted run would leave). -> (log rows, compile counters: graphs,
+    graph breaks and their reasons, and recompiles: graphs compiled after the first training
+    step, when every graph the run needs was compiled before the clock started)."""
     from torch._dynamo.utils import counters
     counters.clear()
-    save = common.save_checkpoint
+    save, append_log = common.save_checkpoint, common.RunDir.append_log
+    graphs_at = []  # (step, is a training row, graphs compiled so far) at each log row
 
     def save_and_copy(path, obj):
         save(path, obj)
-        if obj["step"] == copy_at:
-            shutil.copy(path, os.path.join(copy_to, os.path.basename(path)))
+        if obj["step"] == copy_at and os.path.basename(path) == "ckpt.pt":
+            shutil.copy(path, os.path.join(copy_to, "ckpt.pt"))
 
-    common.save_checkpoint = save_and_copy
+    def append_and_count(run, row):
+        append_log(run, row)
+        graphs_at.append((row["step"], row.get("val_loss") is None,
+                          counters["stats"]["unique_graphs"]))
+
+    common.save_checkpoint, common.RunDir.append_log = save_and_copy, append_and_count
     try:
         meta_train.train(SimpleNamespace(**{**cfg, "out_dir": out_dir, "resume": resume}))
     finally:
-        common.save_checkpoint = save
+        common.save_checkpoint, common.RunDir.append_log = save, append_log
     breaks = dict(counters["graph_break"])
+    first = next((g for _, training, g in graphs_at if training), None)
     log = common.read_log(os.path.join(out_dir, "log.jsonl"))
     return log, {"graphs": counters["stats"]["unique_graphs"],
-                 "graph_breaks": sum(breaks.values()), "break_reasons": list(breaks)[:5]}
+                 "graph_breaks": sum(breaks.values()), "break_reasons": list(breaks)[:5],
+                 "recompiles": graphs_at[-1][2] - first if first is not None else 0}
+
+
+def weights(path):
+    """The model's and head's weights of a checkpoint, on the CPU (no optimizer state)."""
+    ckpt = common.load_checkpoint(path)
+    return {**ckpt["model"], **{"head." + k: v for k, v in (ckpt["head"] or {}).items()}}
 
 
 def inner_loop_check(ckpt_path, cfg, dev, autocast):
@@ -79,6 +114,7 @@ def inner_loop_check(ckpt_path, cfg, dev, autocast):
     model = Llama.from_checkpoint(ckpt, dev)
     head = meta_train.MetaHead(c.dim, c.vocab_size, c.meta_hidden).to(dev)
     head.load_state_dict(ckpt["head"])
+    del ckpt  # the optimizer state: 4.6 GB at 570m
     sampler = data.SMLMTSampler(c.data_dir, c.n_way, c.k_shot, c.q_query, c.meta_seq_len,
                                 split="val")
     ep = meta_train.to_device(sampler.sample(np.random.default_rng(0)), dev)
@@ -93,73 +129,151 @@ def inner_loop_check(ckpt_path, cfg, dev, autocast):
     return out
 
 
+def verdict(value, ok, threshold):
+    return {"value": value, "ok": bool(ok), "threshold": threshold}
+
+
 def check(text, enc, work, config, overrides, steps=6, max_tokens=5_000_000, run_bench=True,
           index_args=None):
+    """Run the stages in order; the report is written to work/gpu_check.json after each, so a
+    failure in one leaves the others' figures. -> the report: its "checks" say what passed
+    ({name: value, ok, threshold}), its "errors" which stages raised and why."""
     os.makedirs(work, exist_ok=True)
     t0 = time.time()
-    meta = build_data(text, enc, os.path.join(work, "data"), max_tokens, index_args)
-    report = {"torch": torch.__version__, "data": f"{meta['train_tokens']:,} train + "
-              f"{meta['val_tokens']:,} val tokens, {meta['index']['n_words']:,} candidate words"}
-    cfg = common.configure(meta_train.DEFAULTS, [config] + list(overrides) + [
-        f"--data_dir={os.path.join(work, 'data')}", f"--max_steps={steps}", "--log_interval=1",
-        f"--eval_interval={steps // 2}", f"--save_interval={steps // 2}", "--warmup_steps=2",
-        "--eval_sequences=64", "--eval_episodes=4"])
-    c = SimpleNamespace(**cfg)
-    dev = common.init_device(c.device).dev
-    report["device"] = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else "cpu"
-    report["config"] = " ".join([config] + list(overrides))
-    for d in ("full", "resumed"):
-        shutil.rmtree(os.path.join(work, d), ignore_errors=True)
-    os.makedirs(os.path.join(work, "resumed"))
-    if dev.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(dev)
-    t = time.time()
-    log, compiled = train_run(cfg, os.path.join(work, "full"), copy_at=steps // 2,
-                              copy_to=os.path.join(work, "resumed"))
-    report["train"] = {"seconds": time.time() - t, **compiled, "steps": [
-        {k: r[k] for k in ("step", "ar_loss", "meta_loss", "tok_per_s", "mfu", "ar_ms", "meta_ms")}
-        for r in log if r["val_loss"] is None]}
-    if dev.startswith("cuda"):
-        report["train"]["peak_memory_GiB"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
-    shutil.copy(os.path.join(work, "full", "log.jsonl"), os.path.join(work, "resumed"))
-    train_run(cfg, os.path.join(work, "resumed"), resume=True)
-    final = [common.load_checkpoint(os.path.join(work, d, f"ckpt_{steps:06d}.pt"))
-             for d in ("full", "resumed")]
-    diffs = [(a - b).abs().max().item() for part in ("model", "head") if final[0][part]
-             for a, b in zip(final[0][part].values(), final[1][part].values())]
-    report["resume_max_abs_diff"] = max(diffs)
-    autocast, _ = common.autocast(c.dtype, torch.device(dev).type)
-    if c.meta_task == "smlmt" and c.meta_ratio > 0:  # the check reads an SMLMT val episode
-        report["inner_loop"] = inner_loop_check(
-            os.path.join(work, "full", f"ckpt_{steps:06d}.pt"), cfg, dev, autocast)
-    if run_bench:
-        facts, rows = bench.run(cfg, reps=5, warmup=2, compile=True)
-        report["bench"] = bench.format_table(facts, rows, tera=dev.startswith("cuda"))
-    report["seconds"] = time.time() - t0
-    common.write_json(os.path.join(work, "gpu_check.json"), report)
+    path = os.path.join(work, "gpu_check.json")
+    report = {"torch": torch.__version__, "config": " ".join([config] + list(overrides)),
+              "checks": {}, "errors": {}}
+    state = {}
+    full, resumed = os.path.join(work, "full"), os.path.join(work, "resumed")
+    last = os.path.join(full, "ckpt.pt")
+
+    def prepare_stage():
+        meta = build_data(text, enc, os.path.join(work, "data"), max_tokens, index_args)
+        report["data"] = (f"{meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
+                          f"{meta['index']['n_words']:,} candidate words")
+        # keep_checkpoints=False: the resume check needs ckpt.pt at the middle step and at the
+        # end only (at 570m 6.9 GB each; numbered copies would add 2.3 GB a save)
+        cfg = common.configure(meta_train.DEFAULTS, [config] + list(overrides) + [
+            f"--data_dir={os.path.join(work, 'data')}", f"--max_steps={steps}",
+            "--log_interval=1", f"--eval_interval={steps // 2}",
+            f"--save_interval={steps // 2}", "--warmup_steps=2", "--eval_sequences=64",
+            "--eval_episodes=4", "--keep_checkpoints=False"])
+        c = SimpleNamespace(**cfg)
+        dev = common.init_device(c.device).dev
+        report["device"] = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else "cpu"
+        state.update(cfg=cfg, c=c, dev=dev)
+
+    def train_stage():
+        cfg, dev = state["cfg"], state["dev"]
+        for d in (full, resumed):
+            shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(resumed)
+        if dev.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(dev)
+        t = time.time()
+        log, compiled = train_run(cfg, full, copy_at=steps // 2, copy_to=resumed)
+        report["train"] = {"seconds": time.time() - t, **compiled, "steps": [
+            {k: r[k] for k in ("step", "ar_loss", "meta_loss", "tok_per_s", "mfu", "ar_ms",
+                               "meta_ms")}
+            for r in log if r["val_loss"] is None]}
+        if dev.startswith("cuda"):
+            report["train"]["peak_memory_GiB"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
+        report["checks"]["graph breaks"] = verdict(compiled["graph_breaks"],
+                                                   compiled["graph_breaks"] == 0, "0")
+        report["checks"]["recompiles after the first step"] = verdict(
+            compiled["recompiles"], compiled["recompiles"] == 0, "0")
+
+    def resume_stage():
+        shutil.copy(os.path.join(full, "log.jsonl"), resumed)
+        mid = weights(os.path.join(resumed, "ckpt.pt"))
+        train_run(state["cfg"], resumed, resume=True)
+        end, again = weights(last), weights(os.path.join(resumed, "ckpt.pt"))
+        norm = lambda a, b: math.sqrt(sum(((a[k].double() - b[k].double()) ** 2).sum().item()
+                                          for k in a))
+        rel = norm(end, again) / max(norm(end, mid), 1e-30)
+        report["resume_max_abs_diff"] = max((end[k] - again[k]).abs().max().item() for k in end)
+        report["checks"]["resume"] = verdict(rel, rel <= RESUME_TOL, f"<= {RESUME_TOL}")
+        os.remove(os.path.join(resumed, "ckpt.pt"))  # all the later stages need is full's
+
+    def inner_stage():
+        c, cfg, dev = state["c"], state["cfg"], state["dev"]
+        if not (c.meta_task == "smlmt" and c.meta_ratio > 0):  # it reads an SMLMT val episode
+            return
+        autocast, _ = common.autocast(c.dtype, torch.device(dev).type)
+        inner = report["inner_loop"] = inner_loop_check(last, cfg, dev, autocast)
+        n = c.inner_steps
+        drop = {k: inner[f"{k}, 0 inner steps"] - inner[f"{k}, {n} inner steps"]
+                for k in ("run autocast", "fp32")}
+        report["checks"]["inner steps lower the query loss under the run's autocast"] = verdict(
+            drop["run autocast"], drop["fp32"] > 0 and
+            drop["run autocast"] >= INNER_DROP_SHARE * drop["fp32"],
+            f">= {INNER_DROP_SHARE} x the fp32 drop ({drop['fp32']:.4g}), which is > 0")
+        gap = abs(inner[f"run autocast, {n} inner steps"] - inner[f"fp32, {n} inner steps"])
+        report["checks"]["run autocast agrees with fp32 after adaptation"] = verdict(
+            gap, gap <= BF16_TOL, f"<= {BF16_TOL}")
+
+    def bench_stage():
+        if os.path.exists(last):
+            os.remove(last)  # the runs' checkpoints are no longer needed
+        if run_bench:
+            facts, rows = bench.run(state["cfg"], reps=5, warmup=2, compile=True)
+            report["bench"] = bench.format_table(facts, rows, tera=state["dev"].startswith("cuda"))
+
+    stages = [("data", prepare_stage), ("train", train_stage), ("resume", resume_stage),
+              ("inner loop", inner_stage), ("bench", bench_stage)]
+    for name, stage in stages:
+        try:
+            stage()
+        except Exception as e:  # recorded; the later stages that do not need it still run
+            if isinstance(e, common.ConfigError) and name in ("data", "train"):
+                raise  # bad input, before anything was measured: a one-line error
+            report["errors"][name] = f"{type(e).__name__}: {e}"
+            if name in ("data", "train"):  # everything after needs the data and the run
+                report["errors"].update({n: "skipped: an earlier stage failed"
+                                         for n, _ in stages[stages.index((name, stage)) + 1:]})
+                report["seconds"] = time.time() - t0
+                common.write_json(path, report)
+                break
+        report["seconds"] = time.time() - t0
+        common.write_json(path, report)
     return report
 
 
+def failed(report):
+    return [k for k, v in report["checks"].items() if not v["ok"]] + list(report["errors"])
+
+
 def format_report(r):
-    lines = [f"{k}: {r[k]}" for k in ("device", "torch", "config", "data")]
-    t = r["train"]
-    lines.append(f"train: {len(t['steps'])} steps in {t['seconds']:.0f} s (compile included), "
-                 f"{t['graphs']} graphs compiled, {t['graph_breaks']} graph breaks "
-                 f"{t['break_reasons'] or ''}" + (f", peak memory {t['peak_memory_GiB']:.1f} GiB"
-                                                  if "peak_memory_GiB" in t else ""))
-    for s in t["steps"]:
-        kind = "meta" if s["meta_loss"] is not None else "AR"
-        mfu = f", MFU {s['mfu']:.1%}" if s["mfu"] else ""
-        unit, ms = ("episode", s["meta_ms"]) if kind == "meta" else ("micro-step", s["ar_ms"])
-        lines.append(f"  step {s['step']}: {kind}, {ms:.0f} ms per {unit}, "
-                     f"{s['tok_per_s']:,.0f} tok/s{mfu}")
-    lines.append(f"resume: max |weight difference| at the last step {r['resume_max_abs_diff']:.3g}")
+    lines = [f"{k}: {r[k]}" for k in ("device", "torch", "config", "data") if k in r]
+    t = r.get("train")
+    if t:
+        lines.append(f"train: {len(t['steps'])} steps in {t['seconds']:.0f} s (compile "
+                     f"included), {t['graphs']} graphs compiled, {t['graph_breaks']} graph breaks "
+                     f"{t['break_reasons'] or ''}, {t['recompiles']} recompiles after the first "
+                     f"step" + (f", peak memory {t['peak_memory_GiB']:.1f} GiB"
+                                if "peak_memory_GiB" in t else ""))
+        for s in t["steps"]:
+            kind = "meta" if s["meta_loss"] is not None else "AR"
+            mfu = f"MFU {s['mfu']:.1%}" if s["mfu"] else "MFU unknown (no datasheet peak)"
+            unit, ms = ("episode", s["meta_ms"]) if kind == "meta" else ("micro-step", s["ar_ms"])
+            lines.append(f"  step {s['step']}: {kind}, {ms:.0f} ms per {unit}, "
+                         f"{s['tok_per_s']:,.0f} tok/s, {mfu}")
+    if "resume_max_abs_diff" in r:
+        lines.append(f"resume: max |weight difference| at the last step "
+                     f"{r['resume_max_abs_diff']:.3g}")
     if "inner_loop" in r:
         lines.append("inner loop, query = support windows: " + ", ".join(
             f"{k}: {v:.4f}" for k, v in r["inner_loop"].items()))
     if "bench" in r:
         lines += ["", r["bench"]]
-    lines.append(f"\ndone in {r['seconds']:.0f} s")
+    lines.append("")
+    for k, v in r["checks"].items():
+        value = f"{v['value']:.4g}" if isinstance(v["value"], float) else v["value"]
+        lines.append(f"{'ok  ' if v['ok'] else 'FAIL'} {k}: {value} (threshold {v['threshold']})")
+    for k, v in r["errors"].items():
+        lines.append(f"FAIL stage {k}: {v}")
+    lines.append(f"\ndone in {r['seconds']:.0f} s: " + (
+        f"{len(failed(r))} failed" if failed(r) else "every check passed"))
     return "\n".join(lines)
 
 
@@ -172,15 +286,23 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=6, help="training steps (resumed at half)")
     p.add_argument("--max_tokens", type=int, default=5_000_000, help="tokens of text to use")
     p.add_argument("--no_bench", action="store_true", help="skip the bench.py table")
+    p.add_argument("--allow_cpu", action="store_true",
+                   help="run without CUDA (the tests do, at a tiny size)")
     args, overrides = p.parse_known_args(argv)
     if args.steps < 2 or args.steps % 2:
         p.error("--steps must be even and at least 2")
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        sys.exit("gpu_check.py: no CUDA device here, and this checks the GPU path; "
+                 "--allow_cpu runs it on the CPU anyway")
     try:
         report = check(args.text, common.get_encoding("gpt2"), args.work, args.config, overrides,
                        args.steps, args.max_tokens, not args.no_bench)
     except (common.ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"gpu_check.py: error: {e}")
     print(format_report(report))
+    print(f"report: {os.path.join(args.work, 'gpu_check.json')}")
+    if failed(report):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ MAML (FOMAML) episodes, in one loop. meta_ratio = 0 is the vanilla baseline.
   python meta_train.py configs/cpu.py                                  # one process
   python meta_train.py configs/cpu.py --meta_ratio=0 --out_dir=out/vanilla
   torchrun --standalone --nproc_per_node=8 meta_train.py configs/570m.py
+  python meta_train.py configs/570m.py --plan --world_size=16   # its layout, FLOPs, memory
 
 The defaults below are the paper's meta-run settings; a config file of assignments overrides
 them, and --key=value overrides both. An unknown key or a value of the wrong type is an error.
@@ -47,7 +48,9 @@ n_layers = 12
 n_heads = 12
 n_kv_heads = 4
 vocab_size = 50304
-# batch: total_batch_size sequences per AR step = batch_size x grad_accum x ranks
+init = "pytorch"  # "pytorch": PyTorch's module defaults, as the paper's code; "gpt2": N(0, 0.02)
+# batch: total_batch_size sequences per AR step, an equal share per rank, taken in micro-batches of
+# at most batch_size (a memory ceiling; common.layout picks the micro-batch and accumulation)
 seq_len = 512
 batch_size = 32
 total_batch_size = 256
@@ -68,10 +71,12 @@ meta_ratio = 0.5  # probability that an optimizer step is made of meta episodes
 meta_task = "smlmt"  # "smlmt": masked-word classification episodes; "lm": learn-this-text
 # episodes; "positions": the paper code's tasks, from random positions of a pretraining micro-batch
 inner_params = "head"  # "head": adapt the meta head only (ANIL); "all": adapt every weight
-# an SMLMT meta step reads about as many tokens as an AR step, as in the paper (where every
-# micro-batch of the same 256 x 512 sequences was either AR or meta): 4 x 32 x 8 x 128 = 256 x 512;
-# for "positions" that takes total_batch_size / positions_batch episodes
-episodes_per_step = 4  # over all ranks, split among them; independent of batch_size
+head_grad = "fomaml"  # the head's outer gradient: "fomaml", or "paper": as the paper's code left
+# it (the last support gradient plus the query gradient of the rank's last episode of the step)
+# 0 ("auto"): a meta step reads as many tokens as an AR step, as in the paper (where every
+# micro-batch of the same 256 x 512 sequences was either AR or meta): SMLMT 4 x 32 x 8 x 128 =
+# 256 x 512; positions total_batch_size / positions_batch = 32 episodes of 8 x 512
+episodes_per_step = 0  # over all ranks, split among them; independent of batch_size
 n_way = 32
 k_shot = 4
 q_query = 4
@@ -211,11 +216,13 @@ def weights_changed():
     torch.clear_autocast_cache()
 
 
-def adapt(params, support_loss, c):
+def adapt(params, support_loss, c, support_acc=None, last=None):
     """The inner loop: c.inner_steps steps of SGD or AdamW on params, in place, at the inner lr
     schedule. Gradients come from autograd.grad, so the .grad fields, which hold the outer
     gradient being accumulated, are never touched, and AdamW's moments live only in this call.
-    support_loss() -> (loss, accuracy). Returns the support accuracy at the adapted weights."""
+    support_loss() -> loss; support_acc() -> accuracy, taken once, at the adapted weights.
+    Returns that accuracy (None without support_acc); the list `last`, if given, receives the last
+    inner step's gradients (taken before its update)."""
     schedule = SimpleNamespace(learning_rate=c.inner_lr, warmup_steps=c.inner_warmup_steps,
                                lr_schedule=c.inner_lr_schedule, lr_decay_steps=c.inner_steps,
                                max_steps=c.inner_steps, min_lr=0.0)
@@ -223,7 +230,9 @@ def adapt(params, support_loss, c):
     moments = [(torch.zeros_like(p), torch.zeros_like(p)) if adamw else None for p in params]
     for t in range(c.inner_steps):
         lr = get_lr(t, schedule)
-        grads = torch.autograd.grad(support_loss()[0], params, allow_unused=True)
+        grads = torch.autograd.grad(support_loss(), params, allow_unused=True)
+        if last is not None:
+            last[:] = grads
         with torch.no_grad():
             for p, g, state in zip(params, grads, moments):
                 if g is None:
@@ -239,8 +248,14 @@ def adapt(params, support_loss, c):
                 denom = (v.sqrt() / math.sqrt(1 - c.inner_beta2 ** (t + 1))).add_(c.inner_eps)
                 p.addcdiv_(m, denom, value=-lr / (1 - c.inner_beta1 ** (t + 1)))
         weights_changed()
-    with torch.no_grad():
-        return support_loss()[1]
+    acc = None
+    if support_acc is not None:
+        with torch.no_grad():
+            acc = support_acc()
+    # the weight casts autocast cached under no_grad carry no gradient path: drop them, so that
+    # the query forward with grad that follows casts (and differentiates) the weights itself
+    torch.clear_autocast_cache()
+    return acc
 
 
 def restore(params, saved):
@@ -252,8 +267,11 @@ def restore(params, saved):
 
 
 def accuracy(logits, y):
-    """Share of correct predictions among the labelled examples (label -1: left out)."""
-    return (logits.argmax(-1) == y)[y >= 0].float().mean().detach()
+    """Share of correct predictions among the labelled examples (label -1: left out), as a tensor:
+    no boolean-mask indexing, whose data-dependent shape would make the host wait for the device."""
+    labelled = y >= 0
+    correct = ((logits.argmax(-1) == y) & labelled).sum()
+    return (correct / labelled.sum().clamp(min=1)).float().detach()
 
 
 def smlmt_episode(model, head, ep, c, loss_scale=None, probe=None):
@@ -305,11 +323,10 @@ def smlmt_episode(model, head, ep, c, loss_scale=None, probe=None):
         support = lambda: head_logits(fast, norm(read(ep.support_x, ep.support_at)))  # noqa: E731
 
     def support_loss():
-        logits = support()  # (N*K, N)
-        return (F.cross_entropy(logits, ep.support_y, ignore_index=-1),
-                accuracy(logits, ep.support_y))
+        return F.cross_entropy(support(), ep.support_y, ignore_index=-1)  # support(): (N*K, N)
 
-    s_acc = adapt(adapted, support_loss, c)
+    last = []
+    s_acc = adapt(adapted, support_loss, c, lambda: accuracy(support(), ep.support_y), last)
     # 2. the query loss at the adapted weights
     with nullcontext() if loss_scale is not None else torch.no_grad():
         q_feat = q_raw if probe is not None and saved is None else read(ep.query_x, ep.query_at)
@@ -319,6 +336,13 @@ def smlmt_episode(model, head, ep, c, loss_scale=None, probe=None):
     if loss_scale is not None:
         (q_loss * loss_scale).backward()
         grads = [p.grad for p in fast]
+        if c.head_grad == "paper" and last:
+            # the paper's code ran each inner step as zero_grad, support backward, SGD step on the
+            # head's own .grad: the head's gradients from earlier episodes of the step (on this
+            # rank) are wiped, and the last support gradient, unscaled, stays under the query's
+            for p in head.parameters():
+                p.grad = None
+            head.add_grad(last, ep.word_ids)
         if proto:  # through the prototypes into the MLP; no output row was used
             torch.autograd.backward(rows, grads[-2:])
             grads[-2:] = None, None
@@ -345,7 +369,8 @@ def lm_episode(model, ep, c, loss_scale=None, probe=None):
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.detach().clone() for p in params]
     # 1. adapt on the support chunks
-    s_acc = adapt(params, lambda: lm_loss(model, support_x, support_y), c)
+    s_acc = adapt(params, lambda: lm_loss(model, support_x, support_y)[0], c,
+                  lambda: lm_loss(model, support_x, support_y)[1])
     # 2. the query loss at the adapted weights, 3. its gradient there (first order)
     with nullcontext() if loss_scale is not None else torch.no_grad():
         q_loss, q_acc = lm_loss(model, query_x, query_y)
@@ -405,27 +430,51 @@ def get_lr(step, c):
     return c.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (c.learning_rate - c.min_lr)
 
 
-def all_reduce_grads(params, world_size, bucket_numel=2 ** 25):
-    """Average .grad over ranks in a few large flat buckets. Explicit all-reduce rather than the
-    DDP wrapper: episodes run the model several times per backward (support, inner loop, query)
-    and use weights that AR steps do not (the meta head) and vice versa, and the inner loop must
-    not communicate; one reduce after accumulation is simple and correct. Every rank takes the
-    same branch, so every rank holds grads for the same parameters."""
-    grads = [p.grad for p in params if p.grad is not None]
+def all_reduce_grads(params, bucket_numel=2 ** 25):
+    """Sum .grad over ranks in a few large flat buckets; each rank scaled its losses by its share
+    of the step, so the sum is the step's gradient. Explicit all-reduce rather than the DDP
+    wrapper: episodes run the model several times per backward (support, inner loop, query) and
+    use weights that AR steps do not (the meta head) and vice versa, and the inner loop must not
+    communicate; one reduce after accumulation is simple and correct. The buckets are cut from the
+    whole parameter list in its fixed order, with zeros where a rank holds no gradient (a rank
+    with no episode in a meta step holds none), so every rank sends the same layout by
+    construction. A parameter no rank has a gradient for keeps .grad None, as in one process."""
+    held = torch.tensor([p.grad is not None for p in params], dtype=torch.float32,
+                        device=params[0].device)
+    dist.all_reduce(held)  # how many ranks hold a gradient for each parameter: the same everywhere
     bucket, size = [], 0
-    for g in grads + [None]:
-        if g is not None:
-            bucket.append(g)
-            size += g.numel()
-        if bucket and (g is None or size >= bucket_numel):
-            flat = torch.cat([b.flatten() for b in bucket])
+    for p in [p for p, n in zip(params, held.tolist()) if n > 0] + [None]:
+        if p is not None:
+            bucket.append(p)
+            size += p.numel()
+        if bucket and (p is None or size >= bucket_numel):
+            flat = torch.cat([(q.grad if q.grad is not None else torch.zeros_like(q)).flatten()
+                              for q in bucket])
             dist.all_reduce(flat)
-            flat /= world_size
             offset = 0
-            for b in bucket:
-                b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                offset += b.numel()
+            for q in bucket:
+                g = flat[offset:offset + q.numel()].view_as(q)
+                offset += q.numel()
+                if q.grad is None:
+                    q.grad = g.clone()
+                else:
+                    q.grad.copy_(g)
             bucket, size = [], 0
+
+
+def ar_batch(reader, c, step, start, n):
+    """Sequences start..start+n-1 (x, y: (n, T)) of step's AR batch. The batch is drawn in blocks
+    of batch_size sequences, block b from a generator keyed by (seed, step, b), so its data does
+    not depend on how ranks, micro-batches and accumulation split it."""
+    xs, ys = [], []
+    for b in range(start // c.batch_size, (start + n - 1) // c.batch_size + 1):
+        rng = np.random.default_rng([c.seed, step, b, 2])
+        x, y = reader.next_batch(rng)
+        x = mask_inputs(x, rng, c.ar_mask_rate, reader.meta["mask_id"])
+        lo, hi = max(start - b * c.batch_size, 0), min(start + n - b * c.batch_size, c.batch_size)
+        xs.append(x[lo:hi])
+        ys.append(y[lo:hi])
+    return (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys))
 
 
 def to_device(batch, dev):
@@ -468,8 +517,9 @@ def load_data(c):
             sampler = data.PositionsSampler(c.data_dir, "train", **args)
             val_sampler = data.PositionsSampler(c.data_dir, "val", **args)
         elif c.meta_ratio > 0:
-            sampler = data.LMTaskSampler(c.data_dir, c.k_shot, c.meta_seq_len, split="train")
-            val_sampler = data.LMTaskSampler(c.data_dir, c.k_shot, c.meta_seq_len, split="val")
+            fix = "lower k_shot or meta_seq_len"
+            sampler = data.LMTaskSampler(c.data_dir, c.k_shot, c.meta_seq_len, "train", fix)
+            val_sampler = data.LMTaskSampler(c.data_dir, c.k_shot, c.meta_seq_len, "val", fix)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
     if meta["mask_id"] >= c.vocab_size:
@@ -535,6 +585,9 @@ def resume_run(run, c, model, head, optimizer, dev):
     if diff:
         raise ConfigError(f"{path} was written with a different config "
                           f"(key: checkpoint vs now): {diff}")
+    if ckpt["step"] > c.max_steps:  # nothing to do would look like success
+        raise ConfigError(f"max_steps {c.max_steps} is below step {ckpt['step']} of {path}; give "
+                          f"--max_steps={ckpt['step']} or more to continue it")
     model.load_state_dict(ckpt["model"])
     if head is not None:
         head.load_state_dict(ckpt["head"])
@@ -571,17 +624,98 @@ def save_checkpoint(run, obj, keep_numbered):
     common.save_checkpoint(run.ckpt, obj)
 
 
-def step_costs(c, model, grad_accum, world_size):
-    """Tokens and estimated training FLOPs of one AR step and of one meta step."""
-    ar_tokens = c.batch_size * c.seq_len * grad_accum * world_size
-    ep_tokens, ep_flops = episode_tokens_and_flops(model, c) if c.meta_ratio > 0 else (0, 0.0)
-    return SimpleNamespace(ar_tokens=ar_tokens,
-                           ar_flops=ar_tokens * model.flops_per_token(c.seq_len),
-                           meta_tokens=ep_tokens * c.episodes_per_step,
-                           meta_flops=ep_flops * c.episodes_per_step)
+def plan(c, world_size, bf16=True):
+    """One optimizer step over world_size ranks, from the config alone (the model is built on the
+    meta device: no weights, no data) -> SimpleNamespace: common.layout's per_rank, micro, accum
+    and episodes (per rank); ar_tokens, ar_flops, meta_tokens, meta_flops of one step over all
+    ranks, and flops, their mix at meta_ratio; ar_rank_tokens and meta_rank_tokens, the most one
+    rank reads in a step; memory, an estimate of one device's peak bytes, and memory_parts.
+
+    The estimate (bf16: under bf16 autocast, else fp32): 16 bytes a parameter (fp32 weights,
+    gradients, AdamW's two moments), 2 more for autocast's bf16 weight copies; plus the larger of
+    one AR micro-batch and one episode's saved activations: 26 values a token per layer per dim
+    (RMSNorm inputs, q/k/v, attention output, SwiGLU's three 4*dim products; flash attention, no
+    recomputation) and, for passes that project onto the vocabulary, bf16/fp32 logits with their
+    log-softmax and its gradient; all-mode episodes add the saved weights, an AdamW inner loop its
+    moments. Left out: the CUDA context, the allocator's slack, compile workspaces."""
+    lay = common.layout(c, world_size)
+    meta = c.meta_ratio > 0
+    with torch.device("meta"):
+        model = Llama(common.model_args(c))
+        head = MetaHead(c.dim, c.vocab_size, c.meta_hidden) if c.meta_task != "lm" else None
+    n_model = model.num_params()
+    n_params = n_model + (sum(p.numel() for p in head.parameters()) if head and meta else 0)
+    ar_tokens = c.total_batch_size * c.seq_len
+    ep_tokens, ep_flops = episode_tokens_and_flops(model, c) if meta else (0, 0.0)
+    e = 2 if bf16 else 4  # bytes of an activation
+    act = lambda tokens: tokens * c.n_layers * c.dim * 26 * e
+    logits = lambda tokens: tokens * c.vocab_size * (e + 8)
+    parts = {"weights, grads, AdamW": 16 * n_params, "bf16 weight copies": 2 * n_model * bf16,
+             "AR micro-batch activations": act(lay.micro * c.seq_len) + logits(lay.micro *
+                                                                                 c.seq_len)}
+    if meta:
+        if c.meta_task == "smlmt":
+            grad_tokens = c.n_way * (c.q_query + c.k_shot * (c.inner_params == "all"))
+            grad_tokens *= c.meta_seq_len
+        elif c.meta_task == "positions":
+            grad_tokens = c.positions_batch * c.seq_len
+        else:
+            grad_tokens = c.k_shot * c.meta_seq_len
+        ep_bytes = act(grad_tokens) + (logits(grad_tokens) if c.meta_task == "lm" else 0)
+        if c.inner_params == "all":
+            ep_bytes += 4 * n_model * (1 + 2 * (c.inner_optimizer == "adamw"))
+        parts["episode activations"] = ep_bytes
+    ar_flops = ar_tokens * model.flops_per_token(c.seq_len)
+    meta_flops = ep_flops * c.episodes_per_step
+    state = parts["weights, grads, AdamW"] + parts["bf16 weight copies"]
+    return SimpleNamespace(
+        **vars(lay), ar_tokens=ar_tokens, ar_flops=ar_flops, meta_tokens=ep_tokens *
+        c.episodes_per_step, meta_flops=meta_flops,
+        flops=(1 - c.meta_ratio) * ar_flops + c.meta_ratio * meta_flops,
+        ar_rank_tokens=lay.per_rank * c.seq_len, meta_rank_tokens=max(lay.episodes) * ep_tokens,
+        n_params=n_params, bf16=bf16, memory_parts=parts,
+        memory=state + max(v for k, v in parts.items() if "activations" in k))
 
 
-def describe(c, model, head, env, cost, grad_accum, start_step, bf16, peak):
+def episode_split(episodes):
+    """Episodes per rank in words: '1 per rank x 4 ranks', '1 on ranks 0-3, 0 on ranks 4-7'."""
+    w, hi, lo = len(episodes), episodes[0], episodes[-1]
+    if hi == lo:
+        return f"{hi} per rank x {w} ranks"
+    n = episodes.count(hi)
+    ranks = lambda a, b: f"rank {a}" if a == b else f"ranks {a}-{b}"
+    return f"{hi} on {ranks(0, n - 1)}, {lo} on {ranks(n, w - 1)}"
+
+
+def plan_lines(c, p, world_size):
+    """The layout of a step in words: what a run prints at its start and --plan prints."""
+    lines = [f"AR step: {p.ar_tokens:,} tokens = {p.micro} micro-batch x {p.accum} accumulation x "
+             f"{world_size} ranks x {c.seq_len} seq_len ({p.ar_rank_tokens:,} tokens per rank; "
+             f"batch_size {c.batch_size} is the micro-batch's ceiling); {p.ar_flops:.3g} FLOPs"]
+    if c.meta_ratio > 0:
+        shape = {"smlmt": f"{c.n_way}-way {c.k_shot}-shot {c.q_query}-query windows of "
+                          f"{c.meta_seq_len} tokens",
+                 "positions": f"{c.n_way}-way, {c.k_shot} support + 1 query positions of "
+                              f"{c.positions_batch} sequences of {c.seq_len} tokens",
+                 "lm": f"{c.k_shot} support chunks + 1 query chunk of {c.meta_seq_len} tokens"
+                 }[c.meta_task]
+        idle = (f"; {p.episodes.count(0)} of {world_size} ranks idle in meta steps (an "
+                f"episodes_per_step that {world_size} divides uses them all)"
+                if 0 in p.episodes else "")
+        lines.append(f"meta step ({c.meta_ratio:.0%} of steps): {c.episodes_per_step} "
+                     f"{c.meta_task} episodes ({episode_split(p.episodes)}) of {shape}, "
+                     f"inner_params={c.inner_params}, {c.inner_steps} inner steps at "
+                     f"{c.inner_lr}: {p.meta_tokens:,} tokens ({p.meta_rank_tokens:,} on the "
+                     f"busiest rank), {p.meta_flops:.3g} FLOPs{idle}")
+    gib = lambda b: f"{b / 2 ** 30:.1f}"
+    lines.append(f"estimated FLOPs per step {p.flops:.3g} (at meta_ratio {c.meta_ratio}); memory "
+                 f"per device ~{gib(p.memory)} GiB {'under bf16 autocast' if p.bf16 else 'in fp32'}"
+                 f" ({', '.join(f'{k} {gib(v)}' for k, v in p.memory_parts.items())}; only the "
+                 f"larger activations count; no CUDA context or allocator slack)")
+    return lines
+
+
+def describe(c, model, head, env, p, start_step, bf16, peak):
     """The derived quantities a user needs to trust a run, printed once at its start."""
     lines = [f"model: {model_summary(model)}"]
     if head is not None:
@@ -592,22 +726,7 @@ def describe(c, model, head, env, cost, grad_accum, start_step, bf16, peak):
                  f"{'bf16 autocast' if bf16 else 'fp32'}, compile={c.compile}, "
                  f"{'glibc keeps freed memory, ' if env.kept_memory else ''}"
                  f"peak {'%.0f TFLOP/s' % (peak / 1e12) if peak else 'unknown (no MFU)'}")
-    lines.append(f"AR step: {cost.ar_tokens:,} tokens = {c.batch_size} micro-batch x {grad_accum} "
-                 f"accumulation x {env.world_size} ranks x {c.seq_len} seq_len; "
-                 f"{cost.ar_flops:.3g} FLOPs")
-    if c.meta_ratio > 0:
-        shape = {"smlmt": f"{c.n_way}-way {c.k_shot}-shot {c.q_query}-query windows of "
-                          f"{c.meta_seq_len} tokens",
-                 "positions": f"{c.n_way}-way, {c.k_shot} support + 1 query positions of "
-                              f"{c.positions_batch} sequences of {c.seq_len} tokens",
-                 "lm": f"{c.k_shot} support chunks + 1 query chunk of {c.meta_seq_len} tokens"
-                 }[c.meta_task]
-        lines.append(f"meta step ({c.meta_ratio:.0%} of steps): {c.episodes_per_step} "
-                     f"{c.meta_task} episodes ({c.episodes_per_step // env.world_size} per rank x "
-                     f"{env.world_size} ranks) of {shape}, "
-                     f"inner_params={c.inner_params}, {c.inner_steps} inner steps at "
-                     f"{c.inner_lr}: {cost.meta_tokens:,} tokens (an AR step: "
-                     f"{cost.ar_tokens:,}), {cost.meta_flops:.3g} FLOPs")
+    lines += plan_lines(c, p, env.world_size)
     lines.append(f"val: {c.eval_sequences} sequences x {c.seq_len} tokens"
                  + (f", {c.eval_episodes} episodes" if c.meta_ratio > 0 else "")
                  + f", every {c.eval_interval} steps")
@@ -618,10 +737,10 @@ def describe(c, model, head, env, cost, grad_accum, start_step, bf16, peak):
 
 
 def train(c):
+    t_start = time.time()
     env = common.init_device(c.device)
     say = print if env.master else (lambda *a, **k: None)
-    common.check_config(c, env.world_size)
-    grad_accum = c.total_batch_size // (c.batch_size * env.world_size)
+    common.check_config(c, env.world_size)  # resolves episodes_per_step 0: checkpoints hold it
     meta, train_reader, val, sampler, val_sampler = load_data(c)
     common.init_process_group(env)
 
@@ -639,7 +758,7 @@ def train(c):
                                   betas=(c.beta1, c.beta2), fused=env.type == "cuda")
     autocast, bf16 = common.autocast(c.dtype, env.type)
 
-    cost, peak = step_costs(c, model, grad_accum, env.world_size), peak_flops(env.dev)
+    cost, peak = plan(c, env.world_size, bf16), peak_flops(env.dev)
     with common.RunDir(c.out_dir, env.master, c.resume) as run:
         start_step, counters = 0, {"ar_tokens": 0, "meta_tokens": 0, "flops": 0.0, "time": 0.0}
         last_good = None
@@ -649,14 +768,23 @@ def train(c):
                 run.truncate_log(start_step)  # lines the interrupted run wrote after it
         else:
             run.refuse_earlier_run()
-        say(describe(c, model, head, env, cost, grad_accum, start_step, bf16, peak))
+        # "time" is training time (no eval, no checkpoint writes, no compiling); "wall" is
+        # everything since train() started (summed over resumed runs), so that throughput over a
+        # whole run, checkpoint stalls included, can be read honestly
+        wall0 = counters.get("wall", 0.0)
+
+        def stamp():
+            counters["wall"] = wall0 + time.time() - t_start
+            return counters
+
+        say(describe(c, model, head, env, cost, start_step, bf16, peak))
         if c.compile:
             model.compile(dynamic=False)  # static shapes: AR batches, support and query windows
             # compile every graph now, so that compilation is not logged as training time (which
             # would bias a time comparison against meta runs, which compile more graphs). Weights
             # do not change: no optimizer step, and episodes restore what they adapt.
             t_compile, rng_state = time.time(), torch.get_rng_state()
-            x, y = to_device(train_reader.next_batch(np.random.default_rng(VAL_SEED)), env.dev)
+            x, y = to_device(ar_batch(train_reader, c, 0, 0, cost.micro), env.dev)
             with autocast:
                 model(x, y)[1].backward()
                 if sampler:
@@ -693,7 +821,7 @@ def train(c):
             if fresh and (step % c.eval_interval == 0 or step == c.max_steps):
                 val_loss, val_meta = evaluate(model, head, val, val_sampler, c, env, autocast)
                 if env.master:
-                    log(step=step, val_loss=val_loss, **val_meta, **counters)
+                    log(step=step, val_loss=val_loss, **val_meta, **stamp())
                     bar.write(f"step {step}: val loss {val_loss:.4f}" + "".join(
                         f", {k[4:]} {val_meta[k]:.3f}+-{val_meta[k + '_se'] or 0:.3f}"
                         for k in VAL_META if val_meta[k] is not None))
@@ -702,7 +830,7 @@ def train(c):
                     if not (math.isfinite(val_loss) and all(p.isfinite().all() for p in params)):
                         stop(f"non-finite weights or val loss ({val_loss}) at step {step}")
                     if env.master:
-                        save_checkpoint(run, run_state(c, model, head, optimizer, step, counters,
+                        save_checkpoint(run, run_state(c, model, head, optimizer, step, stamp(),
                                                        meta["tokenizer"]), c.keep_checkpoints)
                 break
 
@@ -720,25 +848,27 @@ def train(c):
             # per-micro-step times need a device sync on CUDA, which stops the host from running
             # ahead: take them on every log_interval-th step only
             timed = env.type == "cpu" or step % c.log_interval == 0
-            # a micro-batch's or episode's data depends on (seed, step, its slot in the step) only
-            n_slots = c.episodes_per_step if is_meta else grad_accum * env.world_size
-            slots = range(env.rank, n_slots, env.world_size)  # this rank's share
+            # data depends on (seed, step, its slot in the step) only: episode slot s goes to
+            # rank s % world_size (a rank may have none); AR sequences are split into equal
+            # shares (common.layout); losses are scaled by their share of the step, so that the
+            # summed gradients over ranks are the step's mean, however it was split
+            slots = (range(env.rank, c.episodes_per_step, env.world_size) if is_meta
+                     else range(cost.accum))
             for slot in slots:
                 tm = time.time()
-                rng = np.random.default_rng([c.seed, step, slot, 3 if is_meta else 2])
                 if is_meta:
+                    rng = np.random.default_rng([c.seed, step, slot, 3])
                     ep = to_device(sampler.sample(rng), env.dev)
-                    with autocast:  # the loss scale averages over the step's episodes
+                    with autocast:
                         q_loss, s_acc, q_acc = run_episode(model, head, ep, c,
-                                                           c.meta_loss_weight / len(slots))
+                                                           c.meta_loss_weight / c.episodes_per_step)
                     stats[1:4] += torch.stack([q_loss, s_acc, q_acc])
                 else:
-                    x, y = train_reader.next_batch(rng)
-                    x = mask_inputs(x, rng, c.ar_mask_rate, meta["mask_id"])
-                    x, y = to_device((x, y), env.dev)
+                    start = env.rank * cost.per_rank + slot * cost.micro
+                    x, y = to_device(ar_batch(train_reader, c, step, start, cost.micro), env.dev)
                     with autocast:
                         loss = model(x, y)[1]
-                    (loss / grad_accum).backward()
+                    (loss / (cost.accum * env.world_size)).backward()
                     stats[0] += loss.detach()
                 stats[4] += 1
                 if timed:
@@ -747,7 +877,7 @@ def train(c):
                     window[kind][0] += time.time() - tm
                     window[kind][1] += 1
             if env.ddp:
-                all_reduce_grads(params, env.world_size)
+                all_reduce_grads(params)
                 dist.all_reduce(stats)
             with_grad = [p for p in params if p.grad is not None]
             grad_norm = (torch.nn.utils.clip_grad_norm_(with_grad, c.grad_clip) if c.grad_clip > 0
@@ -761,7 +891,7 @@ def train(c):
             if fresh and step % c.save_interval == 0:
                 t_save = time.time()
                 if env.master:
-                    save_checkpoint(run, run_state(c, model, head, optimizer, step, counters,
+                    save_checkpoint(run, run_state(c, model, head, optimizer, step, stamp(),
                                                    meta["tokenizer"]), c.keep_checkpoints)
                 t0 += time.time() - t_save  # "time" is training time: no eval, no checkpoints
                 last_good = f"{run.ckpt} (step {step})"
@@ -778,7 +908,7 @@ def train(c):
                 mfu = estimate_mfu(flops / dt / env.world_size, peak)  # the peak is one device's
                 ms = {k: (1000 * v[0] / v[1] if v[1] else None) for k, v in window.items()}
                 row = dict(step=step + 1, lr=lr, grad_norm=grad_norm, tok_per_s=tokens / dt,
-                           mfu=mfu, ar_ms=ms["ar"], meta_ms=ms["meta"], **counters)
+                           mfu=mfu, ar_ms=ms["ar"], meta_ms=ms["meta"], **stamp())
                 if is_meta:
                     row.update(meta_loss=loss_now, support_acc=stats[2].item(),
                                query_acc=stats[3].item())
@@ -792,10 +922,33 @@ def train(c):
                 window = {"ar": [0.0, 0], "meta": [0.0, 0]}
         bar.close()
     say(f"done: {counters['ar_tokens']:,} AR tokens, {counters['meta_tokens']:,} meta tokens, "
-        f"{counters['flops']:.3g} FLOPs, {counters['time']:.1f} s of training")
+        f"{counters['flops']:.3g} FLOPs, {counters['time']:.1f} s of training, "
+        f"{stamp()['wall']:.1f} s in all")
     if env.ddp:
         dist.destroy_process_group()
     return model, head
+
+
+def print_plan(argv):
+    """--plan [--world_size=N]: the layout and cost of a step of this config on N ranks (default
+    1), checked as a run would check it, without data, weights or processes."""
+    world_size, rest = 1, []
+    for a in argv:
+        if a.startswith("--world_size="):
+            try:
+                world_size = int(a.partition("=")[2])
+            except ValueError:
+                raise ConfigError(f"--world_size must be a whole number, got {a}") from None
+            if world_size < 1:
+                raise ConfigError(f"--world_size must be at least 1, got {world_size}")
+        elif a != "--plan":
+            rest.append(a)
+    c = SimpleNamespace(**common.configure(DEFAULTS, rest))
+    common.check_config(c, world_size, need_data=False)
+    p = plan(c, world_size, bf16=c.dtype != "float32")  # "auto" is bf16 on the GPUs this is for
+    print(f"{' '.join(rest) or 'defaults'} on {world_size} rank(s): {p.n_params:,} parameters "
+          f"(model and meta head)")
+    print("\n".join(plan_lines(c, p, world_size)))
 
 
 if __name__ == "__main__":
@@ -806,7 +959,10 @@ if __name__ == "__main__":
             print(f"  --{k}={v!r}")
         sys.exit(0)
     try:
-        train(SimpleNamespace(**common.configure(DEFAULTS, sys.argv[1:])))
+        if "--plan" in sys.argv[1:]:
+            print_plan(sys.argv[1:])
+        else:
+            train(SimpleNamespace(**common.configure(DEFAULTS, sys.argv[1:])))
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     finally:

@@ -24,6 +24,10 @@ class ModelArgs:
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_seq_len: int = 512
+    # "pytorch": the modules' own defaults, which the paper's decoder kept (it has no init code):
+    # embedding N(0, 1), every Linear U(-1/sqrt(fan_in), 1/sqrt(fan_in)), norms 1. "gpt2": N(0,
+    # 0.02), the residual branches' output projections (wo, w2) 0.02 / sqrt(2 n_layers), norms 1
+    init: str = "pytorch"
 
     def __post_init__(self):
         if self.hidden_dim == 0:
@@ -31,6 +35,8 @@ class ModelArgs:
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"dim {self.dim} must be a multiple of n_heads {self.n_heads}, and "
                              f"n_heads a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.init not in ("pytorch", "gpt2"):
+            raise ValueError(f"init must be 'pytorch' or 'gpt2', got {self.init!r}")
 
 
 class RMSNorm(nn.Module):
@@ -133,12 +139,13 @@ class Llama(nn.Module):
         # not persistent: derived from args, so checkpoints hold only learned weights
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
-        # GPT-2 style: each residual branch adds to the stream 2 * n_layers times, so its output
-        # projection starts smaller to keep the stream's variance independent of depth
-        for name, p in self.named_parameters():
-            if name.endswith("wo.weight") or name.endswith("w2.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
+        if args.init == "gpt2":
+            self.apply(self._init_weights)
+            # each residual branch adds to the stream 2 * n_layers times, so its output projection
+            # starts smaller to keep the stream's variance independent of depth
+            for name, p in self.named_parameters():
+                if name.endswith("wo.weight") or name.endswith("w2.weight"):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -593,7 +593,7 @@ def format_compare(a, b):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
+    p = common.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", nargs="?", help="checkpoint file, or a run directory (uses its ckpt.pt)")
     p.add_argument("--compare", nargs=2, metavar=("CKPT_A", "CKPT_B"),
@@ -662,6 +662,12 @@ def get_args(argv=None):
             p.error(f"--{key} must be 0 (no cap) or more")
     if not 0 <= args.warmup_ratio <= 1:
         p.error("--warmup_ratio must lie in [0, 1]")
+    for key in ("lr", "head_lr", "weight_decay", "grad_clip", "threads"):
+        if getattr(args, key) is not None and not getattr(args, key) >= 0:  # also refuses nan
+            p.error(f"--{key} must be at least 0, got {getattr(args, key)}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(args, key) < 1:
+            p.error(f"--{key} must lie in [0, 1), got {getattr(args, key)}")
     return args
 
 
@@ -674,6 +680,11 @@ def write_results(path, obj):
 def main(argv=None):
     args = get_args(argv)
     paths = [checkpoint_path(p) for p in args.compare or [args.ckpt]]  # before any long work
+    if args.out:  # written after every fine-tuning run: a bad path must not lose them
+        try:
+            common.check_out_file(args.out, "--out")
+        except common.ConfigError as e:
+            raise SystemExit(f"ner_eval.py: error: {e}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     uner = load_uner(args)

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 import common
-from data import HEADER_INTS, MAGIC, SPLITS, VERSION, _load_split, read_meta
+from data import HEADER_INTS, MAGIC, SPLITS, VERSION, _load_split, read_meta, shard_crc32
 
 DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
 DEFAULT_DATASET_CONFIG = "sample-10BT"
@@ -34,10 +34,12 @@ DEFAULT_MIN_PER_MILLION = 10.0
 DEFAULT_MAX_PER_MILLION = 300.0
 DEFAULT_MAX_OCCURRENCES = 1000
 DEFAULT_CONTEXT = 512
+BEGINS_WORD, ENDS_IN_WORD = 1, 2  # index_token_kinds.npy's bits
 
 
 def write_shard(path, tokens):
-    """Write one shard: the header, then the tokens as uint16."""
+    """Write one shard: the header, then the tokens as uint16 -> their CRC-32 (data.py checks it
+    against meta.json)."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"{path}: tokens must be a 1-d array, got shape {tokens.shape}")
@@ -53,11 +55,13 @@ def write_shard(path, tokens):
                          f"0..65535); nothing written")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = MAGIC, VERSION, len(tokens)
+    tokens = tokens.astype(np.uint16, copy=False)
 
     def write(f):
         f.write(header.tobytes())
-        f.write(tokens.astype(np.uint16, copy=False).tobytes())
+        f.write(tokens.tobytes())
     common.atomic_write(path, write)
+    return shard_crc32(tokens)
 
 
 def text_files(patterns):
@@ -201,6 +205,7 @@ class _SplitWriter:
     def __init__(self, out_dir, split, shard_tokens):
         self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
         self.parts, self.n_buffered, self.n_tokens, self.n_docs, self.shards = [], 0, 0, 0, {}
+        self.crc32 = {}
 
     def add(self, tokens, doc_lens):
         self.n_tokens += len(tokens)
@@ -219,7 +224,8 @@ class _SplitWriter:
     def flush(self):
         if self.n_buffered:
             name = f"{self.split}_{len(self.shards):06d}.bin"
-            write_shard(os.path.join(self.out_dir, name), np.concatenate(self.parts))
+            self.crc32[name] = write_shard(os.path.join(self.out_dir, name),
+                                           np.concatenate(self.parts))
             self.shards[name] = self.n_buffered
             self.parts, self.n_buffered = [], 0
 
@@ -249,8 +255,8 @@ def _check_out_dir(out_dir, enc, overwrite):
 
 def _remove_stale_staging(out_dir):
     """A prepare.py killed mid-write (kill -9 runs no cleanup) leaves its staging folder, at scale
-    gigabytes; the next run into the same --out removes it (two runs into one --out at once are
-    not supported)."""
+    gigabytes; the next run into the same --out removes it. Called with --out's lock held, so no
+    live run's staging folder is among them."""
     for path in glob.glob(os.path.join(glob.escape(out_dir), ".write_shards-*")) + glob.glob(
             os.path.join(glob.escape(out_dir), ".build_index-*")):
         shutil.rmtree(path, ignore_errors=True)
@@ -282,7 +288,8 @@ def write_shards(docs, enc, out_dir, val_tokens=1_000_000, shard_tokens=100_000_
                          f"fit uint16 shards")
     _check_out_dir(out_dir, enc, overwrite)
     created = not os.path.exists(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    common.make_dir(out_dir, "--out")
+    lock = common.lock_dir(out_dir, f"--out {out_dir}", "prepare.py", "choose another --out")
     _remove_stale_staging(out_dir)
     staging = tempfile.mkdtemp(dir=out_dir, prefix=".write_shards-")
     try:
@@ -321,7 +328,8 @@ def write_shards(docs, enc, out_dir, val_tokens=1_000_000, shard_tokens=100_000_
         meta = {"tokenizer": enc.name, "vocab_size": enc.n_vocab, "eot_id": enc.eot_token,
                 "mask_id": enc.n_vocab, "train_tokens": train.n_tokens,
                 "val_tokens": val.n_tokens, "train_docs": train.n_docs, "val_docs": val.n_docs,
-                "shards": {"train": train.shards, "val": val.shards}, "command": command,
+                "shards": {"train": train.shards, "val": val.shards},
+                "shard_crc32": {**train.crc32, **val.crc32}, "command": command,
                 "seconds": round(seconds, 2), "index": None}
         common.write_json(os.path.join(staging, "meta.json"), meta)
         if index_args is not None:
@@ -339,8 +347,13 @@ def write_shards(docs, enc, out_dir, val_tokens=1_000_000, shard_tokens=100_000_
         return meta
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if created and not os.listdir(out_dir):  # a failed first run leaves no empty --out behind
-            os.rmdir(out_dir)
+        if created and os.listdir(out_dir) == [".lock"]:  # a failed first run leaves no --out
+            os.remove(os.path.join(out_dir, ".lock"))
+            try:
+                os.rmdir(out_dir)
+            except OSError:  # another prepare.py came in meanwhile: it holds the folder now
+                pass
+        lock.close()
 
 
 def _keep_lowest(keys, pos, k):
@@ -359,6 +372,66 @@ def _check_band(min_per_million, max_per_million):
     if not 0 <= min_per_million <= max_per_million:  # also refuses NaN
         raise ValueError(f"need 0 <= --min_per_million <= --max_per_million, got {min_per_million} "
                          f"and {max_per_million}")
+
+
+def _token_kinds(enc):
+    """-> (n_vocab,) uint8 bit flags of every token: BEGINS_WORD where its first character is not a
+    letter or digit (' cat', '.', '\\n', '–', special tokens), so it cannot continue the word
+    before it; ENDS_IN_WORD where its last character is a letter (any script: 'caf' + 'é' is one word; a
+    letter after '274' begins one). A token holding part of a character begins a word and does not
+    end inside one, as the punctuation it mostly is."""
+    kinds = np.zeros(enc.n_vocab, dtype=np.uint8)
+    special = {enc.encode_single_token(s) for s in enc.special_tokens_set}
+    for t in range(enc.n_vocab):
+        if t in special:
+            kinds[t] = BEGINS_WORD
+            continue
+        try:
+            b = enc.decode_single_token_bytes(t)
+        except KeyError:  # a gap in the ids
+            continue
+        try:
+            s = b.decode("utf-8")  # '–' and '“' are punctuation, 'é' a letter
+            kinds[t] = (0 if s[0].isalnum() else BEGINS_WORD) | (ENDS_IN_WORD if s[-1].isalpha()
+                                                                 else 0)
+        except UnicodeDecodeError:  # bytes of a character split over tokens ('“' often is)
+            kinds[t] = BEGINS_WORD
+    return kinds
+
+
+def _spellings(enc, words):
+    """Every spelling of each candidate word: the same letters in lower case, capitalised, upper
+    case or as the candidate has them, with or without the leading space (' word', 'word',
+    ' Word', 'WORD', ...). Candidates that differ only in case or spacing share their spellings
+    (under the first of them) -> (single (n_vocab,) int32: the candidate, as an index into words,
+    whose spelling a token is, or -1; multi (S, 1 + L) int32: rows [candidate, its tokens, -1
+    padding], the spellings that take several tokens ('Orbit' = 'Or' + 'bit'))."""
+    of_key, forms = {}, {}
+    for i, t in enumerate(words):
+        letters = enc.decode_single_token_bytes(int(t))[1:].decode()
+        c = of_key.setdefault(letters.lower(), i)
+        forms.setdefault(c, set()).update({letters, letters.lower(), letters.capitalize(),
+                                           letters.upper()})
+    single = np.full(enc.n_vocab, -1, dtype=np.int32)
+    multi = []
+    for c, spelt in forms.items():
+        for s in sorted(spelt):
+            for text in (" " + s, s):
+                ids = enc.encode_ordinary(text)
+                if len(ids) == 1:
+                    single[ids[0]] = c
+                else:
+                    multi.append([c] + ids)
+    width = max((len(m) for m in multi), default=1)
+    multi = np.array([m + [-1] * (width - len(m)) for m in multi], dtype=np.int32)
+    return single, multi.reshape(-1, width)
+
+
+def _whole_word(shard, kinds):
+    """(n,) bool: the token ends a word, i.e. the next token begins one or the shard ends."""
+    out = np.ones(len(shard), dtype=bool)
+    out[:-1] = (kinds[shard[1:]] & BEGINS_WORD) > 0
+    return out
 
 
 def _candidate_words(enc, counts, train_tokens, min_per_million, max_per_million, source):
@@ -396,15 +469,16 @@ def _candidate_words(enc, counts, train_tokens, min_per_million, max_per_million
     return words, examples
 
 
-def _index_split(shards, words, eot_id, max_occurrences, context, rng):
-    """Up to max_occurrences random occurrences of each word in one split's shards, each with
+def _index_split(shards, words, eot_id, max_occurrences, context, rng, kinds):
+    """Up to max_occurrences random whole-word occurrences of each word in one split's shards
+    (the next token begins a new word: ' res' in ' res judicata', not in ' research'), each with
     context - 1 tokens before it in its shard -> (offsets (W+1,), positions (P,), docs (P,))."""
     is_word = np.zeros(2 ** 16, dtype=bool)  # indexed by uint16 tokens
     is_word[words] = True
     keys, pos, eots = np.zeros(0, np.int64), np.zeros(0, np.int64), []
     start = 0
     for shard in shards:
-        p = np.flatnonzero(is_word[shard])
+        p = np.flatnonzero(is_word[shard] & _whole_word(shard, kinds))
         p = p[p >= context - 1]
         new_keys = (shard[p].astype(np.int64) << 32) | rng.integers(0, 2 ** 32, len(p))
         keys, pos = _keep_lowest(np.concatenate([keys, new_keys]),
@@ -425,14 +499,16 @@ def build_index(data_dir, enc, min_per_million=DEFAULT_MIN_PER_MILLION,
                 context=DEFAULT_CONTEXT, seed=0, source=None):
     """Write the SMLMT occurrence index of data_dir and record it in meta.json -> meta["index"].
 
-    Candidate words: tokens that decode to a space and at least 3 letters (word-initial, so masking
-    a token masks a word start), never special tokens, that occur in the TRAIN shards with a
+    Candidate words: tokens that decode to a space and at least 3 letters, never special tokens,
+    that occur as a whole word (the next token begins a new word) in the TRAIN shards with a
     frequency in [min_per_million, max_per_million] occurrences per million train tokens. Both
-    splits index the same candidates; for each candidate and split, up to max_occurrences positions
-    chosen uniformly at random, only positions with at least context - 1 tokens before them in the
-    same shard, so any window of up to `context` tokens ending at the occurrence lies inside one
-    shard; and the document of each (documents end at <|endoftext|>), so that an episode can take a
-    word from distinct documents. The files are written to a staging directory and renamed into
+    splits index the same candidates; for each candidate and split, up to max_occurrences
+    whole-word positions chosen uniformly at random, only positions with at least context - 1
+    tokens before them in the same shard, so any window of up to `context` tokens ending at the
+    occurrence lies inside one shard; and the document of each (documents end at <|endoftext|>),
+    so that an episode can take a word from distinct documents. For the sampler's masking, every
+    token's kind (begins a word, ends inside one) and each candidate's single-token spellings in
+    other cases and spacings. The files are written to a staging directory and renamed into
     place at the end, meta.json last, so a failure leaves the previous index as it was.
     source: what the train split was made from (input files, a dataset), for errors about the text.
     """
@@ -444,26 +520,34 @@ def build_index(data_dir, enc, min_per_million=DEFAULT_MIN_PER_MILLION,
     _check_band(min_per_million, max_per_million)
     t0 = time.time()
     shards, _ = _load_split(data_dir, "train", meta)
-    counts = np.zeros(enc.n_vocab, dtype=np.int64)
+    kinds = _token_kinds(enc)
+    counts = np.zeros(enc.n_vocab, dtype=np.int64)  # whole-word occurrences: what is indexed
     for shard in shards:
-        counts += np.bincount(shard, minlength=enc.n_vocab)[:enc.n_vocab]
+        counts += np.bincount(shard[_whole_word(shard, kinds)],
+                              minlength=enc.n_vocab)[:enc.n_vocab]
     words, examples = _candidate_words(enc, counts, meta["train_tokens"], min_per_million,
                                        max_per_million, source)
-    index = {"n_words": len(words), "words": "index_words.npy", "min_per_million": min_per_million,
+    spellings, multi = _spellings(enc, words)
+    index = {"n_words": len(words), "words": "index_words.npy", "spellings": "index_spellings.npy",
+             "multi_spellings": "index_multi_spellings.npy", "token_kinds": "index_token_kinds.npy",
+             "min_per_million": min_per_million,
              "max_per_million": max_per_million, "train_tokens": meta["train_tokens"],
              "examples": examples, "max_occurrences": max_occurrences, "context": context,
              "seed": seed}
     _remove_stale_staging(data_dir)
     staging = tempfile.mkdtemp(dir=data_dir, prefix=".build_index-")
     try:
-        common.atomic_write(os.path.join(staging, "index_words.npy"), lambda f: np.save(f, words))
+        for name, arr in (("words", words), ("spellings", spellings),
+                          ("multi_spellings", multi), ("token_kinds", kinds)):
+            common.atomic_write(os.path.join(staging, f"index_{name}.npy"),
+                                lambda f: np.save(f, arr))
         for i, split in enumerate(SPLITS):
             if not meta["shards"].get(split):
                 continue
             shards, _ = _load_split(data_dir, split, meta)
             offsets, positions, docs = _index_split(shards, words, meta["eot_id"],
                                                     max_occurrences, context,
-                                                    np.random.default_rng([seed, i]))
+                                                    np.random.default_rng([seed, i]), kinds)
             files = {"offsets": offsets, "positions": positions, "docs": docs}
             for key, arr in files.items():
                 common.atomic_write(os.path.join(staging, f"index_{split}_{key}.npy"),
@@ -481,7 +565,7 @@ def build_index(data_dir, enc, min_per_million=DEFAULT_MIN_PER_MILLION,
 
 
 def get_args(argv):
-    parser = argparse.ArgumentParser(
+    parser = common.ArgumentParser(
         description="Tokenize text into uint16 token shards with tiktoken, then build the SMLMT "
                     "occurrence index.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -537,6 +621,30 @@ def get_args(argv):
     return args
 
 
+def check_args(args):
+    """The numbers on the command line, before any work; each error names its flag."""
+    least = {"--shard_tokens": (args.shard_tokens, 1), "--num_proc": (args.num_proc, 1),
+             "--context": (args.context, 1),
+             # an episode takes k_shot + q_query >= 2 occurrences of each word
+             "--max_occurrences": (args.max_occurrences, 2)}
+    if args.max_tokens is not None:
+        least["--max_tokens"] = (args.max_tokens, 1)
+    if not args.val_text and not args.reindex:  # training reads the val split: it needs one
+        least["--val_tokens"] = (1_000_000 if args.val_tokens is None else args.val_tokens, 1)
+    for flag, (value, low) in least.items():
+        if value < low:
+            why = " (training reads a val split)" if flag == "--val_tokens" else ""
+            fix = "; or give --val_text FILES" if flag == "--val_tokens" else ""
+            raise ValueError(f"{flag} must be at least {low}{why}, got {value}{fix}")
+    if args.max_tokens is not None and not args.val_text and not args.reindex:
+        val_tokens = args.val_tokens or 1_000_000
+        if args.max_tokens <= val_tokens:
+            raise ValueError(f"--max_tokens {args.max_tokens} leaves no train tokens after the "
+                             f"{val_tokens} val tokens (--val_tokens"
+                             f"{'' if args.val_tokens else ', its default'}); raise --max_tokens "
+                             f"or lower --val_tokens")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = get_args(argv)
@@ -544,10 +652,13 @@ def main(argv=None):
     index_args = dict(min_per_million=args.min_per_million, max_per_million=args.max_per_million,
                       max_occurrences=args.max_occurrences, context=args.context, seed=args.seed)
     try:
+        check_args(args)
         _check_band(args.min_per_million, args.max_per_million)  # before any work
         if args.reindex:
             enc = common.get_encoding(read_meta(args.out)["tokenizer"])
-            index = build_index(args.out, enc, **index_args)
+            with common.lock_dir(args.out, f"--out {args.out}", "prepare.py",
+                                 "choose another --out"):  # write_shards takes its own
+                index = build_index(args.out, enc, **index_args)
         else:
             # inputs are checked before the tokenizer is loaded (which may need the network)
             text_paths = text_files(args.text) if args.text else None

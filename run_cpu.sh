@@ -62,6 +62,11 @@ make_data() {
   $PY prepare.py "${args[@]}" --out "$DATA" --overwrite
 }
 stage "data -> $DATA" "$DATA/meta.json" "" make_data
+# an index written before SMLMT classes became whole words (no "spellings") is rebuilt (seconds);
+# the runs that used it are then redone, as their data changed
+if ! grep -q '"spellings"' "$DATA/meta.json"; then
+  $PY prepare.py --reindex --out "$DATA"
+fi
 
 train() {  # train RUN KEY=VALUE...: a fresh run, or the rest of an interrupted one
   local run=$OUT/$1 resume=False

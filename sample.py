@@ -24,7 +24,7 @@ def val_loss_at(run_dir, step):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
+    p = common.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="checkpoint file, or a run directory (its ckpt.pt)")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a new line)")
@@ -35,8 +35,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
-    if args.tokens < 1 or args.num_samples < 1 or args.temperature <= 0 or args.top_k < 0:
-        p.error("--tokens and --num_samples must be >= 1, --temperature > 0, --top_k >= 0")
+    for flag, ok, need in (("--tokens", args.tokens >= 1, "at least 1"),
+                           ("--num_samples", args.num_samples >= 1, "at least 1"),
+                           ("--temperature", args.temperature > 0, "above 0"),
+                           ("--top_k", args.top_k >= 0, "at least 0")):
+        if not ok:  # also refuses a nan temperature
+            sys.exit(f"sample.py: error: {flag} must be {need}, got {getattr(args, flag[2:])}")
     path = common.checkpoint_path(args.ckpt)
     try:
         ckpt, enc = common.checkpoint_and_encoding(path)

@@ -319,7 +319,7 @@ def test_end_to_end_cli_writes_csv_summary_and_plots(tmp_path, monkeypatch, tiny
     assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{m}.png" for m in analyze.METRICS)
     with pytest.raises(SystemExit) as e:  # longer than the model's context: an error, no crash
         analyze.main([str(tmp_path / "run"), "--probe_text", str(text), "--probe_len", "64"])
-    assert e.value.code == "probe_len 64 > the model's max_seq_len 32"
+    assert e.value.code == "--probe_len 64 > the model's max_seq_len 32; lower --probe_len"
 
 
 def test_cli_paper_grads(tmp_path, monkeypatch, tiny_enc):

@@ -20,7 +20,7 @@ def test_defaults_pass(tmp_path):
 
 CHOICE_KEYS = ["meta_task", "positions_unknown", "inner_params", "lr_schedule",
                "inner_lr_schedule", "inner_optimizer", "decay_params", "meta_head_init", "dtype",
-               "meta_read", "meta_features", "meta_head_rows"]
+               "init", "head_grad", "meta_read", "meta_features", "meta_head_rows"]
 
 
 @pytest.mark.parametrize("key", CHOICE_KEYS)
@@ -44,11 +44,12 @@ REFUSED = [
     ("inner_steps", -1, "inner_steps must be at least 0, got -1", 0),
     *[(k, 0, f"{k} must be at least 1, got 0", 1) for k in (
         "seq_len", "meta_seq_len", "eval_interval", "eval_sequences", "save_interval",
-        "log_interval", "episodes_per_step", "positions_batch")],
+        "log_interval", "positions_batch")],
     ("batch_size", 0, "batch_size must be at least 1, got 0", None),
     ("total_batch_size", 0, "total_batch_size must be at least 1, got 0", None),
     *[(k, -1, f"{k} must be at least 0, got -1", 0) for k in (
-        "max_steps", "warmup_steps", "lr_decay_steps", "eval_episodes", "inner_warmup_steps")],
+        "max_steps", "warmup_steps", "lr_decay_steps", "eval_episodes", "inner_warmup_steps",
+        "episodes_per_step")],
     *[(k, -1e-9, f"{k} must be at least 0, got -1e-09", 0.0) for k in (
         "learning_rate", "min_lr", "weight_decay", "grad_clip", "inner_lr", "inner_eps",
         "inner_weight_decay")],
@@ -76,25 +77,19 @@ def test_lm_task_needs_every_weight_adapted(tmp_path):
         common.check_config(cfg(tmp_path, meta_task="lm", inner_params="head"), 1)
 
 
-def test_batch_must_split_over_micro_batches_and_ranks(tmp_path):
-    # 256 = 32 x 4 x 2: fits 2 ranks; 32 x 3 ranks does not divide it
+def test_a_step_splits_over_ranks_unless_they_cannot_share_the_batch(tmp_path):
+    # batch_size is a ceiling: 96 sequences under a ceiling of 64 are 2 micro-batches of 48
+    lay = common.layout(cfg(tmp_path, batch_size=64, total_batch_size=96), 1)
+    assert (lay.per_rank, lay.micro, lay.accum) == (96, 48, 2)
+    # 3 episodes over 2 ranks: slot s on rank s % 2; a vanilla run never draws one
+    assert common.layout(cfg(tmp_path, episodes_per_step=3), 2).episodes == [2, 1]
+    assert common.layout(cfg(tmp_path, episodes_per_step=3, meta_ratio=0.0), 2).episodes == [0, 0]
     common.check_config(cfg(tmp_path, batch_size=32, total_batch_size=256), 2)
-    with pytest.raises(ConfigError, match="total_batch_size 256 is not a multiple of batch_size "
-                                          "32 x 3 ranks"):
+    # 256 sequences cannot be shared equally by 3 ranks: refused with a value that works
+    with pytest.raises(ConfigError, match=r"^total_batch_size 256 does not split over 3 ranks: set "
+                                          r"total_batch_size=258 \(a multiple of 3\)"):
         common.check_config(cfg(tmp_path, batch_size=32, total_batch_size=256), 3)
-    with pytest.raises(ConfigError, match="total_batch_size 96 is not a multiple of batch_size "
-                                          "64 x 1 ranks"):
-        common.check_config(cfg(tmp_path, batch_size=64, total_batch_size=96), 1)
-
-
-def test_episodes_must_split_over_ranks_in_meta_runs_only(tmp_path):
-    with pytest.raises(ConfigError, match="episodes_per_step 3 does not split evenly over 2 ranks"):
-        common.check_config(cfg(tmp_path, episodes_per_step=3, total_batch_size=64,
-                                batch_size=32), 2)
-    common.check_config(cfg(tmp_path, episodes_per_step=4, total_batch_size=64, batch_size=32), 2)
-    # a vanilla run never draws an episode
-    common.check_config(cfg(tmp_path, episodes_per_step=3, total_batch_size=64, batch_size=32,
-                            meta_ratio=0.0), 2)
+    common.check_config(cfg(tmp_path, batch_size=32, total_batch_size=258), 3)
 
 
 def test_head_counts_and_data_dir(tmp_path):

@@ -2,14 +2,18 @@
 import os
 import shutil
 
+import re
+
 import numpy as np
 import pytest
+import tiktoken
 import torch
 
 import common
 import data
 import prepare
-from conftest import CONTEXT, TINY_WORDS, boundary_shards, split_stream, write_data_dir, write_text
+from conftest import (CONTEXT, GPT2_PAT, TINY_WORDS, boundary_shards, split_stream, write_data_dir,
+                      write_text)
 
 
 def contains(haystack, needle):
@@ -61,9 +65,15 @@ def test_index_that_does_not_match_shards_rejected(tmp_path, ds):
     with pytest.raises(ValueError, match="index_train_positions.npy"):
         data.SMLMTSampler(out, 4, 2, 2, CONTEXT)
     np.save(os.path.join(out, "index_train_positions.npy"), positions)
-    # a shard rewritten with other tokens of the same length: meta.json agrees, the index does not
+    # a shard rewritten with other tokens of the same length: its checksum in meta.json does not
+    # agree; nor does the index, where meta.json has no checksums (an older prepare.py's)
     shard = data.list_shards(out, "train")[0]
     prepare.write_shard(shard, np.roll(np.asarray(data.load_shard(shard)), 1))
+    with pytest.raises(ValueError, match="train_000000.bin: CRC-32"):
+        data.SMLMTSampler(out, 4, 2, 2, CONTEXT)
+    meta = data.read_meta(out)
+    del meta["shard_crc32"]
+    common.write_json(os.path.join(out, "meta.json"), meta)
     with pytest.raises(ValueError, match="index_train_positions.npy"):
         data.SMLMTSampler(out, 4, 2, 2, CONTEXT)
     # a shard of another length: caught against meta.json, naming the shard
@@ -143,7 +153,9 @@ def test_smlmt_episode(ds):
                 original = stream[p - T + 1:p + 1]
                 assert original[-1] == word  # the window ends at an occurrence of the labelled word
                 assert word not in row  # ... no unmasked copy of it is left
-                assert np.array_equal(row, np.where(original == word, sampler.mask_id, original))
+                masked = row == sampler.mask_id  # (and its other spellings, whole words: below)
+                assert (masked >= (original == word)).all()
+                assert np.array_equal(row[~masked], original[~masked])
 
 
 def test_smlmt_val_split_and_errors(ds):
@@ -450,3 +462,79 @@ def test_cli_checks_a_data_dir_and_prints_what_it_holds(ds, tmp_path, capsys):
         f.write(b"\0\0")  # two bytes too many
     with pytest.raises(SystemExit, match="data.py: error: .*val_000000.bin.*truncated or corrupted"):
         data.main([str(broken)])
+
+
+def prefix_encoding():
+    """A tiny tiktoken.Encoding in which ' pres' is a word and the start of ' pres' + 'ident',
+    ' cat' has the spellings ' Cat', ' CAT', 'cat', 'Cat' (single tokens) and 'CAT' (three bytes)."""
+    ranks = {bytes([i]): i for i in range(256)}
+    for w in [" pres", " cat", " Cat", " CAT", " dog", " the", " said", "ident", "cat", "Cat"]:
+        b = w.encode()
+        for j in range(2, len(b) + 1):
+            ranks.setdefault(b[:j], len(ranks))
+    return tiktoken.Encoding(name="prefix", pat_str=GPT2_PAT, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": len(ranks)})
+
+
+PREFIX_DOCS = ["the pres said the president said the dog said the pres",
+               "Cat said the cat\nCat said (cat the CAT said the catident said CAT\nscat the cat",
+               "the dog said the pres the Cat said the dog the cat said the president"]
+
+
+def test_smlmt_classes_are_whole_words_and_every_spelling_is_masked(tmp_path):
+    enc = prefix_encoding()
+    tok = {w: enc.encode_single_token(w) for w in (" pres", " cat", " Cat", " CAT", "cat", "Cat",
+                                                    "ident", " the", " said", " dog")}
+    assert enc.encode(" president") == [tok[" pres"], tok["ident"]]
+    assert len(enc.encode("CAT")) == 3
+    docs = [enc.encode(d) + [enc.eot_token] for d in PREFIX_DOCS * 6]
+    stream = np.concatenate(docs)
+    out = write_data_dir(tmp_path / "d", enc, {"train": [stream], "val": [stream]})
+    prepare.build_index(out, enc, min_per_million=0, max_per_million=10 ** 6, context=8)
+    s = data.SMLMTSampler(out, n_way=3, k_shot=2, q_query=2, seq_len=8)
+    words = [enc.decode([int(w)]) for w in s.words]
+    assert sorted(words) == [" CAT", " Cat", " cat", " dog", " pres", " said", " the"]
+    # only whole-word occurrences: ' pres' 3 times in every 3 documents, never the start of
+    # ' president' (the first has not the 7 tokens of context before it)
+    i = words.index(" pres")
+    pos = np.asarray(s.positions[s.offsets[i]:s.offsets[i + 1]])
+    assert len(pos) == 3 * 6 - 1 and (stream[pos + 1] != tok["ident"]).all()
+
+    # the masks of ' cat' in a hand-made window: every spelling, whole words, not 's' + 'cat'
+    text = "Cat said (cat the CAT said the catident said\nCAT scat the Cat the cat"
+    x = np.array(enc.encode(text))
+    got = s._masked(x[None, None], s.spelled[[words.index(" cat")]])[0, 0]
+    masked = [enc.decode([int(t)]) for t in x[got]]
+    assert masked == ["Cat", "cat", " CAT", " cat", "ident", "C", "A", "T", " Cat", " cat"]
+    assert enc.decode(x[~got].tolist()) == " said ( the said the said\n scat the the"
+
+    # every window of every episode: no spelling of its word left, no [MASK] + rest of a word
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        ep = s.sample(rng)
+        classes = [enc.decode([int(w)]).strip().lower() for w in ep.word_ids]
+        assert len(set(classes)) == 3  # ' cat' and ' Cat' are never two classes of one episode
+        for x, y in ((ep.support_x, ep.support_y), (ep.query_x, ep.query_y)):
+            for row, label in zip(x.tolist(), y.tolist()):
+                assert row[-1] == s.mask_id
+                shown = "".join("#" if t == s.mask_id else enc.decode([t]) for t in row)
+                assert not re.search(rf"(?<![a-z]){classes[label]}(?![a-z])", shown, re.I), shown
+                assert "#ident" not in shown, shown
+
+
+def test_audit_counts_what_episodes_show_of_their_labels(tmp_path, monkeypatch, capsys):
+    enc = prefix_encoding()
+    stream = np.concatenate([enc.encode(d) + [enc.eot_token] for d in PREFIX_DOCS * 6])
+    out = write_data_dir(tmp_path / "d", enc, {"train": [stream], "val": [stream]})
+    prepare.build_index(out, enc, min_per_million=0, max_per_million=10 ** 6, context=8)
+    args = dict(n_episodes=40, n_way=3, k_shot=2, q_query=2, seq_len=8)
+    a = data.audit(out, enc, **args)
+    assert (a["candidates"], a["windows"]) == (7, 40 * 3 * 4)
+    assert a["mask_then_rest"] == a["spelling_shown"] == a["word_in_text"] == 0
+    # ' pres' is no prefix class: 3 of its 5 occurrences a document triple are whole words
+    assert a["prefix_classes"] == 0
+    # the masking of the previous version, one token id only: every kind of leak shows
+    monkeypatch.setattr(data.SMLMTSampler, "_masked",
+                        lambda self, x, spelled: x == self.words[spelled][:, None, None])
+    a = data.audit(out, enc, **args)
+    assert a["mask_then_rest"] > 0 and a["spelling_shown"] > 0 and a["word_in_text"] > 0

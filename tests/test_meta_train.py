@@ -30,7 +30,8 @@ TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--vocab_si
         "--seq_len=32", "--batch_size=4", "--total_batch_size=8", "--meta_seq_len=16",
         "--n_way=4", "--k_shot=2", "--q_query=2", "--inner_steps=5", "--inner_lr=0.5",
         "--meta_hidden=32", "--eval_sequences=8", "--eval_episodes=4", "--log_interval=1",
-        "--compile=False", "--warmup_steps=2", "--learning_rate=3e-3", "--min_lr=3e-4"]
+        "--compile=False", "--warmup_steps=2", "--learning_rate=3e-3", "--min_lr=3e-4",
+        "--init=gpt2", "--episodes_per_step=4"]  # the tests below were sized on these
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def read_log(out_dir):
 
 def read_log_untimed(out_dir):
     """The log without its timings, which differ between otherwise identical runs."""
-    timing = ("time", "tok_per_s", "mfu", "ar_ms", "meta_ms")
+    timing = ("time", "wall", "tok_per_s", "mfu", "ar_ms", "meta_ms")
     return [{k: v for k, v in r.items() if k not in timing} for r in read_log(out_dir)]
 
 
@@ -258,7 +259,6 @@ def test_data_parallel_matches_one_process(data_dir, tmp_path):
     (["--meta_ratio=-0.1"], ["meta_ratio must be in [0, 1]"]),
     (["--n_way=9"], ["n_way 9 > 8 candidate words", "index_train_positions.npy"]),
     (["--data_dir=/nonexistent/shards"], ["data_dir '/nonexistent/shards' not found"]),
-    (["--total_batch_size=6"], ["not a multiple of batch_size"]),
     (["--batch_size=0"], ["batch_size must be at least 1, got 0"]),
     (["--eval_interval=0"], ["eval_interval must be at least 1, got 0"]),
     (["--n_heads=3"], ["dim 32 must be a multiple of n_heads 3"]),
@@ -438,7 +438,7 @@ def test_config_file_errors_name_file_and_line(tmp_path, text, words):
     (["--weight_decay=-0.1"], ["weight_decay must be at least 0, got -0.1"]),
     (["--meta_seq_len=32"], ["meta_seq_len 32 > the SMLMT index's context 16"]),
     (["--lr_schedule=step"], ["lr_schedule must be one of 'linear', 'cosine'"]),
-    (["--episodes_per_step=0"], ["episodes_per_step must be at least 1"]),
+    (["--episodes_per_step=-1"], ["episodes_per_step must be at least 0"]),
     (["--n_kv_heads=0"], ["n_kv_heads must be at least 1, got 0"]),
     (["--k_shot=0"], ["k_shot must be at least 1, got 0"]),
     (["--warmup_steps=5", "--lr_decay_steps=5"], ["lr_decay_steps 5 must come after warmup"]),
@@ -572,6 +572,17 @@ def test_meta_step_gradient_is_the_weighted_mean_over_episodes(data_dir, tmp_pat
     assert (row["meta_tokens"], row["flops"]) == (3 * tokens, pytest.approx(3 * flops))
     assert 0 < row["meta_ms"] < 60_000 and row["ar_ms"] is None
     assert_same(weights(tmp_path / "ckpt_000001.pt"), adamw_step(c, model, head), atol=1e-6)
+
+
+def test_positions_meta_step_reads_an_ar_steps_tokens_by_default(data_dir, tmp_path, capsys):
+    # episodes_per_step 0: total_batch_size / positions_batch = 8 / 2 episodes of 2 x 32 tokens
+    c = run(data_dir, tmp_path, "--meta_ratio=1.0", "--max_steps=1", "--eval_interval=1",
+            "--save_interval=1", "--meta_task=positions", "--positions_batch=2",
+            "--episodes_per_step=0")
+    assert c.episodes_per_step == 4
+    assert first_train_row(tmp_path)["meta_tokens"] == 4 * 2 * 32 == 8 * c.seq_len
+    meta_line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("meta step")]
+    assert "4 positions episodes" in meta_line[0] and ": 256 tokens" in meta_line[0]
 
 
 def test_grad_clip_clips_and_logs_the_norm_before_clipping(data_dir, tmp_path):

@@ -100,15 +100,20 @@ def test_rope_scores_depend_only_on_relative_position():
     assert not torch.allclose(score(5, 0), score(6, 0))  # and it does depend on m - n
 
 
-def test_fresh_loss_close_to_log_vocab():
+@pytest.mark.parametrize("init", ["pytorch", "gpt2"])
+def test_fresh_loss_close_to_log_vocab(init):
     torch.manual_seed(0)
-    model = Llama(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64))
+    model = Llama(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
+                            init=init))
     idx = torch.randint(0, 50257, (4, 64))
     targets = idx.roll(-1, 1)
     targets[:, -1] = -1  # padding is ignored
     with torch.no_grad():
         _, loss = model(idx, targets)
-    assert abs(loss.item() - math.log(50304)) < 0.1
+    # the final norm gives unit-RMS features, so a logit is ~N(0, d s^2) with s the output layer's
+    # std: 1/3 under PyTorch's U(+-1/sqrt(d)), ~0 under N(0, 0.02); E[logsumexp] = ln V + var / 2
+    var = 1 / 3 if init == "pytorch" else 64 * 0.02 ** 2
+    assert abs(loss.item() - math.log(50304) - var / 2) < 0.05
 
 
 def test_ignore_index_drops_padding():
@@ -301,20 +306,46 @@ def test_forward_matches_the_written_out_decoder():
                                atol=1e-5)
 
 
-def test_init_stds():
+@pytest.mark.parametrize("init", ["pytorch", "gpt2"])
+def test_init_stds(init):
     torch.manual_seed(0)
     L = 4
     model = Llama(ModelArgs(dim=64, n_layers=L, n_heads=4, n_kv_heads=2, vocab_size=512,
-                            max_seq_len=16))
+                            max_seq_len=16, init=init))
     assert model.args.hidden_dim == 4 * 64
+    kinds = set()
     for name, p in model.named_parameters():
+        kinds.add(name.split(".")[-2] if "layers" in name else name.split(".")[0])
         if "norm" in name:
             assert torch.equal(p, torch.ones_like(p)), name
             continue
-        # the residual branches' output projections start 1 / sqrt(2 L) smaller
-        std = 0.02 / math.sqrt(2 * L) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+        if init == "gpt2":  # the residual branches' output projections start 1 / sqrt(2 L) smaller
+            std = 0.02 / math.sqrt(2 * L) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+        elif name == "tok_embeddings.weight":  # nn.Embedding: N(0, 1)
+            std = 1.0
+        else:  # nn.Linear: kaiming-uniform with a = sqrt(5), i.e. U(-b, b), b = 1 / sqrt(fan_in)
+            bound = 1 / math.sqrt(p.shape[1])
+            std = bound / math.sqrt(3)
+            assert p.abs().max().item() <= bound, name
+            assert p.abs().max().item() > 0.99 * bound, name  # uniform: it reaches the bound
         assert p.std().item() == pytest.approx(std, rel=0.05), name
         assert abs(p.mean().item()) < 0.1 * std, name
+    assert kinds == {"tok_embeddings", "wq", "wk", "wv", "wo", "w1", "w2", "w3",
+                     "attention_norm", "ffn_norm", "norm", "output"}
+
+
+def test_pytorch_init_at_11m_is_the_paper_codes():
+    """The paper's decoder (pico-maml-train, src/model/pico_decoder.py) has no init code: at 11m
+    (d 96, SwiGLU 384) wq has std 1/sqrt(3 * 96) = 0.059, w2 1/sqrt(3 * 384) = 0.0295."""
+    torch.manual_seed(0)
+    model = Llama(ModelArgs(dim=96, vocab_size=2048, max_seq_len=16))
+    assert model.args.init == "pytorch"
+    ffn = model.layers[0].feed_forward
+    assert model.layers[0].attention.wq.weight.std().item() == pytest.approx(0.0589, rel=0.03)
+    assert ffn.w2.weight.std().item() == pytest.approx(0.0295, rel=0.03)
+    assert model.tok_embeddings.weight.std().item() == pytest.approx(1.0, rel=0.03)
+    with pytest.raises(ValueError, match="init must be"):
+        ModelArgs(init="xavier")
 
 
 def test_flops_of_passes_without_the_output_projection():

@@ -25,6 +25,11 @@ def check_shard_sizes(data_dir, enc, shard_tokens):
         assert len(tokens) >= shard_tokens > len(tokens) - len(enc.encode_ordinary(last_doc)) - 1
 
 
+def hidden_left(d):
+    """Dot-files and folders in d but its .lock (which prepare.py keeps): staging left behind."""
+    return [p for p in glob.glob(os.path.join(str(d), ".*")) if os.path.basename(p) != ".lock"]
+
+
 def dir_snapshot(d):
     return {p: open(p, "rb").read() for p in sorted(glob.glob(os.path.join(d, "*")))}
 
@@ -110,7 +115,7 @@ def test_missing_and_empty_input(tmp_path, tiny_enc):
         docs = prepare.iter_text_docs(prepare.text_files([str(tmp_path / "*.txt")]))
         prepare.write_shards(docs, tiny_enc, out, progress=False)
     # nothing written, no temporary left
-    assert not glob.glob(str(out / "*")) and not glob.glob(str(out / ".*"))
+    assert not glob.glob(str(out / "*")) and not hidden_left(out)
     with pytest.raises(SystemExit, match="nomatch"):
         prepare.main(["--text", str(tmp_path / "nomatch*"), "--out", str(out)])
 
@@ -157,7 +162,7 @@ def test_out_dir_of_other_tokenizer_refused(tmp_path, ds, tiny_enc, docs):
         prepare.write_shards(docs, other, out, overwrite=True, progress=False)
     with pytest.raises(ValueError, match="--overwrite"):  # same tokenizer: refused unless overwrite
         prepare.write_shards(docs, tiny_enc, out, progress=False)
-    assert dir_snapshot(out) == before and not glob.glob(os.path.join(out, ".*"))
+    assert dir_snapshot(out) == before and not hidden_left(out)
     # overwrite: the new shards replace the old, surplus old shards go, and the index must be
     # rebuilt
     prepare.write_shards(docs[:20], tiny_enc, out, val_tokens=0, overwrite=True, progress=False)
@@ -281,7 +286,8 @@ def test_failed_build_leaves_out_as_it_was(tmp_path, tiny_enc, docs, monkeypatch
     nul = tmp_path / "nul.txt"
     nul.write_bytes(b"\0" * 1000)  # one document, and not a single word
     out = tmp_path / "out"
-    cmd = ["--out", str(out), "--val_tokens", "0", "--num_proc", "1", "--overwrite"]
+    val = write_text(tmp_path / "val.txt", docs[250:260])
+    cmd = ["--out", str(out), "--val_text", val, "--num_proc", "1", "--overwrite"]
     with pytest.raises(SystemExit, match=f"--text {nul}: .*no word at all"):
         prepare.main(["--text", str(nul)] + cmd)
     assert not out.exists()
@@ -290,14 +296,14 @@ def test_failed_build_leaves_out_as_it_was(tmp_path, tiny_enc, docs, monkeypatch
     before = dir_snapshot(out)
     with pytest.raises(SystemExit, match=f"--text {nul}: .*no word at all"):
         prepare.main(["--text", str(nul)] + cmd)
-    assert dir_snapshot(out) == before and not glob.glob(str(out / ".*"))
+    assert dir_snapshot(out) == before and not hidden_left(out)
     # a band none of the words falls in: named, with what to change
     with pytest.raises(SystemExit, match=f"--text {good}: no candidate word occurs 500000 to "
                                          f"1e\\+06 .*widen --min_per_million/--max_per_million"):
         prepare.main(["--text", good, "--min_per_million", "5e5", "--max_per_million", "1e6"] + cmd)
     with pytest.raises(SystemExit, match="0 <= --min_per_million"):
         prepare.main(["--text", good, "--min_per_million", "-1"] + cmd)
-    assert dir_snapshot(out) == before and not glob.glob(str(out / ".*"))
+    assert dir_snapshot(out) == before and not hidden_left(out)
 
 
 def test_failed_reindex_leaves_old_index(tmp_path, ds, tiny_enc, monkeypatch):
@@ -315,7 +321,7 @@ def test_failed_reindex_leaves_old_index(tmp_path, ds, tiny_enc, monkeypatch):
     with pytest.raises(SystemExit, match="val_000000.bin"):
         prepare.main(["--reindex", "--out", out, "--seed", "1", "--min_per_million", "0",
                       "--max_per_million", "1e6", "--context", str(CONTEXT)])
-    assert dir_snapshot(out) == before and not glob.glob(os.path.join(out, ".*"))
+    assert dir_snapshot(out) == before and not hidden_left(out)
     data.SMLMTSampler(out, 4, 2, 2, CONTEXT)  # the old train index still loads
 
 
@@ -357,7 +363,7 @@ def test_staging_left_by_a_killed_run_is_removed(tmp_path, tiny_enc, docs):
         (out / stale).mkdir(parents=True)
         (out / stale / "train_000000.bin").write_bytes(b"\0" * 100)
     prepare.write_shards(docs, tiny_enc, str(out), val_tokens=50, progress=False)
-    assert not any(n.startswith(".") for n in os.listdir(out))
+    assert not hidden_left(out)
 
 
 def test_index_keeps_occurrences_from_the_context_boundary_on_and_band_edges(tmp_path, tiny_enc):
