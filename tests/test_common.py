@@ -112,9 +112,11 @@ def test_model_args_context_covers_ar_batches_and_episodes(tmp_path):
 @pytest.mark.parametrize("kw, message", [
     (dict(meta_read="before", meta_task="positions"), "meta_read 'before' reads SMLMT windows"),
     (dict(meta_read="before", meta_seq_len=1), "meta_read 'before' needs meta_seq_len of at least"),
-    (dict(meta_features="standardize", inner_params="all"), "set inner_params='head'")])
+    (dict(meta_features="standardize", inner_params="all"), "set inner_params='head'"),
+    (dict(meta_head_rows="proto", head_grad="paper"), "'proto' needs head_grad='fomaml'")])
 def test_well_posed_keys_refuse_what_they_cannot_do(tmp_path, kw, message):
     with pytest.raises(ConfigError, match=message):
         common.check_config(cfg(tmp_path, **kw), 1)
     common.check_config(cfg(tmp_path, **{k: v for k, v in kw.items()
-                                         if k not in ("meta_read", "meta_features")}), 1)
+                                         if k not in ("meta_read", "meta_features",
+                                                      "meta_head_rows")}), 1)
