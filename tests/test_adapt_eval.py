@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 import adapt_eval
 import common
@@ -51,3 +52,23 @@ def test_text_input_and_errors(ckpt, tmp_path, monkeypatch):
         adapt_eval.main([str(text), "--docs", "1"])
     with pytest.raises(SystemExit, match="has 61 x 8 \\+ 1 tokens"):  # 400 tokens < 489
         adapt_eval.main([ckpt, "--text", str(text), "--ks", "60", "--docs", "1"])
+
+
+def test_checkpoint_alone_equals_it_after_another(ckpt, tmp_path):
+    # issue 28: B's curves do not depend on A running before it in the same process
+    other = torch.load(ckpt, weights_only=False)
+    g = torch.Generator().manual_seed(0)
+    other["model"] = {k: v + 0.05 * torch.randn(v.shape, generator=g)
+                      for k, v in other["model"].items()}
+    a = str(tmp_path / "a.pt")
+    torch.save(other, a)
+    flags = ["--ks", "1", "2", "--steps", "0", "3", "--docs", "3", "--inner_optimizer=adamw",
+             "--inner_lr=0.01"]
+    runs = []
+    for argv, out in (([ckpt], "b.json"), ([a, ckpt], "ab.json")):
+        torch.manual_seed(0)
+        adapt_eval.main(argv + flags + ["--out", str(tmp_path / out)])
+        runs.append(json.loads((tmp_path / out).read_text())["runs"])
+    (b_alone,), (a_first, b_after) = runs[0].values(), runs[1].values()
+    assert b_alone["curves"] == b_after["curves"]
+    assert a_first["curves"] != b_after["curves"]

@@ -1,3 +1,4 @@
+import copy
 import io
 import json
 import os
@@ -8,6 +9,7 @@ import sys
 import time
 from argparse import Namespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -655,3 +657,63 @@ def test_prf_with_unequal_precision_and_recall():
     assert (m["correct"], m["predicted"], m["gold"]) == (1, 2, 3)
     assert (m["precision"], m["recall"], m["f1"]) == (0.5, pytest.approx(1 / 3), pytest.approx(0.4))
     assert m["per_type"]["ORG"] == ner_eval.prf(0, 0, 1)
+
+
+# Run-order independence (issue 28): a run's numbers are a function of what it is
+
+def seed_everything(seed):
+    """Put the process's global generators in a known state, so that a run that drew from them
+    would give numbers that depend on what ran before it in the same process."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def test_checkpoint_alone_equals_it_inside_compare(tmp_path, tiny_enc, monkeypatch):
+    uner_dir(tmp_path / "uner")  # the test-only yy_pud; xx_one gets more sentences below
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    for path, seed in ((a, 1), (b, 2)):
+        model = tiny_model(tiny_enc, seed)
+        torch.save({"model_args": vars(model.args), "model": model.state_dict(),
+                    "tokenizer": "tiny", "config": {}, "step": 1}, path)
+    for n, seed in (("train", 0), ("dev", 1), ("test", 2)):
+        write(tmp_path / "uner" / "UNER_Tiny-One" / f"xx_one-ud-{n}.iob2",
+              iob2(synthetic(24, seed)))
+    monkeypatch.setattr(ner_eval.common, "get_encoding", lambda name: tiny_enc)
+    flags = ["--data_dir", str(tmp_path / "uner"), "--train_sets", "xx_one", "--epochs", "2",
+             "--batch_size", "5", "--lr", "1e-3", "--head_lr", "1e-2", "--device", "cpu"]
+    seed_everything(0)
+    ner_eval.main([str(b), "--out", str(tmp_path / "b.json")] + flags)
+    seed_everything(0)
+    ner_eval.main(["--compare", str(a), str(b), "--out", str(tmp_path / "ab.json")] + flags)
+    alone = json.loads((tmp_path / "b.json").read_text())["runs"]
+    inside = json.loads((tmp_path / "ab.json").read_text())["b"]["runs"]
+    assert list(alone) == ["xx_one/head", "xx_one/full"]
+    for key in alone:
+        # every epoch's loss and dev F1 and every test score, exactly (seconds aside)
+        assert alone[key]["epochs"] == inside[key]["epochs"], key
+        assert alone[key]["test"] == inside[key]["test"], key
+        assert alone[key]["epochs"][0]["train_loss"] != alone[key]["epochs"][1]["train_loss"]
+
+
+def test_fine_tune_draws_from_generators_keyed_by_the_run(tiny_enc):
+    enc = lambda sents: ner_eval.encode_sentences(sents, tiny_enc, 64)
+    train, dev = enc(synthetic(30, 0)), enc(synthetic(8, 1))
+    model, cache = tiny_model(tiny_enc), {}
+
+    def run(name, regime="head", global_seed=0):
+        seed_everything(global_seed)
+        before = torch.get_rng_state()
+        m = copy.deepcopy(model) if regime == "full" else model
+        res = ner_eval.fine_tune(m, train, dev, {"syn": dev}, regime,
+                                 settings(epochs=1, head_lr=1e-2, lr=1e-3), cache=cache, name=name)
+        # the process's generator is left as it was: a run leaves nothing for the next one
+        assert torch.equal(torch.get_rng_state(), before)
+        return res["epochs"], res["test"]
+
+    for regime in ("head", "full"):
+        # whatever state the process is in, the same run gives the same numbers
+        assert run("xx/" + regime, regime, 0) == run("xx/" + regime, regime, 1)
+    # another training set or regime is another run, with its own head init and batch order
+    assert run("xx/head") != run("yy/head")
+    assert ner_eval.run_seed("xx/head", "head", 1337) == 6616440335488985500  # in any process
