@@ -84,3 +84,78 @@ def test_peer_computes_our_function():
     x = torch.randint(0, 64, (2, 16))
     assert sum(p.numel() for p in peer.parameters()) == model.num_params()
     torch.testing.assert_close(peer(input_ids=x).logits, model(x)[0], atol=1e-5, rtol=1e-5)
+
+
+# The measurements' arithmetic, with the clock replaced by known times (issue 26)
+
+def test_rows_follow_from_the_times(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    times = {"ar": 4.0, "head": 12.0, "all": 40.0}
+    monkeypatch.setattr(bench, "median_ms", lambda steps, reps, warmup, sync=None: {
+        k: times[k] for k in steps})
+    monkeypatch.setattr(bench, "matmul_peak", lambda dev, dtype, n, reps, warmup: 2e9)
+    mem = iter([3 * 2 ** 20, 5 * 2 ** 20, 7 * 2 ** 20])
+    monkeypatch.setattr(bench, "peak_memory", lambda fn, dev, setup=None: next(mem))
+    cfg = tiny_cfg(tmp_path)
+    facts, rows = bench.run(cfg, reps=3, warmup=0, compile=False, peak_n=64, text=())
+    c = meta_train.SimpleNamespace(**cfg)
+    model = Llama(common.model_args(c))
+    ar_tokens = 2 * 8  # batch_size x seq_len
+    ar_flops = ar_tokens * model.flops_per_token(8)
+    by = {r["name"].split(" (")[0].split(",")[0]: r for r in rows}
+    mm = next(r for r in rows if r["name"].startswith("matmul 64^3 float32 (fastest of 3)"))
+    assert mm["flop_s"] == 2e9 and mm["mfu"] == 1.0
+    ar = by["AR micro-step 2x8"]
+    assert (ar["ms"], ar["rate"], ar["mem_bytes"]) == (4.0, ar_tokens / 4.0 * 1000, 3 * 2 ** 20)
+    assert ar["flop_s"] == pytest.approx(ar_flops / 4e-3)
+    assert ar["mfu"] == pytest.approx(ar_flops / 4e-3 / 2e9) and ar["met"] == (ar["mfu"] >= 0.3)
+    for mode, ms, mib in (("head", 12.0, 5), ("all", 40.0, 7)):
+        cm = meta_train.SimpleNamespace(**{**cfg, "meta_task": "smlmt", "inner_params": mode})
+        tokens, flops = meta_train.episode_tokens_and_flops(model, cm)
+        row = next(r for r in rows if f", {mode}," in r["name"])
+        assert row["name"] == f"episode 2-way 1+1 x8, {mode}, 2 inner"
+        assert (row["ms"], row["mem_bytes"]) == (ms, mib * 2 ** 20)
+        assert row["rate"] == pytest.approx(tokens / ms * 1000)
+        assert row["flop_s"] == pytest.approx(flops / ms * 1000)
+        # per token against an AR token: (ms / episode tokens) / (AR ms / AR tokens)
+        assert row["ratio"] == pytest.approx(ms / tokens / (4.0 / ar_tokens))
+        assert row["met"] == ((row["ratio"] <= 1.5) if mode == "head" else None)
+    assert tokens == 2 * (1 + 1) * 8  # n_way x (k_shot + q_query) windows of meta_seq_len
+    table = bench.format_table(facts, rows).splitlines()
+    line = next(l for l in table if l.startswith("AR micro-step"))
+    assert f"{ar_tokens / 4.0 * 1000:,.0f} tok/s" in line and f"{ar['mfu']:.1%}" in line
+    assert " 3 " in line and "| 4.0 " in line
+
+
+def test_matmul_peak_is_the_fastest_run(monkeypatch):
+    calls = iter([5.0, 2.0, 3.0])
+    warm = []
+    monkeypatch.setattr(bench, "median_ms", lambda steps, reps, warmup, sync=None: (
+        warm.append(warmup), {"mm": next(calls)})[1])
+    flop_s = bench.matmul_peak(torch.device("cpu"), torch.float32, 8, reps=3, warmup=2)
+    assert flop_s == 2 * 8 ** 3 / 0.002 and warm == [2, 0, 0]  # warm-up before the first only
+
+
+def test_peak_memory_sees_a_step_allocate(monkeypatch):
+    keep = []
+    grow = bench.peak_memory(lambda: keep.append(torch.ones(16 * 2 ** 20)), torch.device("cpu"))
+    if grow is None:
+        pytest.skip("no /proc/self/clear_refs here")
+    assert 60 * 2 ** 20 < grow < 200 * 2 ** 20  # 64 MiB of floats, and little else
+    keep.clear()
+    setup = bench.peak_memory(lambda: None, torch.device("cpu"), setup=lambda: keep.append(
+        torch.ones(16 * 2 ** 20)))
+    assert setup < 16 * 2 ** 20  # what setup allocates is not the step's
+
+
+def test_sampler_and_tokenizer_counts(ds, tiny_enc, tmp_path):
+    s = bench.bench_sampler(ds, n_way=3, k_shot=2, q_query=1, seq_len=8, n_episodes=5)
+    assert s["windows_per_episode"] == 3 * (2 + 1)
+    assert s["windows_s"] == pytest.approx(9 * s["episodes_s"])
+    docs = ["the cat and the dog", "river stone, apple!", "green tree 42"] * 20
+    path = tmp_path / "t.txt"
+    path.write_text("\n\n".join(docs) + "\n")
+    tok = bench.bench_tokenize([str(path)], tiny_enc, num_proc=1, repeats=1, batch_chars=64)
+    assert tok["tokens"] == sum(len(tiny_enc.encode_ordinary(d)) for d in docs)
+    assert tok["ratio_vs_raw_processes"] == tok["pipeline_tok_s"] / tok["raw_processes_tok_s"]
+    assert tok["num_proc"] == 1 and min(tok["raw_threads_tok_s"], tok["pipeline_tok_s"]) > 0
