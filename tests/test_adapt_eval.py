@@ -177,6 +177,15 @@ def test_defaults_and_argument_checks(ckpt, tmp_path, monkeypatch):
                                                                     [0, 1, 2, 5, 10], 32, 2)
     # the inner loop of the checkpoint's config (test_meta_train's TINY: SGD at 0.5)
     assert seen["inner"]["inner_lr"] == 0.5 and seen["inner"]["inner_optimizer"] == "sgd"
+    # a chunk as long as the model's context fits; one token more is refused, naming the file
+    monkeypatch.setattr(common, "get_encoding", lambda name: make_tiny_encoding(TARGETS + CUES))
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(["cat", "dog"] * 100) + "\n")
+    adapt_eval.main([ckpt, "--text", str(text), "--ks", "1", "--chunk_len", "32", "--docs", "1",
+                     "--out", str(tmp_path / "t.json")])
+    assert seen["T"] == 32 and seen["docs"] == 1
+    with pytest.raises(SystemExit, match="chunks of 33 tokens > its max_seq_len 32"):
+        adapt_eval.main([ckpt, "--text", str(text), "--ks", "1", "--chunk_len", "33"])
     for bad in (["--ks", "0", "2"], ["--steps", "-1"], ["--docs", "0"]):
         with pytest.raises(SystemExit) as e:
             adapt_eval.main([ckpt] + bad)
