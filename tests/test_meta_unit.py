@@ -488,3 +488,33 @@ def test_all_reduce_grads_in_small_buckets_averages_every_gradient_once(tmp_path
         assert params[-1].grad is None
     finally:
         dist.destroy_process_group()
+
+
+def test_head_gradients_of_two_episodes_that_share_words_add_up():
+    # one step of two episodes in one process: the words 3 and 7 are classes of both (in other
+    # class slots), so their output rows must get the sum of two gradients, not the last one
+    model, head, ep1 = setup()
+    _, _, ep2 = setup(seed=1)
+    ep2.word_ids = torch.tensor([3, 11, 7, 5])
+    c = cfg()
+    alone = []
+    for ep in (ep1, ep2):
+        m, h = copy.deepcopy(model), copy.deepcopy(head)
+        smlmt_episode(m, h, ep, c, loss_scale=1.0)
+        alone.append({n: p.grad.clone() for n, p in [*m.named_parameters(), *h.named_parameters()]
+                      if p.grad is not None})
+    smlmt_episode(model, head, ep1, c, loss_scale=0.25)
+    smlmt_episode(model, head, ep2, c, loss_scale=0.75)
+    got = {n: p.grad for n, p in [*model.named_parameters(), *head.named_parameters()]
+           if p.grad is not None}
+    assert set(got) == set(alone[0]) == set(alone[1])
+    for n in got:
+        torch.testing.assert_close(got[n], 0.25 * alone[0][n] + 0.75 * alone[1][n], rtol=1e-5,
+                                   atol=1e-7, msg=n)
+    g = head.out.weight.grad
+    for w in (3, 7):  # both episodes' gradients are in the shared rows, and each is non-zero
+        assert alone[0]["out.weight"][w].abs().sum() > 0 and alone[1]["out.weight"][w].abs().sum() > 0
+        assert not torch.allclose(g[w], 0.75 * alone[1]["out.weight"][w])
+    untouched = torch.ones(V, dtype=torch.bool)
+    untouched[[3, 5, 7, 11, 21, 30]] = False
+    assert (g[untouched] == 0).all() and (head.out.bias.grad[untouched] == 0).all()
