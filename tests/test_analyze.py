@@ -460,3 +460,46 @@ def test_reach_interpolates_between_evals():
     assert analyze.reach(loss, 1.0) is None
     # a curve that goes back up: the first time it gets there
     assert analyze.reach(np.array([5.0, 3.0, 4.0, 2.5]), 3.5) == pytest.approx(0.75)
+
+
+# Tables by hand (issue 26): every cell a near miss (another eval, another layer) would change
+
+def test_compare_table_by_hand():
+    nan = float("nan")
+    a = {"val_loss": np.array([5.0, 4.0, 3.5]), "step": np.array([0.0, 100, 200]),
+         "tokens": np.array([0.0, 1e5, 2e5]), "flops": np.array([0.0, 1e12, 2e12]),
+         "time": np.array([0.0, 10, 20])}
+    # b reaches 3.5 at 1.5 / 1.6 of the way from its first eval to its second
+    b = {"val_loss": np.array([5.0, 3.4, 3.0]), "step": np.array([0.0, 100, 200]),
+         "tokens": np.array([0.0, 2e5, 4e5]), "flops": np.array([0.0, nan, nan]),
+         "time": np.array([0.0, 40, 80])}
+    lines = analyze.compare_table(["A", "B"], [a, b]).splitlines()
+    f = 1.5 / 1.6
+    assert lines[0] == "target: final val loss of A = 3.5000"
+    assert lines[3] == f"{'A':<30} {3.5:>9.4f} " + " ".join(
+        f"{x:>10}" for x in ["200", "2e+05", "2e+12", "20"])
+    assert lines[4] == f"{'B':<30} {3.0:>9.4f} " + " ".join(
+        f"{x:>10}" for x in ["200", "4e+05", "n/a", "80"])
+    cells = [f"{x:.2f} ({1 / x:.2f}x)" for x in (100 * f / 200, 2e5 * f / 2e5)] + [
+        "n/a", f"{40 * f / 20:.2f} ({20 / (40 * f):.2f}x)"]
+    assert lines[-1] == f"{'B':<30} " + " ".join(f"{c:>15}" for c in cells)
+
+
+def test_summary_lines_by_hand():
+    # layer 0: weight_per is the mean of two matrices, 0.2 0.5 0.3 over steps 0 10 20 (rises then
+    # falls); layer 1: 0.4 0.45 0.6 (peaks last); entropy_norm of layer 1 peaks at step 10
+    rows = []
+    for step, (a, b, c, e) in zip([0, 10, 20], [(0.1, 0.3, 0.4, 0.2), (0.4, 0.6, 0.45, 0.9),
+                                                (0.2, 0.4, 0.6, 0.5)]):
+        rows += [(step, 0, "wq", "weight_per", a), (step, 0, "wk", "weight_per", b),
+                 (step, 1, "wq", "weight_per", c), (step, 1, "h0", "entropy_norm", e),
+                 (step, 1, "h1", "entropy_norm", e)]
+    text = analyze.summarize(rows, 0.01, "hdr").splitlines()
+    assert text[:2] == ["hdr", "3 checkpoints, steps 0..20"]
+    line = lambda m, layer, p, first, peak, last, yes: (
+        f"{m:<13} {layer:>5} {p:>10} {first:>8.4f} {peak:>8.4f} {last:>8.4f}  {yes}")
+    assert line("weight_per", 0, 10, 0.2, 0.5, 0.3, "yes") in text
+    assert line("weight_per", 1, 20, 0.4, 0.6, 0.6, "no") in text
+    assert line("entropy_norm", 1, 10, 0.2, 0.9, 0.5, "yes") in text
+    assert "  weight_per: layer 0 (step 10)" in text and "  entropy_norm: layer 1 (step 10)" in text
+    assert "  grad_per: none" in text
