@@ -2,6 +2,7 @@
 import copy
 import json
 import math
+import struct
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -42,7 +43,8 @@ def test_adaptation_curves_and_paired_table(ckpt, tmp_path, capsys):
     assert mean(curves["3"]["6"]) < mean(curves["3"]["0"]) - 0.05
     text = capsys.readouterr().out
     assert "k=1" in text and "minus" in text and "+0.0000 +-0.0000" in text
-    assert (tmp_path / "adapt.png").exists()
+    png = (tmp_path / "adapt.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (1000, 400)
 
 
 def test_text_input_and_errors(ckpt, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@ import json
 import math
 import os
 import pickle
+import struct
 import subprocess
 import sys
 import types
@@ -185,6 +186,13 @@ def test_probe_windows_are_evenly_spaced_and_fixed():
         analyze.probe_windows(np.arange(5), 2, 9, "short.txt")
 
 
+def png_size(path):
+    """(width, height) in pixels of a PNG file, from its IHDR chunk."""
+    raw = open(path, "rb").read(24)
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", raw[16:24])
+
+
 def write_log(run_dir, steps, loss, tokens, flops, time_s, meta_tokens_null=False):
     """A log.jsonl with a training line before every eval line, fixed keys, nulls where unused."""
     keys = ["step", "lr", "ar_loss", "meta_loss", "support_acc", "query_acc", "val_loss",
@@ -220,7 +228,7 @@ def test_speedup_of_curves_with_a_known_ratio(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "0.62 (1.60x)" in out and "0.78 (1.28x)" in out and "0.75 (1.33x)" in out
     assert (tmp_path / "a" / "analysis" / "compare.txt").read_text() in out
-    assert (tmp_path / "a" / "analysis" / "compare.png").stat().st_size > 0
+    assert png_size(tmp_path / "a" / "analysis" / "compare.png") == (1000, 700)  # 2 x 2 panels
 
 
 def test_speedup_not_reached_and_resumed_log(tmp_path, capsys):
@@ -293,6 +301,7 @@ def test_end_to_end_cli_writes_csv_summary_and_plots(tmp_path, monkeypatch, tiny
         assert sum(l.startswith(metric) for l in summary.splitlines()) == L
     assert summary in capsys.readouterr().out
     assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{m}.png" for m in analyze.METRICS)
+    assert {png_size(p) for p in out.glob("*.png")} == {(800, 300)}  # a 4 x 3 inch panel a layer
     with pytest.raises(SystemExit) as e:  # longer than the model's context: an error, no crash
         analyze.main([str(tmp_path / "run"), "--probe_text", str(text), "--probe_len", "64"])
     assert e.value.code == "probe_len 64 > the model's max_seq_len 32"
