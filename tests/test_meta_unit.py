@@ -1,6 +1,7 @@
 """The FOMAML episodes against independent reference computations, and the configurator."""
 import copy
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -518,3 +519,17 @@ def test_head_gradients_of_two_episodes_that_share_words_add_up():
     untouched = torch.ones(V, dtype=torch.bool)
     untouched[[3, 5, 7, 11, 21, 30]] = False
     assert (g[untouched] == 0).all() and (head.out.bias.grad[untouched] == 0).all()
+
+
+@pytest.mark.parametrize("argv, want, got", [
+    (["--n_way=True"], "int", "bool True"),  # bool is a subclass of int, not an int key's value
+    (["--learning_rate=True"], "float", "bool True"),  # nor of a float key
+    (["--dim=64.0"], "int", "float 64.0"),  # a whole float is not an int
+    (["--compile=0"], "bool", "int 0"),
+    (["--eval_interval=[10]"], "int", "list [10]"),
+])
+def test_configure_rejects_a_value_of_a_related_type(tmp_path, argv, want, got):
+    for args in (argv, [str(tmp_path / "c.py")]):  # on the command line and in a file
+        (tmp_path / "c.py").write_text(argv[0][2:].replace("=", " = ") + "\n")
+        with pytest.raises(ConfigError, match=re.escape(f"must be {want}, got {got}")):
+            configure(meta_train.DEFAULTS, args)
