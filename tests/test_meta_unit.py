@@ -514,7 +514,8 @@ def test_head_gradients_of_two_episodes_that_share_words_add_up():
                                    atol=1e-7, msg=n)
     g = head.out.weight.grad
     for w in (3, 7):  # both episodes' gradients are in the shared rows, and each is non-zero
-        assert alone[0]["out.weight"][w].abs().sum() > 0 and alone[1]["out.weight"][w].abs().sum() > 0
+        assert alone[0]["out.weight"][w].abs().sum() > 0
+        assert alone[1]["out.weight"][w].abs().sum() > 0
         assert not torch.allclose(g[w], 0.75 * alone[1]["out.weight"][w])
     untouched = torch.ones(V, dtype=torch.bool)
     untouched[[3, 5, 7, 11, 21, 30]] = False

@@ -916,3 +916,65 @@ def test_tables_by_hand():
     assert f"{'da_ddt':<14}" + cells(20, 40, 20, 10, 20, 10) + f"{'3/20':>14}" in out
     assert f"{'mean':<14}" + cells(35, 65, 30, 17.5, 32.5, 15) in out
     assert f"{'minutes':<14}" + f"{1.5:>9.1f}{0.5:>9.1f}" in out
+
+
+def test_settings_block_by_hand():
+    c = lambda used, total, cut: {"used": used, "total": total, "cut": cut}
+    res = {"checkpoint": "c.pt", "step": 9, "params": 1234567, "tokenizer": "gpt2", "max_len": 64,
+           "sentences": {"xx_one": {"train": c(40, 48, 2), "dev": c(12, 12, 1),
+                                    "test": c(12, 12, 0)},
+                         "yy_pud": {"test": c(10, 10, 3)}}}
+    args = settings(epochs=3, batch_size=8, lr=1e-3, head_lr=None, max_train_sentences=40)
+    lines = ner_eval.format_settings(args, res).splitlines()
+    assert lines[0] == "c.pt (step 9, 1,234,567 parameters, tokenizer gpt2)"
+    assert lines[1] == ("epochs 3, batch 8, lr 0.001 (full) / 0.001 (head), warm-up 0, linear "
+                        "decay, weight decay 0, seed 1337")
+    assert lines[2] == ("sentences per file: train <= 40, dev and test <= all; 6 of 74 cut at 64 "
+                        "tokens; labels on each word's first sub-token")
+    cells = lambda *xs: "".join(f"{x:>14}" for x in xs)
+    assert lines[4:] == [f"{'xx_one':<14}" + cells("40/48", "12/12", "12/12") + f"{3:>6}",
+                         f"{'yy_pud':<14}" + cells("-", "-", "10/10") + f"{3:>6}"]
+
+
+def test_runs_of_a_checkpoint(tmp_path, tiny_enc, monkeypatch):
+    # fine_tune watched: which sentences each run trains on, and from which weights
+    uner_dir(tmp_path / "uner", xx_one_train=iob2(synthetic(30, 5)))
+    ckpt = save_checkpoint(tmp_path / "c.pt", tiny_enc)
+    monkeypatch.setattr(ner_eval.common, "get_encoding", lambda name: tiny_enc)
+    seen = []
+
+    def fine_tune(model, train, dev, tests, regime, args, ctx, cache, name):
+        seen.append((name, [" ".join(e["tags"]) + str(e["ids"]) for e in train], len(dev),
+                     sorted(tests), id(cache), model.layers[0].attention.wq.weight.sum().item()))
+        with torch.no_grad():  # a run that changes the model must not reach the next run
+            model.layers[0].attention.wq.weight.add_(1.0)
+        return {"seconds": 0}
+
+    monkeypatch.setattr(ner_eval, "fine_tune", fine_tune)
+    args = settings(data_dir=str(tmp_path / "uner"), train_sets=["xx_one"], train_sizes=[4, 11, 99],
+                    max_len=500)
+    uner = ner_eval.load_uner(args)
+    res = ner_eval.evaluate_checkpoint(ckpt, uner, args)
+    assert res["max_len"] == 64  # the model's context, not --max_len 500
+    assert [s[0] for s in seen] == ["xx_one@4/head", "xx_one@4/full", "xx_one@11/head",
+                                    "xx_one@11/full", "xx_one@30/head", "xx_one@30/full"]
+    train = [" ".join(e["tags"]) + str(e["ids"]) for e in ner_eval.encode_sentences(
+        uner["sents"]["xx_one"]["train"], tiny_enc, 64)]
+    subsets = [s[1] for s in seen[::2]]
+    assert subsets[2] == train
+    # nested and in the training set's order: the first n of one fixed shuffle, not the first n
+    for small, big in zip(subsets, subsets[1:]):
+        assert set(small) < set(big)
+    assert subsets[0] == [t for t in train if t in subsets[0]] and subsets[0] != train[:4]
+    assert all(s[2] == 4 and s[3] == ["xx_one", "yy_pud"] for s in seen)
+    assert len({s[4] for s in seen}) == 1 and len({s[5] for s in seen}) == 1  # fresh weights
+    seen.clear()
+    ner_eval.evaluate_checkpoint(ckpt, uner, args)  # the same subsets for another checkpoint
+    assert [s[1] for s in seen[::2]] == subsets
+    # a model whose vocabulary is smaller than its tokenizer's: refused before any work
+    small = {**vars(tiny_model(tiny_enc).args), "vocab_size": tiny_enc.n_vocab - 1}
+    torch.save({"model_args": small,
+                "model": {}, "tokenizer": "tiny", "step": 1}, tmp_path / "small.pt")
+    with pytest.raises(SystemExit, match=f"tokenizer tiny has {tiny_enc.n_vocab} tokens but the "
+                       f"model {tiny_enc.n_vocab - 1}; name the checkpoint's with --tokenizer"):
+        ner_eval.evaluate_checkpoint(str(tmp_path / "small.pt"), uner, args)
