@@ -179,3 +179,32 @@ def test_config_and_cli(tmp_path, monkeypatch, capsys):
     assert gen == {"bos_token_id": enc.eot_token, "eos_token_id": enc.eot_token}
     with pytest.raises(SystemExit, match="export_hf.py: error: cannot read checkpoint"):
         export_hf.main([str(tmp_path / "hf" / "config.json"), str(tmp_path / "x")])
+
+
+def test_tokenizer_json_fields_are_gpt2s(tmp_path):
+    # without the tokenizers library (CI) nothing loads the file: its settings are pinned to those
+    # of GPT-2's own tokenizer.json on the hub, but the special tokens are not normalized
+    enc = make_tiny_encoding()
+    export_hf.write_tokenizer(str(tmp_path), enc, enc.n_vocab, 16)
+    tok = json.loads((tmp_path / "tokenizer.json").read_text())
+    flags = dict(single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+    assert tok["added_tokens"] == [dict(id=308, content="<|endoftext|>", **flags),
+                                   dict(id=309, content="[MASK]", **flags)]
+    byte_level = dict(type="ByteLevel", trim_offsets=True, use_regex=True)
+    assert tok["pre_tokenizer"] == dict(byte_level, add_prefix_space=False)
+    assert tok["decoder"] == dict(byte_level, add_prefix_space=True)
+    assert (tok["normalizer"], tok["post_processor"], tok["truncation"], tok["padding"]) == (
+        None, None, None, None)
+    model = {k: v for k, v in tok["model"].items() if k not in ("vocab", "merges")}
+    assert model == dict(type="BPE", dropout=None, unk_token=None, continuing_subword_prefix="",
+                         end_of_word_suffix="", fuse_unk=False, byte_fallback=False,
+                         ignore_merges=False)
+    assert tok["model"]["vocab"] == json.loads((tmp_path / "vocab.json").read_text())
+    merges = (tmp_path / "merges.txt").read_text().splitlines()
+    assert merges[0] == "#version: 0.2" and tok["model"]["merges"] == merges[1:]
+    special = json.loads((tmp_path / "special_tokens_map.json").read_text())
+    assert special == {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                       "unk_token": "<|endoftext|>", "mask_token": "[MASK]"}
+    conf = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert (conf["tokenizer_class"], conf["add_prefix_space"],
+            conf["clean_up_tokenization_spaces"]) == ("GPT2TokenizerFast", False, False)
