@@ -121,7 +121,16 @@ def test_rows_follow_from_the_times(tmp_path, monkeypatch):
         assert row["ratio"] == pytest.approx(ms / tokens / (4.0 / ar_tokens))
         assert row["met"] == ((row["ratio"] <= 1.5) if mode == "head" else None)
     assert tokens == 2 * (1 + 1) * 8  # n_way x (k_shot + q_query) windows of meta_seq_len
+    # a row's note is a numbered footnote; the episode note gives the output layer's share
+    for start, note in (("peer: skipped", "transformers not installed"),
+                        ("SMLMT episode sampling: skipped", f"no {cfg['data_dir']}")):
+        name = next(r["name"] for r in rows if r["name"].startswith(start))
+        assert facts["notes"][int(name.rsplit("[", 1)[1][:-1]) - 1].startswith(note), name
+    share = 6 * 64 * 16 / model.flops_per_token(8)
+    assert f"an episode reads 32 tokens (support + query windows); it never projects to the " \
+           f"vocabulary, which is {share:.0%} of an AR token's FLOPs" in facts["notes"]
     table = bench.format_table(facts, rows).splitlines()
+    assert table[-len(facts["notes"]):] == [f"[{i}] {n}" for i, n in enumerate(facts["notes"], 1)]
     line = next(l for l in table if l.startswith("AR micro-step"))
     assert f"{ar_tokens / 4.0 * 1000:,.0f} tok/s" in line and f"{ar['mfu']:.1%}" in line
     assert " 3 " in line and "| 4.0 " in line
