@@ -96,8 +96,11 @@ def test_rows_follow_from_the_times(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "matmul_peak", lambda dev, dtype, n, reps, warmup: 2e9)
     mem = iter([3 * 2 ** 20, 5 * 2 ** 20, 7 * 2 ** 20])
     monkeypatch.setattr(bench, "peak_memory", lambda fn, dev, setup=None: next(mem))
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (1.5, 9.0, 9.0))
     cfg = tiny_cfg(tmp_path)
     facts, rows = bench.run(cfg, reps=3, warmup=0, compile=False, peak_n=64, text=())
+    assert facts["load"] == "1.50 (1-minute load average at the start)"
+    assert (facts["peak_flop_s"], facts["mfu_basis"]) == (2e9, "the matmul row, measured in this run")
     c = meta_train.SimpleNamespace(**cfg)
     model = Llama(common.model_args(c))
     ar_tokens = 2 * 8  # batch_size x seq_len
