@@ -171,3 +171,50 @@ def test_sampler_and_tokenizer_counts(ds, tiny_enc, tmp_path):
     assert tok["tokens"] == sum(len(tiny_enc.encode_ordinary(d)) for d in docs)
     assert tok["ratio_vs_raw_processes"] == tok["pipeline_tok_s"] / tok["raw_processes_tok_s"]
     assert tok["num_proc"] == 1 and min(tok["raw_threads_tok_s"], tok["pipeline_tok_s"]) > 0
+
+
+def test_data_rows_and_their_targets(ds, tiny_enc, tmp_path, monkeypatch):
+    seen = []
+
+    def tokenize(paths, enc, num_proc, repeats=3):
+        seen.append((paths, enc, num_proc, repeats))
+        return {"tokens": 1234, "raw_processes_tok_s": 1000.0, "pipeline_tok_s": 790.0,
+                "ratio_vs_raw_processes": 0.79}
+
+    monkeypatch.setattr(bench, "bench_tokenize", tokenize)
+    monkeypatch.setattr(bench.common, "get_encoding", lambda name: tiny_enc)
+    monkeypatch.setattr(bench, "bench_sampler", lambda *a: {
+        "windows_s": 20000.0, "windows_per_episode": 16})
+    text = tmp_path / "t.txt"
+    text.write_text("the cat\n")
+    c = meta_train.SimpleNamespace(data_dir=ds, n_way=2, k_shot=4, q_query=4, meta_seq_len=8)
+    rows = bench.data_rows(c, [str(text), str(tmp_path / "missing.txt")], 3)
+    assert seen == [([str(text)], tiny_enc, 3, 3)]  # the files that exist, best of 3
+    raw, pipe, smp = rows
+    assert (raw["name"], raw["rate"]) == ("raw tiktoken, 3 processes", 1000.0)
+    assert (pipe["rate"], pipe["ratio"], pipe["met"]) == (790.0, 0.79, False)  # 0.8 of raw
+    assert pipe["note"] == "1,234 tokens of t.txt; best of 3, as bench_tokenize measures"
+    assert smp["name"] == "SMLMT episode sampling (16 windows)" and smp["met"] is True
+    rows = bench.data_rows(c, [str(tmp_path / "missing.txt")], 1)
+    assert rows[0] == {"name": "tokenization: skipped",
+                       "note": f"no --text file found ({tmp_path / 'missing.txt'})"}
+
+
+def test_cli_defaults_and_datasheet_basis(tmp_path, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(bench, "run", lambda cfg, *a: seen.append((cfg, a)) or (
+        {"notes": [], "device": "d"}, []))
+    bench.main([f"--data_dir={tmp_path}", "--no_compile", "--n_way=3"])
+    cfg, (reps, warmup, compile, peak_n, text, num_proc) = seen[0]
+    assert (reps, warmup, compile, peak_n, text) == (10, 2, False, None, [])
+    assert (cfg["n_way"], cfg["dim"], cfg["device"]) == (3, 64, "auto")  # configs/cpu.py + flag
+    assert num_proc == common.n_cpus()
+    # a GPU in the datasheet table: MFU against its bf16 peak (bf16 autocast on the CPU here)
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    monkeypatch.setattr(bench, "peak_flops", lambda dev: 989e12)
+    facts, rows = bench.run({**tiny_cfg(tmp_path), "dtype": "bfloat16"}, reps=1, warmup=0,
+                            compile=False, peak_n=32, text=())
+    assert (facts["peak_flop_s"], facts["mfu_basis"]) == (989e12, "datasheet bf16 peak, 989 TFLOP/s")
+    ar = next(r for r in rows if r["name"].startswith("AR micro-step"))
+    assert ar["mfu"] == pytest.approx(ar["flop_s"] / 989e12) and ar["met"] is None

@@ -80,3 +80,19 @@ def test_arguments_reach_generate_and_masked_ids_are_dropped(tmp_path, monkeypat
         assert e.value.code == 2, bad
     for ok in (["--tokens", "1"], ["--num_samples", "1"], ["--top_k", "0"]):
         sample.main([str(tmp_path)] + ok)  # each at its smallest allowed value
+
+
+def test_defaults(tmp_path, monkeypatch, capsys):
+    enc = make_tiny_encoding()
+    model = Llama(ModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=320,
+                            max_seq_len=16))
+    torch.save({"model_args": vars(model.args), "model": model.state_dict(), "tokenizer": "tiny",
+                "step": 5}, tmp_path / "ckpt.pt")
+    monkeypatch.setattr(common, "get_encoding", lambda name: enc)
+    calls = []
+    monkeypatch.setattr(Llama, "generate", lambda self, idx, n, temperature, top_k: calls.append(
+        (idx.tolist(), n, temperature, top_k)) or idx)
+    sample.main([str(tmp_path / "ckpt.pt")])
+    nl = enc.encode_ordinary("\n")
+    # a new line as the prompt, 2 samples of 60 tokens at temperature 0.8 from the top 50, seed 42
+    assert calls == [([nl, nl], 60, 0.8, 50)] and torch.initial_seed() == 42
