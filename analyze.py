@@ -494,7 +494,7 @@ def compare_table(runs, logs):
                 cells.append(f"{x:.2f}" + (f" ({1 / x:.2f}x)" if x > 0 else ""))
         lines.append(f"{run:<30} " + " ".join(f"{c:>15}" for c in cells))
     with_meta = [(run, log) for run, log in zip(runs, logs)
-                 if not np.isnan(log["val_query_acc"]).all()]
+                 if not np.isnan(log.get("val_query_acc", np.nan)).all()]
     if with_meta:
         lines += ["", "meta val episodes at the last eval (+- standard error): query accuracy "
                   "after the inner loop, with none, nearest class mean, support after the inner "
@@ -515,7 +515,7 @@ def plot_compare(runs, logs, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    meta = any(not np.isnan(log["val_query_acc"]).all() for log in logs)
+    meta = any(not np.isnan(log.get("val_query_acc", np.nan)).all() for log in logs)
     fig, axes = plt.subplots(3 if meta else 2, 2, figsize=(10, 10.5 if meta else 7))
     for ax, axis in zip(axes.flat, AXES):
         for run, log in zip(runs, logs):

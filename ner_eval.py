@@ -27,6 +27,7 @@ The data is CC BY-SA: credit UNER (Mayhew et al., NAACL 2024) and the UD treeban
 import argparse
 import copy
 import glob
+import hashlib
 import io
 import math
 import os
@@ -295,6 +296,13 @@ def lr_at(step, total_steps, peak, args):
     return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
 
+def run_seed(*key):
+    """A seed from what a run is (the str of each part), the same in every process: Python's
+    hash() of a str changes from one process to the next."""
+    digest = hashlib.sha256("/".join(map(str, key)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: any torch or numpy seed
+
+
 def fine_tune(model, train, dev, tests, regime, args, ctx=nullcontext(), cache=None, name="ner"):
     """Train a linear tag head on the train examples, with the backbone frozen (regime 'head') or
     training too (regime 'full', which changes model in place). Reports the mean training loss and
@@ -305,9 +313,19 @@ def fine_tune(model, train, dev, tests, regime, args, ctx=nullcontext(), cache=N
     t0 = time.time()
     device = model.tok_embeddings.weight.device
     full = regime == "full"
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)  # batch order
-    head = nn.Linear(model.args.dim, len(LABELS)).to(device)
+    # every draw (head init, batch order) comes from generators keyed by what the run is, never
+    # from the process's global RNG: a run gives the same numbers alone or after others in one
+    # command (--compare, several training sets). The checkpoint is not part of the key: A and B
+    # of a comparison start from the same head and see the same batches.
+    seed = run_seed(name, regime, args.seed)
+    rng = random.Random(seed)  # batch order
+    head = nn.utils.skip_init(nn.Linear, model.args.dim, len(LABELS))
+    bound = 1 / math.sqrt(model.args.dim)  # nn.Linear's default init, from our own generator
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        head.weight.uniform_(-bound, bound, generator=gen)
+        head.bias.uniform_(-bound, bound, generator=gen)
+    head = head.to(device)
     model.requires_grad_(full)
     model.output.requires_grad_(False)  # the vocabulary projection is not used for tagging
     if not full:

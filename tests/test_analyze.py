@@ -2,6 +2,7 @@ import json
 import math
 import os
 import pickle
+import struct
 import subprocess
 import sys
 import types
@@ -185,6 +186,13 @@ def test_probe_windows_are_evenly_spaced_and_fixed():
         analyze.probe_windows(np.arange(5), 2, 9, "short.txt")
 
 
+def png_size(path):
+    """(width, height) in pixels of a PNG file, from its IHDR chunk."""
+    raw = open(path, "rb").read(24)
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", raw[16:24])
+
+
 def write_log(run_dir, steps, loss, tokens, flops, time_s, meta_tokens_null=False):
     """A log.jsonl with a training line before every eval line, fixed keys, nulls where unused."""
     keys = ["step", "lr", "ar_loss", "meta_loss", "support_acc", "query_acc", "val_loss",
@@ -220,7 +228,7 @@ def test_speedup_of_curves_with_a_known_ratio(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "0.62 (1.60x)" in out and "0.78 (1.28x)" in out and "0.75 (1.33x)" in out
     assert (tmp_path / "a" / "analysis" / "compare.txt").read_text() in out
-    assert (tmp_path / "a" / "analysis" / "compare.png").stat().st_size > 0
+    assert png_size(tmp_path / "a" / "analysis" / "compare.png") == (1000, 700)  # 2 x 2 panels
 
 
 def test_compare_shows_the_meta_val_numbers(tmp_path, capsys):
@@ -317,6 +325,7 @@ def test_end_to_end_cli_writes_csv_summary_and_plots(tmp_path, monkeypatch, tiny
         assert sum(l.startswith(metric) for l in summary.splitlines()) == L
     assert summary in capsys.readouterr().out
     assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{m}.png" for m in analyze.METRICS)
+    assert {png_size(p) for p in out.glob("*.png")} == {(800, 300)}  # a 4 x 3 inch panel a layer
     with pytest.raises(SystemExit) as e:  # longer than the model's context: an error, no crash
         analyze.main([str(tmp_path / "run"), "--probe_text", str(text), "--probe_len", "64"])
     assert e.value.code == "--probe_len 64 > the model's max_seq_len 32; lower --probe_len"
@@ -484,3 +493,46 @@ def test_reach_interpolates_between_evals():
     assert analyze.reach(loss, 1.0) is None
     # a curve that goes back up: the first time it gets there
     assert analyze.reach(np.array([5.0, 3.0, 4.0, 2.5]), 3.5) == pytest.approx(0.75)
+
+
+# Tables by hand (issue 26): every cell a near miss (another eval, another layer) would change
+
+def test_compare_table_by_hand():
+    nan = float("nan")
+    a = {"val_loss": np.array([5.0, 4.0, 3.5]), "step": np.array([0.0, 100, 200]),
+         "tokens": np.array([0.0, 1e5, 2e5]), "flops": np.array([0.0, 1e12, 2e12]),
+         "time": np.array([0.0, 10, 20])}
+    # b reaches 3.5 at 1.5 / 1.6 of the way from its first eval to its second
+    b = {"val_loss": np.array([5.0, 3.4, 3.0]), "step": np.array([0.0, 100, 200]),
+         "tokens": np.array([0.0, 2e5, 4e5]), "flops": np.array([0.0, nan, nan]),
+         "time": np.array([0.0, 40, 80])}
+    lines = analyze.compare_table(["A", "B"], [a, b]).splitlines()
+    f = 1.5 / 1.6
+    assert lines[0] == "target: final val loss of A = 3.5000"
+    assert lines[3] == f"{'A':<30} {3.5:>9.4f} " + " ".join(
+        f"{x:>10}" for x in ["200", "2e+05", "2e+12", "20"])
+    assert lines[4] == f"{'B':<30} {3.0:>9.4f} " + " ".join(
+        f"{x:>10}" for x in ["200", "4e+05", "n/a", "80"])
+    cells = [f"{x:.2f} ({1 / x:.2f}x)" for x in (100 * f / 200, 2e5 * f / 2e5)] + [
+        "n/a", f"{40 * f / 20:.2f} ({20 / (40 * f):.2f}x)"]
+    assert lines[-1] == f"{'B':<30} " + " ".join(f"{c:>15}" for c in cells)
+
+
+def test_summary_lines_by_hand():
+    # layer 0: weight_per is the mean of two matrices, 0.2 0.5 0.3 over steps 0 10 20 (rises then
+    # falls); layer 1: 0.4 0.45 0.6 (peaks last); entropy_norm of layer 1 peaks at step 10
+    rows = []
+    for step, (a, b, c, e) in zip([0, 10, 20], [(0.1, 0.3, 0.4, 0.2), (0.4, 0.6, 0.45, 0.9),
+                                                (0.2, 0.4, 0.6, 0.5)]):
+        rows += [(step, 0, "wq", "weight_per", a), (step, 0, "wk", "weight_per", b),
+                 (step, 1, "wq", "weight_per", c), (step, 1, "h0", "entropy_norm", e),
+                 (step, 1, "h1", "entropy_norm", e)]
+    text = analyze.summarize(rows, 0.01, "hdr").splitlines()
+    assert text[:2] == ["hdr", "3 checkpoints, steps 0..20"]
+    line = lambda m, layer, p, first, peak, last, yes: (
+        f"{m:<13} {layer:>5} {p:>10} {first:>8.4f} {peak:>8.4f} {last:>8.4f}  {yes}")
+    assert line("weight_per", 0, 10, 0.2, 0.5, 0.3, "yes") in text
+    assert line("weight_per", 1, 20, 0.4, 0.6, 0.6, "no") in text
+    assert line("entropy_norm", 1, 10, 0.2, 0.9, 0.5, "yes") in text
+    assert "  weight_per: layer 0 (step 10)" in text and "  entropy_norm: layer 1 (step 10)" in text
+    assert "  grad_per: none" in text

@@ -84,3 +84,139 @@ def test_peer_computes_our_function():
     x = torch.randint(0, 64, (2, 16))
     assert sum(p.numel() for p in peer.parameters()) == model.num_params()
     torch.testing.assert_close(peer(input_ids=x).logits, model(x)[0], atol=1e-5, rtol=1e-5)
+
+
+# The measurements' arithmetic, with the clock replaced by known times (issue 26)
+
+def test_rows_follow_from_the_times(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    times = {"ar": 4.0, "head": 12.0, "all": 40.0}
+    monkeypatch.setattr(bench, "median_ms", lambda steps, reps, warmup, sync=None: {
+        k: times[k] for k in steps})
+    monkeypatch.setattr(bench, "matmul_peak", lambda dev, dtype, n, reps, warmup: 2e9)
+    mem = iter([3 * 2 ** 20, 5 * 2 ** 20, 7 * 2 ** 20])
+    monkeypatch.setattr(bench, "peak_memory", lambda fn, dev, setup=None: next(mem))
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (1.5, 9.0, 9.0))
+    cfg = tiny_cfg(tmp_path)
+    facts, rows = bench.run(cfg, reps=3, warmup=0, compile=False, peak_n=64, text=())
+    assert facts["load"] == "1.50 (1-minute load average at the start)"
+    assert facts["peak_flop_s"] == 2e9
+    assert facts["mfu_basis"] == "the matmul row, measured in this run"
+    c = meta_train.SimpleNamespace(**cfg)
+    model = Llama(common.model_args(c))
+    ar_tokens = 2 * 8  # batch_size x seq_len
+    ar_flops = ar_tokens * model.flops_per_token(8)
+    by = {r["name"].split(" (")[0].split(",")[0]: r for r in rows}
+    mm = next(r for r in rows if r["name"].startswith("matmul 64^3 float32 (fastest of 3)"))
+    assert mm["flop_s"] == 2e9 and mm["mfu"] == 1.0
+    ar = by["AR micro-step 2x8"]
+    assert (ar["ms"], ar["rate"], ar["mem_bytes"]) == (4.0, ar_tokens / 4.0 * 1000, 3 * 2 ** 20)
+    assert ar["flop_s"] == pytest.approx(ar_flops / 4e-3)
+    assert ar["mfu"] == pytest.approx(ar_flops / 4e-3 / 2e9) and ar["met"] == (ar["mfu"] >= 0.3)
+    for mode, ms, mib in (("head", 12.0, 5), ("all", 40.0, 7)):
+        cm = meta_train.SimpleNamespace(**{**cfg, "meta_task": "smlmt", "inner_params": mode})
+        tokens, flops = meta_train.episode_tokens_and_flops(model, cm)
+        row = next(r for r in rows if f", {mode}," in r["name"])
+        assert row["name"] == f"episode 2-way 1+1 x8, {mode}, 2 inner"
+        assert (row["ms"], row["mem_bytes"]) == (ms, mib * 2 ** 20)
+        assert row["rate"] == pytest.approx(tokens / ms * 1000)
+        assert row["flop_s"] == pytest.approx(flops / ms * 1000)
+        # per token against an AR token: (ms / episode tokens) / (AR ms / AR tokens)
+        assert row["ratio"] == pytest.approx(ms / tokens / (4.0 / ar_tokens))
+        assert row["met"] == ((row["ratio"] <= 1.5) if mode == "head" else None)
+    assert tokens == 2 * (1 + 1) * 8  # n_way x (k_shot + q_query) windows of meta_seq_len
+    # a row's note is a numbered footnote; the episode note gives the output layer's share
+    for start, note in (("peer: skipped", "transformers not installed"),
+                        ("SMLMT episode sampling: skipped", f"no {cfg['data_dir']}")):
+        name = next(r["name"] for r in rows if r["name"].startswith(start))
+        assert facts["notes"][int(name.rsplit("[", 1)[1][:-1]) - 1].startswith(note), name
+    share = 6 * 64 * 16 / model.flops_per_token(8)
+    assert f"an episode reads 32 tokens (support + query windows); it never projects to the " \
+           f"vocabulary, which is {share:.0%} of an AR token's FLOPs" in facts["notes"]
+    table = bench.format_table(facts, rows).splitlines()
+    assert table[-len(facts["notes"]):] == [f"[{i}] {n}" for i, n in enumerate(facts["notes"], 1)]
+    line = next(l for l in table if l.startswith("AR micro-step"))
+    assert f"{ar_tokens / 4.0 * 1000:,.0f} tok/s" in line and f"{ar['mfu']:.1%}" in line
+    assert " 3 " in line and "| 4.0 " in line
+
+
+def test_matmul_peak_is_the_fastest_run(monkeypatch):
+    calls = iter([5.0, 2.0, 3.0])
+    warm = []
+    monkeypatch.setattr(bench, "median_ms", lambda steps, reps, warmup, sync=None: (
+        warm.append(warmup), {"mm": next(calls)})[1])
+    flop_s = bench.matmul_peak(torch.device("cpu"), torch.float32, 8, reps=3, warmup=2)
+    assert flop_s == 2 * 8 ** 3 / 0.002 and warm == [2, 0, 0]  # warm-up before the first only
+
+
+def test_peak_memory_sees_a_step_allocate(monkeypatch):
+    keep = []
+    grow = bench.peak_memory(lambda: keep.append(torch.ones(16 * 2 ** 20)), torch.device("cpu"))
+    if grow is None:
+        pytest.skip("no /proc/self/clear_refs here")
+    assert 60 * 2 ** 20 < grow < 200 * 2 ** 20  # 64 MiB of floats, and little else
+    keep.clear()
+    setup = bench.peak_memory(lambda: None, torch.device("cpu"), setup=lambda: keep.append(
+        torch.ones(16 * 2 ** 20)))
+    assert setup < 16 * 2 ** 20  # what setup allocates is not the step's
+
+
+def test_sampler_and_tokenizer_counts(ds, tiny_enc, tmp_path):
+    s = bench.bench_sampler(ds, n_way=3, k_shot=2, q_query=1, seq_len=8, n_episodes=5)
+    assert s["windows_per_episode"] == 3 * (2 + 1)
+    assert s["windows_s"] == pytest.approx(9 * s["episodes_s"])
+    docs = ["the cat and the dog", "river stone, apple!", "green tree 42"] * 20
+    path = tmp_path / "t.txt"
+    path.write_text("\n\n".join(docs) + "\n")
+    tok = bench.bench_tokenize([str(path)], tiny_enc, num_proc=1, repeats=1, batch_chars=64)
+    assert tok["tokens"] == sum(len(tiny_enc.encode_ordinary(d)) for d in docs)
+    assert tok["ratio_vs_raw_processes"] == tok["pipeline_tok_s"] / tok["raw_processes_tok_s"]
+    assert tok["num_proc"] == 1 and min(tok["raw_threads_tok_s"], tok["pipeline_tok_s"]) > 0
+
+
+def test_data_rows_and_their_targets(ds, tiny_enc, tmp_path, monkeypatch):
+    seen = []
+
+    def tokenize(paths, enc, num_proc, repeats=3):
+        seen.append((paths, enc, num_proc, repeats))
+        return {"tokens": 1234, "raw_processes_tok_s": 1000.0, "pipeline_tok_s": 790.0,
+                "ratio_vs_raw_processes": 0.79}
+
+    monkeypatch.setattr(bench, "bench_tokenize", tokenize)
+    monkeypatch.setattr(bench.common, "get_encoding", lambda name: tiny_enc)
+    monkeypatch.setattr(bench, "bench_sampler", lambda *a: {
+        "windows_s": 20000.0, "windows_per_episode": 16})
+    text = tmp_path / "t.txt"
+    text.write_text("the cat\n")
+    c = meta_train.SimpleNamespace(data_dir=ds, n_way=2, k_shot=4, q_query=4, meta_seq_len=8)
+    rows = bench.data_rows(c, [str(text), str(tmp_path / "missing.txt")], 3)
+    assert seen == [([str(text)], tiny_enc, 3, 3)]  # the files that exist, best of 3
+    raw, pipe, smp = rows
+    assert (raw["name"], raw["rate"]) == ("raw tiktoken, 3 processes", 1000.0)
+    assert (pipe["rate"], pipe["ratio"], pipe["met"]) == (790.0, 0.79, False)  # 0.8 of raw
+    assert pipe["note"] == "1,234 tokens of t.txt; best of 3, as bench_tokenize measures"
+    assert smp["name"] == "SMLMT episode sampling (16 windows)" and smp["met"] is True
+    rows = bench.data_rows(c, [str(tmp_path / "missing.txt")], 1)
+    assert rows[0] == {"name": "tokenization: skipped",
+                       "note": f"no --text file found ({tmp_path / 'missing.txt'})"}
+
+
+def test_cli_defaults_and_datasheet_basis(tmp_path, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(bench, "run", lambda cfg, *a: seen.append((cfg, a)) or (
+        {"notes": [], "device": "d"}, []))
+    bench.main([f"--data_dir={tmp_path}", "--no_compile", "--n_way=3"])
+    cfg, (reps, warmup, compile, peak_n, text, num_proc) = seen[0]
+    assert (reps, warmup, compile, peak_n, text) == (10, 2, False, None, [])
+    assert (cfg["n_way"], cfg["dim"], cfg["device"]) == (3, 64, "auto")  # configs/cpu.py + flag
+    assert num_proc == common.n_cpus()
+    # a GPU in the datasheet table: MFU against its bf16 peak (bf16 autocast on the CPU here)
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    monkeypatch.setattr(bench, "peak_flops", lambda dev: 989e12)
+    facts, rows = bench.run({**tiny_cfg(tmp_path), "dtype": "bfloat16"}, reps=1, warmup=0,
+                            compile=False, peak_n=32, text=())
+    assert facts["peak_flop_s"] == 989e12
+    assert facts["mfu_basis"] == "datasheet bf16 peak, 989 TFLOP/s"
+    ar = next(r for r in rows if r["name"].startswith("AR micro-step"))
+    assert ar["mfu"] == pytest.approx(ar["flop_s"] / 989e12) and ar["met"] is None

@@ -538,3 +538,54 @@ def test_audit_counts_what_episodes_show_of_their_labels(tmp_path, monkeypatch, 
                         lambda self, x, spelled: x == self.words[spelled][:, None, None])
     a = data.audit(out, enc, **args)
     assert a["mask_then_rest"] > 0 and a["spelling_shown"] > 0 and a["word_in_text"] > 0
+
+
+def test_smlmt_words_whose_documents_interleave(tmp_path, tiny_enc):
+    # the index is sorted by word, then position: cat's last document is dog's first, dog's last
+    # is bird's first, and bird (2 documents) and fish (1) are sparse words next to them. Checked
+    # against a slow reference of what each word may give: its own occurrences, from distinct
+    # documents, or windows apart where it has too few documents, and every document it has.
+    T, K, Q = 4, 2, 1
+    n = K + Q
+    text = [" of to is" * 5, " cat of of", " cat to cat", " of cat is", " is cat dog of",
+            " dog of to", " to dog bird of", " bird of of of of bird of of of of bird",
+            " fish is fish", " is of to"]
+    out = str(tmp_path / "out")
+    prepare.write_shards(text, tiny_enc, out, val_tokens=0, progress=False)
+    prepare.build_index(out, tiny_enc, min_per_million=0, max_per_million=10 ** 6, context=16)
+    stream = split_stream(out, "train")
+    eot = stream == tiny_enc.eot_token
+    doc_of = np.cumsum(eot) - eot
+    word = {w: tiny_enc.encode_single_token(" " + w) for w in ("cat", "dog", "bird", "fish")}
+    probe = data.SMLMTSampler(out, 1, K, Q, T)
+    ref = {}  # word id -> (its documents, usable, from distinct documents)
+    for c, w in enumerate(probe.words.tolist()):
+        pos = np.flatnonzero(stream == w)
+        assert probe.positions[probe.offsets[c]:probe.offsets[c + 1]].tolist() == pos.tolist()
+        docs = set(doc_of[pos].tolist())
+        apart, last = 0, -T  # greedy from the left: the most windows that do not overlap
+        for p in pos:
+            if p - last >= T:
+                apart, last = apart + 1, p
+        ref[w] = (docs, len(docs) >= n or apart >= n, len(docs) >= n)
+    assert [ref[word[w]][1:] for w in word] == [(True, True), (True, True), (True, False),
+                                               (False, False)]
+    usable = sorted(w for w, r in ref.items() if r[1])
+    assert sorted(probe.words[probe.usable].tolist()) == usable
+    sampler = data.SMLMTSampler(out, len(usable), K, Q, T)  # every usable word in every episode
+    used = {w: set() for w in usable}
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        ep = sampler.sample(rng)
+        assert sorted(ep.word_ids.tolist()) == usable
+        for c, w in enumerate(ep.word_ids.tolist()):
+            p = np.concatenate([ep.support_pos[ep.support_y == c], ep.query_pos[ep.query_y == c]])
+            assert len(p) == n and (stream[p] == w).all(), (w, p)
+            if ref[w][2]:
+                assert len(set(doc_of[p].tolist())) == n
+            else:
+                assert (np.diff(np.sort(p)) >= T).all()
+            used[w] |= set(doc_of[p].tolist())
+            x = torch.cat([ep.support_x[ep.support_y == c], ep.query_x[ep.query_y == c]])
+            assert (x[:, -1] == sampler.mask_id).all() and not (x == w).any()
+    assert {w: used[w] for w in usable} == {w: ref[w][0] for w in usable}

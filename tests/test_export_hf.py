@@ -117,3 +117,94 @@ def test_a_tokenizer_other_than_gpt2s_byte_level_bpe_is_refused(tmp_path):
     _, ckpt = tiny_ckpt(other)
     with pytest.raises(ValueError, match="split pattern"):
         export_hf.export(ckpt, other, str(tmp_path))
+
+
+# The format details a loader relies on, by hand (issue 26)
+
+def test_bytes_to_unicode_is_gpt2s_table():
+    m = export_hf.bytes_to_unicode()
+    assert len(m) == 256 and len(set(m.values())) == 256
+    assert m[ord("!")] == "!" and m[ord("~")] == "~" and m[0xA1] == "\xa1" and m[0xFF] == "\xff"
+    # the others in byte order from 256: 0..32, then 127..160, then 173 (the soft hyphen)
+    assert (m[0], m[ord(" ")], m[ord("\n")]) == (chr(256), "Ġ", "Ċ")
+    assert (m[127], m[160], m[0xAD]) == (chr(256 + 33), chr(256 + 33 + 33), chr(256 + 67))
+
+
+def test_bpe_merges_by_hand():
+    ranks = {bytes([c]): i for i, c in enumerate(b"abcd")}
+    # 'abc': the lower-ranked of ab and bc merges first, so the last merge differs
+    assert export_hf.bpe_merges({**ranks, b"ab": 4, b"bc": 5, b"abc": 6})[-1] == (b"ab", b"c")
+    assert export_hf.bpe_merges({**ranks, b"bc": 4, b"ab": 5, b"abc": 6})[-1] == (b"a", b"bc")
+    # 'abcd' with no 'bc' or 'abc' token: ab, then cd, then the two halves
+    merges = export_hf.bpe_merges({**ranks, b"ab": 4, b"cd": 5, b"abcd": 6})
+    assert merges == [(b"a", b"b"), (b"c", b"d"), (b"ab", b"cd")]
+
+
+def test_safetensors_header_is_aligned_and_exact(tmp_path):
+    tensors = {"a": torch.arange(3.0), "bb": torch.ones(2, 5), "c": torch.zeros(1)}
+    export_hf.write_safetensors(str(tmp_path / "m.safetensors"), tensors)
+    raw = (tmp_path / "m.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    assert n % 8 == 0 and len(raw) == 8 + n + 4 * (3 + 10 + 1)  # the data starts aligned
+    header = json.loads(raw[8:8 + n])
+    assert header == {"__metadata__": {"format": "pt"},
+                      "a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]},
+                      "bb": {"dtype": "F32", "shape": [2, 5], "data_offsets": [12, 52]},
+                      "c": {"dtype": "F32", "shape": [1], "data_offsets": [52, 56]}}
+    for name, t in read_safetensors(tmp_path / "m.safetensors").items():
+        assert torch.equal(t, tensors[name])
+
+
+def test_config_and_cli(tmp_path, monkeypatch, capsys):
+    enc = make_tiny_encoding()
+    model, ckpt = tiny_ckpt(enc)
+    cfg = export_hf.hf_config(model.args, 7)
+    assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]) == (
+        32, model.args.hidden_dim, 8)
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["num_hidden_layers"],
+            cfg["vocab_size"], cfg["max_position_embeddings"]) == (4, 2, 2, 320, 16)
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["tie_word_embeddings"]) == (7, 7, False)
+    assert (cfg["rms_norm_eps"], cfg["rope_theta"]) == (model.args.norm_eps,
+                                                        model.args.rope_theta)
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    monkeypatch.setattr(export_hf.common, "get_encoding", lambda name: enc)
+    export_hf.main([str(tmp_path), str(tmp_path / "hf")])
+    n = sum(v.numel() for v in ckpt["model"].values())
+    assert capsys.readouterr().out == (f"wrote {tmp_path / 'hf'}: step 3, {n:,} parameters, "
+                                       f"tokenizer tiny + [MASK]\n")
+    conf = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert (conf["model_max_length"], conf["mask_token"], conf["eos_token"]) == (
+        16, "[MASK]", "<|endoftext|>")
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert gen == {"bos_token_id": enc.eot_token, "eos_token_id": enc.eot_token}
+    with pytest.raises(SystemExit, match="export_hf.py: error: cannot read checkpoint"):
+        export_hf.main([str(tmp_path / "hf" / "config.json"), str(tmp_path / "x")])
+
+
+def test_tokenizer_json_fields_are_gpt2s(tmp_path):
+    # without the tokenizers library (CI) nothing loads the file: its settings are pinned to those
+    # of GPT-2's own tokenizer.json on the hub, but the special tokens are not normalized
+    enc = make_tiny_encoding()
+    export_hf.write_tokenizer(str(tmp_path), enc, enc.n_vocab, 16)
+    tok = json.loads((tmp_path / "tokenizer.json").read_text())
+    flags = dict(single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+    assert tok["added_tokens"] == [dict(id=308, content="<|endoftext|>", **flags),
+                                   dict(id=309, content="[MASK]", **flags)]
+    byte_level = dict(type="ByteLevel", trim_offsets=True, use_regex=True)
+    assert tok["pre_tokenizer"] == dict(byte_level, add_prefix_space=False)
+    assert tok["decoder"] == dict(byte_level, add_prefix_space=True)
+    assert (tok["normalizer"], tok["post_processor"], tok["truncation"], tok["padding"]) == (
+        None, None, None, None)
+    model = {k: v for k, v in tok["model"].items() if k not in ("vocab", "merges")}
+    assert model == dict(type="BPE", dropout=None, unk_token=None, continuing_subword_prefix="",
+                         end_of_word_suffix="", fuse_unk=False, byte_fallback=False,
+                         ignore_merges=False)
+    assert tok["model"]["vocab"] == json.loads((tmp_path / "vocab.json").read_text())
+    merges = (tmp_path / "merges.txt").read_text().splitlines()
+    assert merges[0] == "#version: 0.2" and tok["model"]["merges"] == merges[1:]
+    special = json.loads((tmp_path / "special_tokens_map.json").read_text())
+    assert special == {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                       "unk_token": "<|endoftext|>", "mask_token": "[MASK]"}
+    conf = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert (conf["tokenizer_class"], conf["add_prefix_space"],
+            conf["clean_up_tokenization_spaces"]) == ("GPT2TokenizerFast", False, False)

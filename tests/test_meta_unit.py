@@ -1,6 +1,7 @@
 """The FOMAML episodes against independent reference computations, and the configurator."""
 import copy
 import math
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -713,3 +714,48 @@ def test_well_posed_keys_adapt_under_bf16_autocast(features, rows):
     assert loss < 0.8 * loss0 and abs(loss - ref_loss) < 0.05 * ref_loss, (loss0, loss, ref_loss)
     # bf16 features against fp32: over seeds 3-5 the paper's raw/words episode's cosine is 0.91-1.0
     assert F.cosine_similarity(grad, ref_grad, dim=0) > 0.9
+
+
+def test_head_gradients_of_two_episodes_that_share_words_add_up():
+    # one step of two episodes in one process: the words 3 and 7 are classes of both (in other
+    # class slots), so their output rows must get the sum of two gradients, not the last one
+    model, head, ep1 = setup()
+    _, _, ep2 = setup(seed=1)
+    ep2.word_ids = torch.tensor([3, 11, 7, 5])
+    c = cfg()
+    alone = []
+    for ep in (ep1, ep2):
+        m, h = copy.deepcopy(model), copy.deepcopy(head)
+        smlmt_episode(m, h, ep, c, loss_scale=1.0)
+        alone.append({n: p.grad.clone() for n, p in [*m.named_parameters(), *h.named_parameters()]
+                      if p.grad is not None})
+    smlmt_episode(model, head, ep1, c, loss_scale=0.25)
+    smlmt_episode(model, head, ep2, c, loss_scale=0.75)
+    got = {n: p.grad for n, p in [*model.named_parameters(), *head.named_parameters()]
+           if p.grad is not None}
+    assert set(got) == set(alone[0]) == set(alone[1])
+    for n in got:
+        torch.testing.assert_close(got[n], 0.25 * alone[0][n] + 0.75 * alone[1][n], rtol=1e-5,
+                                   atol=1e-7, msg=n)
+    g = head.out.weight.grad
+    for w in (3, 7):  # both episodes' gradients are in the shared rows, and each is non-zero
+        assert alone[0]["out.weight"][w].abs().sum() > 0
+        assert alone[1]["out.weight"][w].abs().sum() > 0
+        assert not torch.allclose(g[w], 0.75 * alone[1]["out.weight"][w])
+    untouched = torch.ones(V, dtype=torch.bool)
+    untouched[[3, 5, 7, 11, 21, 30]] = False
+    assert (g[untouched] == 0).all() and (head.out.bias.grad[untouched] == 0).all()
+
+
+@pytest.mark.parametrize("argv, want, got", [
+    (["--n_way=True"], "int", "bool True"),  # bool is a subclass of int, not an int key's value
+    (["--learning_rate=True"], "float", "bool True"),  # nor of a float key
+    (["--dim=64.0"], "int", "float 64.0"),  # a whole float is not an int
+    (["--compile=0"], "bool", "int 0"),
+    (["--eval_interval=[10]"], "int", "list [10]"),
+])
+def test_configure_rejects_a_value_of_a_related_type(tmp_path, argv, want, got):
+    for args in (argv, [str(tmp_path / "c.py")]):  # on the command line and in a file
+        (tmp_path / "c.py").write_text(argv[0][2:].replace("=", " = ") + "\n")
+        with pytest.raises(ConfigError, match=re.escape(f"must be {want}, got {got}")):
+            configure(meta_train.DEFAULTS, args)

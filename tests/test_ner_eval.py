@@ -1,3 +1,4 @@
+import copy
 import io
 import json
 import os
@@ -8,6 +9,7 @@ import sys
 import time
 from argparse import Namespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -655,3 +657,324 @@ def test_prf_with_unequal_precision_and_recall():
     assert (m["correct"], m["predicted"], m["gold"]) == (1, 2, 3)
     assert (m["precision"], m["recall"], m["f1"]) == (0.5, pytest.approx(1 / 3), pytest.approx(0.4))
     assert m["per_type"]["ORG"] == ner_eval.prf(0, 0, 1)
+
+
+# Run-order independence (issue 28): a run's numbers are a function of what it is
+
+def seed_everything(seed):
+    """Put the process's global generators in a known state, so that a run that drew from them
+    would give numbers that depend on what ran before it in the same process."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def test_checkpoint_alone_equals_it_inside_compare(tmp_path, tiny_enc, monkeypatch):
+    uner_dir(tmp_path / "uner")  # the test-only yy_pud; xx_one gets more sentences below
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    for path, seed in ((a, 1), (b, 2)):
+        model = tiny_model(tiny_enc, seed)
+        torch.save({"model_args": vars(model.args), "model": model.state_dict(),
+                    "tokenizer": "tiny", "config": {}, "step": 1}, path)
+    for n, seed in (("train", 0), ("dev", 1), ("test", 2)):
+        write(tmp_path / "uner" / "UNER_Tiny-One" / f"xx_one-ud-{n}.iob2",
+              iob2(synthetic(24, seed)))
+    monkeypatch.setattr(ner_eval.common, "get_encoding", lambda name: tiny_enc)
+    flags = ["--data_dir", str(tmp_path / "uner"), "--train_sets", "xx_one", "--epochs", "2",
+             "--batch_size", "5", "--lr", "1e-3", "--head_lr", "1e-2", "--device", "cpu"]
+    seed_everything(0)
+    ner_eval.main([str(b), "--out", str(tmp_path / "b.json")] + flags)
+    seed_everything(0)
+    ner_eval.main(["--compare", str(a), str(b), "--out", str(tmp_path / "ab.json")] + flags)
+    alone = json.loads((tmp_path / "b.json").read_text())["runs"]
+    inside = json.loads((tmp_path / "ab.json").read_text())["b"]["runs"]
+    assert list(alone) == ["xx_one/head", "xx_one/full"]
+    for key in alone:
+        # every epoch's loss and dev F1 and every test score, exactly (seconds aside)
+        assert alone[key]["epochs"] == inside[key]["epochs"], key
+        assert alone[key]["test"] == inside[key]["test"], key
+        assert alone[key]["epochs"][0]["train_loss"] != alone[key]["epochs"][1]["train_loss"]
+
+
+def test_fine_tune_draws_from_generators_keyed_by_the_run(tiny_enc):
+    enc = lambda sents: ner_eval.encode_sentences(sents, tiny_enc, 64)
+    train, dev = enc(synthetic(30, 0)), enc(synthetic(8, 1))
+    model, cache = tiny_model(tiny_enc), {}
+
+    def run(name, regime="head", global_seed=0):
+        seed_everything(global_seed)
+        before = torch.get_rng_state()
+        m = copy.deepcopy(model) if regime == "full" else model
+        res = ner_eval.fine_tune(m, train, dev, {"syn": dev}, regime,
+                                 settings(epochs=1, head_lr=1e-2, lr=1e-3), cache=cache, name=name)
+        # the process's generator is left as it was: a run leaves nothing for the next one
+        assert torch.equal(torch.get_rng_state(), before)
+        return res["epochs"], res["test"]
+
+    for regime in ("head", "full"):
+        # whatever state the process is in, the same run gives the same numbers
+        assert run("xx/" + regime, regime, 0) == run("xx/" + regime, regime, 1)
+    # another training set or regime is another run, with its own head init and batch order
+    assert run("xx/head") != run("yy/head")
+    assert ner_eval.run_seed("xx/head", "head", 1337) == 6616440335488985500  # in any process
+
+
+# Contracts checked on data irregular enough that a near miss gives another answer (issue 26)
+
+def ref_spans(tags):
+    """A slow reference of conlleval's chunks: B-X or I-X starts a span unless it continues one
+    of type X; I-X continues it; anything else ends it."""
+    spans, i = [], 0
+    while i < len(tags):
+        if tags[i] == "O":
+            i += 1
+            continue
+        typ, j = tags[i][2:], i + 1
+        while j < len(tags) and tags[j] == "I-" + typ:
+            j += 1
+        spans.append((typ, i, j))
+        i = j
+    return spans
+
+
+def ref_f1(gold, pred):
+    def prf(c, p, g):
+        pr, rc = (c / p if p else 0.0), (c / g if g else 0.0)
+        return pr, rc, (2 * pr * rc / (pr + rc) if pr + rc else 0.0)
+    rows = [(set(ref_spans(g)), set(ref_spans(p))) for g, p in zip(gold, pred)]
+    out = {}
+    for typ in (None,) + ner_eval.TYPES:
+        keep = lambda s: {x for x in s if typ is None or x[0] == typ}
+        c = sum(len(keep(g) & keep(p)) for g, p in rows)
+        out[typ] = (c, sum(len(keep(p)) for _, p in rows), sum(len(keep(g)) for g, _ in rows))
+        out[typ] += prf(*out[typ])
+    return out
+
+
+def random_tags(rng, n):
+    """Tag sequences with every trap: stray I-, a type change inside a span, B- after B-."""
+    weights = [6] + [1] * (len(ner_eval.LABELS) - 1)
+    return [rng.choices(ner_eval.LABELS, weights, k=rng.randint(0, 9)) for _ in range(n)]
+
+
+def test_spans_and_f1_match_a_slow_reference():
+    rng = random.Random(5)
+    gold = random_tags(rng, 300)
+    # predictions near gold: the same spans with another type, shifted ends, dropped tags
+    pred = []
+    for g in gold:
+        p = list(g)
+        for i, tag in enumerate(p):
+            r = rng.random()
+            if tag != "O" and r < 0.15:
+                p[i] = tag[:2] + rng.choice([t for t in ner_eval.TYPES if t != tag[2:]])
+            elif r < 0.25:
+                p[i] = rng.choice(ner_eval.LABELS)
+        pred.append(p)
+    for g in gold + pred:
+        assert get_spans(g) == ref_spans(g), g
+    m, ref = span_f1(gold, pred), ref_f1(gold, pred)
+    keys = ("correct", "predicted", "gold", "precision", "recall", "f1")
+    assert tuple(m[k] for k in keys) == pytest.approx(ref[None])
+    assert 0.3 < m["f1"] < 0.9 and m["precision"] != m["recall"]  # a score a near miss moves
+    for typ in ner_eval.TYPES:
+        assert tuple(m["per_type"][typ][k] for k in keys) == pytest.approx(ref[typ]), typ
+
+
+def test_right_boundaries_wrong_type_scores_nothing():
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["O", "B-ORG"]]
+    pred = [["B-ORG", "I-ORG", "O", "B-LOC"], ["O", "B-PER"]]  # every boundary right
+    m = span_f1(gold, pred)
+    assert (m["correct"], m["predicted"], m["gold"]) == (1, 3, 3)
+    per = m["per_type"]
+    assert (per["PER"]["correct"], per["PER"]["predicted"], per["PER"]["gold"]) == (0, 1, 1)
+    assert (per["ORG"]["correct"], per["ORG"]["predicted"], per["ORG"]["gold"]) == (0, 1, 1)
+    assert per["LOC"]["f1"] == 1.0 and m["f1"] == pytest.approx(1 / 3)
+
+
+def test_predict_returns_each_sentence_its_own_tags_in_input_order():
+    # cached features that are one-hot label ids and an identity head: the prediction of each
+    # word is known, so a batch mixed up by the length sort, or tags shifted between sentences,
+    # show; some sentences were cut (n_words < words) and end in O
+    rng = random.Random(3)
+    L = len(ner_eval.LABELS)
+    exs, want, cache = [], [], {}
+    for n in [5, 1, 7, 2, 2, 9, 4, 3, 6, 1, 8]:
+        kept = n - rng.randint(0, 2) if n > 2 else n
+        tags = [rng.choice(ner_eval.LABELS[1:]) for _ in range(n)]
+        e = {"ids": [0] * (kept + rng.randint(0, 3)), "tags": ["O"] * n, "n_words": kept}
+        exs.append(e)
+        cache[id(e)] = torch.eye(L)[[LABEL_ID[t] for t in tags[:kept]]]
+        want.append(tags[:kept] + ["O"] * (n - kept))
+    head = torch.nn.Linear(L, L)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(L))
+        head.bias.zero_()
+    for bs in (1, 3, 64):
+        preds = ner_eval.predict(torch.nn.Module(), head, exs, settings(eval_batch_size=bs),
+                                 ner_eval.nullcontext(), cache)
+        assert preds == want, bs
+    batches = ner_eval.by_length(exs, 3)
+    assert sorted(sum(batches, [])) == list(range(len(exs))) and [len(b) for b in batches] == [
+        3, 3, 3, 2]
+    lengths = [len(exs[i]["ids"]) for b in batches for i in b]
+    assert lengths == sorted(lengths)
+
+
+def fine_tune_spied(monkeypatch, tiny_enc, regime, dev_f1, epochs):
+    """fine_tune on a tiny task with score() replaced: dev F1 follows dev_f1 epoch by epoch, and a
+    test 'F1' is a fingerprint of the weights scored (head and backbone), recorded at each dev
+    call -> (result, fingerprint after each epoch, optimizer kwargs, lr_at calls)."""
+    enc = lambda sents: ner_eval.encode_sentences(sents, tiny_enc, 64)
+    train, dev, test = enc(synthetic(10, 0)), enc(synthetic(4, 1)), enc(synthetic(4, 2))
+    model = tiny_model(tiny_enc)
+    fingerprints, dev_scores = [], iter(dev_f1)
+
+    def fingerprint(head):
+        return (head.weight.sum().item(), head.bias.sum().item(),
+                model.layers[1].feed_forward.w2.weight.sum().item())
+
+    def score(m, head, examples, args, ctx, cache=None):
+        assert m is model
+        if examples is dev:
+            fingerprints.append(fingerprint(head))
+            return {"f1": next(dev_scores)}
+        return {"f1": fingerprint(head)}
+
+    adamw, lrs = [], []
+    real_adamw, real_lr_at = torch.optim.AdamW, ner_eval.lr_at
+    monkeypatch.setattr(ner_eval, "score", score)
+    monkeypatch.setattr(ner_eval.torch.optim, "AdamW",
+                        lambda params, **kw: adamw.append(kw) or real_adamw(params, **kw))
+    monkeypatch.setattr(ner_eval, "lr_at", lambda step, total, peak, args: lrs.append(
+        (step, total, peak)) or real_lr_at(step, total, peak, args))
+    args = settings(epochs=epochs, batch_size=4, lr=1e-3, head_lr=3e-2)
+    res = ner_eval.fine_tune(model, train, dev, {"syn": test}, regime, args)
+    return res, fingerprints, adamw, lrs
+
+
+@pytest.mark.parametrize("regime", ["head", "full"])
+def test_best_epoch_that_is_not_the_last_is_the_one_scored(monkeypatch, tiny_enc, regime):
+    # dev F1 peaks at epoch 2 and ties there at epoch 3: the first best epoch is kept
+    res, fp, adamw, lrs = fine_tune_spied(monkeypatch, tiny_enc, regime, [0.2, 0.6, 0.6, 0.4], 4)
+    assert (res["best_epoch"], res["best_dev_f1"]) == (2, 0.6)
+    assert [e["dev_f1"] for e in res["epochs"]] == [0.2, 0.6, 0.6, 0.4]
+    assert len(set(fp)) == 4  # the weights moved every epoch
+    # the final model is the last epoch's, the best the second's: head, and backbone for full
+    assert res["test"]["syn"]["final"]["f1"] == fp[3]
+    assert res["test"]["syn"]["best"]["f1"] == fp[1]
+    if regime == "head":
+        assert len({f[2] for f in fp}) == 1  # the frozen backbone never moved
+    # AdamW as the paper's (and Hugging Face's defaults): lr of the regime, no weight decay
+    lr = 3e-2 if regime == "head" else 1e-3
+    assert adamw == [dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)]
+    # 10 sentences in batches of 4: 3 steps an epoch, the schedule over all 12
+    assert res["steps"] == 12 and lrs == [(s, 12, lr) for s in range(12)]
+
+
+def test_best_epoch_that_is_the_last_is_the_final_model(monkeypatch, tiny_enc):
+    res, fp, _, _ = fine_tune_spied(monkeypatch, tiny_enc, "full", [0.1, 0.3], 2)
+    assert res["best_epoch"] == 2
+    assert res["test"]["syn"]["best"] == res["test"]["syn"]["final"] == {"f1": fp[1]}
+
+
+def test_defaults_are_the_papers():
+    a = settings()
+    assert (a.lr, a.head_lr, a.batch_size, a.epochs, a.max_len) == (3e-5, None, 16, 10, 128)
+    assert (a.warmup_ratio, a.decay, a.weight_decay, a.label_subtoken) == (0.0, "linear", 0.0,
+                                                                          "first")
+    assert (a.beta1, a.beta2, a.grad_clip, a.regime) == (0.9, 0.999, 1.0, ["head", "full"])
+    # not the paper's, but every F1 in the README was drawn with it
+    assert a.seed == 1337
+
+
+def two_tests_result(f1s, name="all/head", seconds=90):
+    """A results dict with one run on two test sets, F1 f1s."""
+    n = {"used": 10, "total": 10, "cut": 0, "entities": 20, "cut_entities": 0}
+    return {"checkpoint": "c.pt", "step": 1, "max_len": 128, "tokenizer": "gpt2",
+            "test_sets": ["en_ewt", "da_ddt"],
+            "sentences": {"en_ewt": {"test": n}, "da_ddt": {"test": {**n, "cut_entities": 3}}},
+            "runs": {name: {"test": {t: {"final": {"f1": f}, "best": {"f1": f / 2}}
+                                     for t, f in zip(["en_ewt", "da_ddt"], f1s)},
+                            "seconds": seconds, "best_dev_f1": 0.125, "best_epoch": 7}}}
+
+
+def test_tables_by_hand():
+    res = two_tests_result([0.5, 0.2], name="en_ewt@100/full")  # a name wider than 12 columns
+    w = len("en_ewt@100/full") + 2
+    row = lambda label, cell, cut="": (f"{label:<14}{cell:>{w}}{cut:>13}").rstrip()
+    assert ner_eval.format_table(res, "final").splitlines()[:6] == [
+        "test F1 x100, final model", row("test set", "en_ewt@100/full", "unreachable"),
+        row("en_ewt", "50.0", "0/20"), row("da_ddt", "20.0", "3/20"), row("mean", "35.0"),
+        row("minutes", "1.5")]
+    assert ner_eval.format_table(res, "best").splitlines()[2:7] == [
+        row("en_ewt", "25.0", "0/20"), row("da_ddt", "10.0", "3/20"), row("mean", "17.5"),
+        row("dev F1", "12.5"), row("best epoch", "7")]
+    out = ner_eval.format_compare(two_tests_result([0.5, 0.2]),
+                                  two_tests_result([0.9, 0.4], seconds=30)).splitlines()
+    cells = lambda *xs: "".join(f"{x:>9.1f}" for x in xs)
+    assert f"{'da_ddt':<14}" + cells(20, 40, 20, 10, 20, 10) + f"{'3/20':>14}" in out
+    assert f"{'mean':<14}" + cells(35, 65, 30, 17.5, 32.5, 15) in out
+    assert f"{'minutes':<14}" + f"{1.5:>9.1f}{0.5:>9.1f}" in out
+
+
+def test_settings_block_by_hand():
+    c = lambda used, total, cut: {"used": used, "total": total, "cut": cut}
+    res = {"checkpoint": "c.pt", "step": 9, "params": 1234567, "tokenizer": "gpt2", "max_len": 64,
+           "sentences": {"xx_one": {"train": c(40, 48, 2), "dev": c(12, 12, 1),
+                                    "test": c(12, 12, 0)},
+                         "yy_pud": {"test": c(10, 10, 3)}}}
+    args = settings(epochs=3, batch_size=8, lr=1e-3, head_lr=None, max_train_sentences=40)
+    lines = ner_eval.format_settings(args, res).splitlines()
+    assert lines[0] == "c.pt (step 9, 1,234,567 parameters, tokenizer gpt2)"
+    assert lines[1] == ("epochs 3, batch 8, lr 0.001 (full) / 0.001 (head), warm-up 0, linear "
+                        "decay, weight decay 0, seed 1337")
+    assert lines[2] == ("sentences per file: train <= 40, dev and test <= all; 6 of 74 cut at 64 "
+                        "tokens; labels on each word's first sub-token")
+    cells = lambda *xs: "".join(f"{x:>14}" for x in xs)
+    assert lines[4:] == [f"{'xx_one':<14}" + cells("40/48", "12/12", "12/12") + f"{3:>6}",
+                         f"{'yy_pud':<14}" + cells("-", "-", "10/10") + f"{3:>6}"]
+
+
+def test_runs_of_a_checkpoint(tmp_path, tiny_enc, monkeypatch):
+    # fine_tune watched: which sentences each run trains on, and from which weights
+    uner_dir(tmp_path / "uner", xx_one_train=iob2(synthetic(30, 5)))
+    ckpt = save_checkpoint(tmp_path / "c.pt", tiny_enc)
+    monkeypatch.setattr(ner_eval.common, "get_encoding", lambda name: tiny_enc)
+    seen = []
+
+    def fine_tune(model, train, dev, tests, regime, args, ctx, cache, name):
+        seen.append((name, [" ".join(e["tags"]) + str(e["ids"]) for e in train], len(dev),
+                     sorted(tests), id(cache), model.layers[0].attention.wq.weight.sum().item()))
+        with torch.no_grad():  # a run that changes the model must not reach the next run
+            model.layers[0].attention.wq.weight.add_(1.0)
+        return {"seconds": 0}
+
+    monkeypatch.setattr(ner_eval, "fine_tune", fine_tune)
+    args = settings(data_dir=str(tmp_path / "uner"), train_sets=["xx_one"], train_sizes=[4, 11, 99],
+                    max_len=500)
+    uner = ner_eval.load_uner(args)
+    res = ner_eval.evaluate_checkpoint(ckpt, uner, args)
+    assert res["max_len"] == 64  # the model's context, not --max_len 500
+    assert [s[0] for s in seen] == ["xx_one@4/head", "xx_one@4/full", "xx_one@11/head",
+                                    "xx_one@11/full", "xx_one@30/head", "xx_one@30/full"]
+    train = [" ".join(e["tags"]) + str(e["ids"]) for e in ner_eval.encode_sentences(
+        uner["sents"]["xx_one"]["train"], tiny_enc, 64)]
+    subsets = [s[1] for s in seen[::2]]
+    assert subsets[2] == train
+    # nested and in the training set's order: the first n of one fixed shuffle, not the first n
+    for small, big in zip(subsets, subsets[1:]):
+        assert set(small) < set(big)
+    assert subsets[0] == [t for t in train if t in subsets[0]] and subsets[0] != train[:4]
+    assert all(s[2] == 4 and s[3] == ["xx_one", "yy_pud"] for s in seen)
+    assert len({s[4] for s in seen}) == 1 and len({s[5] for s in seen}) == 1  # fresh weights
+    seen.clear()
+    ner_eval.evaluate_checkpoint(ckpt, uner, args)  # the same subsets for another checkpoint
+    assert [s[1] for s in seen[::2]] == subsets
+    # a model whose vocabulary is smaller than its tokenizer's: refused before any work
+    small = {**vars(tiny_model(tiny_enc).args), "vocab_size": tiny_enc.n_vocab - 1}
+    torch.save({"model_args": small,
+                "model": {}, "tokenizer": "tiny", "step": 1}, tmp_path / "small.pt")
+    with pytest.raises(SystemExit, match=f"tokenizer tiny has {tiny_enc.n_vocab} tokens but the "
+                       f"model {tiny_enc.n_vocab - 1}; name the checkpoint's with --tokenizer"):
+        ner_eval.evaluate_checkpoint(str(tmp_path / "small.pt"), uner, args)
