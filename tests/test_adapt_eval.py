@@ -125,6 +125,7 @@ def test_mean_and_standard_error_by_hand():
     m, se = adapt_eval.mean_se([1.0, 2.0, 4.0])
     assert m == pytest.approx(7 / 3) and se == pytest.approx(math.sqrt(7) / 3)  # ddof 1
     assert adapt_eval.mean_se([5.0]) == (5.0, 0.0)
+    assert adapt_eval.mean_se([1.0, 3.0]) == (2.0, pytest.approx(1.0))  # two documents: an error
 
 
 def test_tables_by_hand():
@@ -183,7 +184,8 @@ def test_defaults_and_argument_checks(ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(common, "get_encoding", lambda name: make_tiny_encoding(TARGETS + CUES))
     text = tmp_path / "t.txt"
     text.write_text(" ".join(["cat", "dog"] * 100) + "\n")
-    adapt_eval.main([ckpt, "--text", str(text), "--ks", "1", "--chunk_len", "32", "--docs", "1",
+    adapt_eval.main([ckpt, "--text", str(text), "--ks", "1", "--steps", "3", "--chunk_len", "32",
+                     "--docs", "1",
                      "--out", str(tmp_path / "t.json")])
     assert seen["T"] == 32 and seen["docs"] == 1
     with pytest.raises(SystemExit, match="chunks of 33 tokens > its max_seq_len 32"):

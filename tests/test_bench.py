@@ -196,6 +196,9 @@ def test_data_rows_and_their_targets(ds, tiny_enc, tmp_path, monkeypatch):
     assert (pipe["rate"], pipe["ratio"], pipe["met"]) == (790.0, 0.79, False)  # 0.8 of raw
     assert pipe["note"] == "1,234 tokens of t.txt; best of 3, as bench_tokenize measures"
     assert smp["name"] == "SMLMT episode sampling (16 windows)" and smp["met"] is True
+    monkeypatch.setattr(bench, "bench_sampler", lambda *a: {
+        "windows_s": 19999.0, "windows_per_episode": 16})
+    assert bench.data_rows(c, [], 1)[-1]["met"] is False  # just under the target
     rows = bench.data_rows(c, [str(tmp_path / "missing.txt")], 1)
     assert rows[0] == {"name": "tokenization: skipped",
                        "note": f"no --text file found ({tmp_path / 'missing.txt'})"}

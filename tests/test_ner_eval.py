@@ -453,6 +453,9 @@ def test_lr_schedule():
     assert [ner_eval.lr_at(s, 8, 1.0, warm) for s in range(8)] == [0, .25, .5, .75, 1, .75, .5, .25]
     flat = settings(decay="none", warmup_ratio=0.25)
     assert [ner_eval.lr_at(s, 4, 1.0, flat) for s in range(4)] == [0.0, 1.0, 1.0, 1.0]
+    assert ner_eval.lr_at(0, 1, 1.0, paper) == 1.0  # a single step trains at the peak
+    with pytest.raises(SystemExit):
+        ner_eval.get_args(["c.pt", "--warmup_ratio", "-0.1"])
 
 
 def test_train_set_names_all_and_paper(tmp_path):
@@ -854,9 +857,12 @@ def fine_tune_spied(monkeypatch, tiny_enc, regime, dev_f1, epochs):
 
 
 @pytest.mark.parametrize("regime", ["head", "full"])
-def test_best_epoch_that_is_not_the_last_is_the_one_scored(monkeypatch, tiny_enc, regime):
+def test_best_epoch_that_is_not_the_last_is_the_one_scored(monkeypatch, tiny_enc, regime,
+                                                           capsys):
     # dev F1 peaks at epoch 2 and ties there at epoch 3: the first best epoch is kept
     res, fp, adamw, lrs = fine_tune_spied(monkeypatch, tiny_enc, regime, [0.2, 0.6, 0.6, 0.4], 4)
+    out = capsys.readouterr().out
+    assert "ner epoch 2/4: train loss " in out and ", dev F1 60.0 (" in out
     assert (res["best_epoch"], res["best_dev_f1"]) == (2, 0.6)
     assert [e["dev_f1"] for e in res["epochs"]] == [0.2, 0.6, 0.6, 0.4]
     assert len(set(fp)) == 4  # the weights moved every epoch
