@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job in one command, on a CPU in about 12 minutes (2 cores, local data): set up, build the data, train the
-# vanilla and the meta run of configs/cpu.py, read their learning dynamics, compare them, fine-tune
-# both on Universal NER, test how fast each adapts to new text, sample from both, and report.
+# The main job in one command, about 12 minutes on 2 CPU cores with local data: set up, build the
+# data, train the vanilla and the meta run of configs/cpu.py, read their learning dynamics, compare
+# them, fine-tune both on Universal NER, test how fast each adapts to new text, sample from both,
+# and report.
 #
 #   bash run_cpu.sh                          # online: streams the corpus, downloads BPE and UNER
 #   TEXT=corpus/ UNER=uner/ bash run_cpu.sh  # offline: local text and UNER files
