@@ -371,9 +371,9 @@ class SMLMTSampler:
 
     def _masked(self, x, spelled):
         """x (N, M, T) windows, spelled (N,) the candidate whose spellings class n masks ->
-        (N, M, T) bool: the tokens of every word that begins with such a spelling. A word begins where a
-        token begins one, or follows a token that does not end inside one ('(' + 'word'), or at
-        the window's start; it goes on through the tokens that do neither."""
+        (N, M, T) bool: the tokens of every word that begins with such a spelling. A word begins
+        where a token begins one, or follows a token that does not end inside one ('(' + 'word'),
+        or at the window's start; it goes on through the tokens that do neither."""
         N, M, T = x.shape
         starts = self.begins_word[x]
         starts[..., 1:] |= ~self.ends_in_word[x[..., :-1]]

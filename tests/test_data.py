@@ -460,13 +460,15 @@ def test_cli_checks_a_data_dir_and_prints_what_it_holds(ds, tmp_path, capsys):
     shard = data.list_shards(str(broken), "val")[0]
     with open(shard, "ab") as f:
         f.write(b"\0\0")  # two bytes too many
-    with pytest.raises(SystemExit, match="data.py: error: .*val_000000.bin.*truncated or corrupted"):
+    want = "data.py: error: .*val_000000.bin.*truncated or corrupted"
+    with pytest.raises(SystemExit, match=want):
         data.main([str(broken)])
 
 
 def prefix_encoding():
     """A tiny tiktoken.Encoding in which ' pres' is a word and the start of ' pres' + 'ident',
-    ' cat' has the spellings ' Cat', ' CAT', 'cat', 'Cat' (single tokens) and 'CAT' (three bytes)."""
+    ' cat' has the spellings ' Cat', ' CAT', 'cat', 'Cat' (single tokens) and 'CAT' (three
+    bytes)."""
     ranks = {bytes([i]): i for i in range(256)}
     for w in [" pres", " cat", " Cat", " CAT", " dog", " the", " said", "ident", "cat", "Cat"]:
         b = w.encode()

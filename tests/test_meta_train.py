@@ -618,7 +618,8 @@ def test_logged_times_are_per_micro_step_per_episode_and_training_only(data_dir,
         return wrapped
 
     monkeypatch.setattr(meta_train, "time", SimpleNamespace(time=now))
-    monkeypatch.setattr(data.ShardReader, "next_batch", advancing(data.ShardReader.next_batch, 0.25))
+    monkeypatch.setattr(data.ShardReader, "next_batch",
+                        advancing(data.ShardReader.next_batch, 0.25))
     monkeypatch.setattr(data.SMLMTSampler, "sample", advancing(data.SMLMTSampler.sample, 0.5))
     args = ["--max_steps=4", "--eval_interval=2", "--save_interval=2"]
     run(data_dir, tmp_path / "ar", *args, "--meta_ratio=0.0", "--batch_size=2")  # 4 micro-steps
