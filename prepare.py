@@ -378,8 +378,8 @@ def _token_kinds(enc):
     """-> (n_vocab,) uint8 bit flags of every token: BEGINS_WORD where its first character is not a
     letter or digit (' cat', '.', '\\n', '–', special tokens), so it cannot continue the word
     before it; ENDS_IN_WORD where its last character is a letter (any script: 'caf' + 'é' is one
-    word; a letter after '274' begins one). A token holding part of a character begins a word and does not
-    end inside one, as the punctuation it mostly is."""
+    word; a letter after '274' begins one). A token holding part of a character begins a word and
+    does not end inside one, as the punctuation it mostly is."""
     kinds = np.zeros(enc.n_vocab, dtype=np.uint8)
     special = {enc.encode_single_token(s) for s in enc.special_tokens_set}
     for t in range(enc.n_vocab):
