@@ -187,15 +187,25 @@ def layout(c, world_size):
     may hold one episode more than others, or none (they still join every all-reduce). Only a
     total_batch_size that world_size does not divide cannot run."""
     if c.total_batch_size % world_size:
-        fit = -(-c.total_batch_size // world_size) * world_size
         raise ConfigError(f"total_batch_size {c.total_batch_size} does not split over "
-                          f"{world_size} ranks: set total_batch_size={fit} (a multiple of "
-                          f"{world_size}) or run on a number of ranks that divides it")
+                          f"{world_size} ranks: set total_batch_size="
+                          f"{' or '.join(map(str, full_batch_sizes(c, world_size)))} (full "
+                          f"micro-batches of batch_size {c.batch_size} on {world_size} ranks) or "
+                          f"run on a number of ranks that divides it")
     per_rank = c.total_batch_size // world_size
     micro = max(d for d in range(1, min(c.batch_size, per_rank) + 1) if per_rank % d == 0)
     episodes = [len(range(r, c.episodes_per_step, world_size)) for r in range(world_size)]
     return SimpleNamespace(per_rank=per_rank, micro=micro, accum=per_rank // micro,
                            episodes=episodes if c.meta_ratio > 0 else [0] * world_size)
+
+
+def full_batch_sizes(c, world_size):
+    """The multiples of world_size x batch_size nearest total_batch_size (one or two): layouts
+    whose micro-batch is the whole batch_size. A mere multiple of world_size can leave a per-rank
+    share with no large divisor (86 = 2 x 43) and so tiny micro-batches."""
+    unit = world_size * c.batch_size
+    below = c.total_batch_size // unit * unit
+    return [n for n in (below, below + unit) if n > 0 and n != c.total_batch_size]
 
 
 def model_args(c):

@@ -692,6 +692,11 @@ def plan_lines(c, p, world_size):
     lines = [f"AR step: {p.ar_tokens:,} tokens = {p.micro} micro-batch x {p.accum} accumulation x "
              f"{world_size} ranks x {c.seq_len} seq_len ({p.ar_rank_tokens:,} tokens per rank; "
              f"batch_size {c.batch_size} is the micro-batch's ceiling); {p.ar_flops:.3g} FLOPs"]
+    if p.micro < c.batch_size / 2 and p.accum > 1:  # the share per rank has no large divisor
+        lines.append(f"warning: micro-batch {p.micro} is far below batch_size {c.batch_size}; "
+                     f"total_batch_size="
+                     f"{' or '.join(map(str, common.full_batch_sizes(c, world_size)))} would run "
+                     f"full micro-batches")
     if c.meta_ratio > 0:
         shape = {"smlmt": f"{c.n_way}-way {c.k_shot}-shot {c.q_query}-query windows of "
                           f"{c.meta_seq_len} tokens",

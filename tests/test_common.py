@@ -87,9 +87,17 @@ def test_a_step_splits_over_ranks_unless_they_cannot_share_the_batch(tmp_path):
     common.check_config(cfg(tmp_path, batch_size=32, total_batch_size=256), 2)
     # 256 sequences cannot be shared equally by 3 ranks: refused with a value that works
     with pytest.raises(ConfigError, match=r"^total_batch_size 256 does not split over 3 ranks: set "
-                                          r"total_batch_size=258 \(a multiple of 3\)"):
+                                          r"total_batch_size=192 or 288 \(full micro-batches"):
         common.check_config(cfg(tmp_path, batch_size=32, total_batch_size=256), 3)
-    common.check_config(cfg(tmp_path, batch_size=32, total_batch_size=258), 3)
+    for n, micro_accum in ((192, (32, 2)), (288, (32, 3)), (258, (2, 43))):
+        common.check_config(cfg(tmp_path, batch_size=32, total_batch_size=n), 3)
+        got = common.layout(cfg(tmp_path, batch_size=32, total_batch_size=n), 3)
+        assert (got.micro, got.accum) == micro_accum
+    # a layout that runs but with tiny micro-batches says so, naming the full ones
+    c = cfg(tmp_path, batch_size=32, total_batch_size=258)
+    lines = meta_train.plan_lines(c, meta_train.plan(c, 3), 3)
+    assert lines[1] == ("warning: micro-batch 2 is far below batch_size 32; total_batch_size=192 "
+                        "or 288 would run full micro-batches")
 
 
 def test_head_counts_and_data_dir(tmp_path):

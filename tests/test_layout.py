@@ -64,7 +64,7 @@ def test_layout_of_the_570m_config():
     assert at[1].memory_parts["weights, grads, AdamW"] == 16 * 576_527_360
     assert at[16].memory < at[8].memory
     with pytest.raises(ConfigError, match=r"total_batch_size 256 does not split over 24 ranks: "
-                                          r"set total_batch_size=264"):
+                                          r"set total_batch_size=768 \(full micro-batches"):
         common.check_config(c, 24, need_data=False)
 
 
@@ -85,7 +85,8 @@ def test_plan_flag_prints_the_layout_without_data(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and p.stderr.strip() == (
         "config error: total_batch_size 16 does not split over 32 ranks: set "
-        "total_batch_size=32 (a multiple of 32) or run on a number of ranks that divides it")
+        "total_batch_size=256 (full micro-batches of batch_size 8 on 32 ranks) or run on a number "
+        "of ranks that divides it")
 
 
 # 36 three-letter words, each one token: enough candidates for 32-way episodes
