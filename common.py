@@ -219,10 +219,10 @@ def model_args(c):
 TORCH_PIN = "2.13.0"  # requirements.txt's pin (a test keeps the two equal)
 
 
-def check_torch(version=None):
+def check_torch():
     """Refuse a torch older than the pinned one: the bf16 episode relies on how its autocast
     caches weight casts, and older releases behave differently there."""
-    version = version or torch.__version__
+    version = torch.__version__
     parse = lambda v: tuple(int(n) for n in re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", v).groups("0"))
     if parse(version) < parse(TORCH_PIN):
         raise ConfigError(f"torch {version} is older than {TORCH_PIN}, which requirements.txt "

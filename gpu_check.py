@@ -221,21 +221,29 @@ def check(text, enc, work, config, overrides, steps=6, max_tokens=5_000_000, run
 
     stages = [("data", prepare_stage), ("train", train_stage), ("resume", resume_stage),
               ("inner loop", inner_stage), ("bench", bench_stage)]
-    for name, stage in stages:
-        try:
-            stage()
-        except Exception as e:  # recorded; the later stages that do not need it still run
-            if isinstance(e, common.ConfigError) and name in ("data", "train"):
-                raise  # bad input, before anything was measured: a one-line error
-            report["errors"][name] = f"{type(e).__name__}: {e}"
-            if name in ("data", "train"):  # everything after needs the data and the run
-                report["errors"].update({n: "skipped: an earlier stage failed"
-                                         for n, _ in stages[stages.index((name, stage)) + 1:]})
-                report["seconds"] = time.time() - t0
-                common.write_json(path, report)
-                break
-        report["seconds"] = time.time() - t0
-        common.write_json(path, report)
+    try:
+        for name, stage in stages:
+            try:
+                stage()
+            # SystemExit too: training stops that way on a non-finite loss, the very fault a
+            # bf16 check hunts; recorded, and the later stages that do not need it still run
+            except (Exception, SystemExit) as e:
+                if isinstance(e, common.ConfigError) and name in ("data", "train"):
+                    raise  # bad input, before anything was measured: a one-line error
+                report["errors"][name] = f"{type(e).__name__}: {e}"
+                if name in ("data", "train"):  # everything after needs the data and the run
+                    report["errors"].update({n: "skipped: an earlier stage failed"
+                                             for n, _ in stages[stages.index((name, stage)) + 1:]})
+                    report["seconds"] = time.time() - t0
+                    common.write_json(path, report)
+                    break
+            report["seconds"] = time.time() - t0
+            common.write_json(path, report)
+    finally:  # a failed stage must not leave checkpoints behind (at 570m 7 GB each)
+        for d in (full, resumed):
+            for f in os.listdir(d) if os.path.isdir(d) else []:
+                if ".pt" in f:
+                    os.remove(os.path.join(d, f))
     return report
 
 
@@ -289,6 +297,10 @@ def main(argv=None):
     p.add_argument("--allow_cpu", action="store_true",
                    help="run without CUDA (the tests do, at a tiny size)")
     args, overrides = p.parse_known_args(argv)
+    try:
+        common.check_torch()  # before minutes of tokenizing
+    except common.ConfigError as e:
+        sys.exit(f"gpu_check.py: error: {e}")
     if args.steps < 2 or args.steps % 2:
         p.error("--steps must be even and at least 2")
     if not torch.cuda.is_available() and not args.allow_cpu:

@@ -143,6 +143,40 @@ def test_a_stage_that_raises_keeps_the_other_stages_figures(work, monkeypatch, c
     assert "FAIL stage inner loop: RuntimeError: injected" in capsys.readouterr().out
 
 
+def test_a_stage_that_stops_training_is_recorded_and_leaves_no_checkpoint(work, monkeypatch,
+                                                                          capsys):
+    # the resumed run meets a non-finite loss: meta_train stops with SystemExit, which the
+    # report records as that stage's failure; the later stages run, no checkpoint is left
+    run, step = gpu_check.train_run, torch.optim.AdamW.step
+
+    def nan_on_resume(cfg, out_dir, resume=False, **kw):
+        if not resume:
+            return run(cfg, out_dir, resume=resume, **kw)
+
+        def poisoned(self, *a, **k):  # weights turn NaN after the first resumed step
+            out = step(self, *a, **k)
+            with torch.no_grad():
+                for g in self.param_groups:
+                    for p in g["params"]:
+                        p.fill_(float("nan"))
+            return out
+
+        monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+        try:
+            return run(cfg, out_dir, resume=resume, **kw)
+        finally:
+            monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+    monkeypatch.setattr(gpu_check, "train_run", nan_on_resume)
+    code, report = main(work, monkeypatch)
+    assert code == 1
+    assert list(report["errors"]) == ["resume"]
+    assert report["errors"]["resume"].startswith("SystemExit: non-finite")
+    assert report["checks"]["graph breaks"]["ok"] and "inner_loop" in report
+    assert not list((work / "work").glob("*/*.pt*"))
+    assert "FAIL stage resume: SystemExit: non-finite" in capsys.readouterr().out
+
+
 def test_without_cuda_it_refuses_unless_allowed(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as e:
@@ -153,6 +187,7 @@ def test_without_cuda_it_refuses_unless_allowed(monkeypatch, tmp_path):
 
 
 def test_tf32_is_off_inside_tf32_off_and_restored_after():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
         with common.tf32_off():
@@ -160,5 +195,4 @@ def test_tf32_is_off_inside_tf32_off_and_restored_after():
             assert not torch.backends.cudnn.allow_tf32
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
