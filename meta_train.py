@@ -438,7 +438,8 @@ def all_reduce_grads(params, bucket_numel=2 ** 25):
     communicate; one reduce after accumulation is simple and correct. The ranks first sum which
     parameters any of them holds a gradient for; the buckets are cut from those, in the parameter
     list's fixed order, with zeros where a rank holds no gradient (a rank with no episode in a
-    meta step holds none), so every rank sends the same layout. A parameter no rank has a gradient for keeps .grad None, as in one process."""
+    meta step holds none), so every rank sends the same layout. A parameter no rank has a
+    gradient for keeps .grad None, as in one process."""
     held = torch.tensor([p.grad is not None for p in params], dtype=torch.float32,
                         device=params[0].device)
     dist.all_reduce(held)  # how many ranks hold a gradient for each parameter: the same everywhere
