@@ -112,3 +112,36 @@ def boundary_shards(enc):
     eot = enc.eot_token
     return ([[of, of, cat, cat, of, dog, of, eot], [cat, of, of, cat, dog, of, of, eot]],
             (cat, dog, of))
+
+
+def torchrun(nproc, args, log_dir, timeout=600):
+    """`torchrun --standalone --nproc_per_node=nproc meta_train.py args` on gloo over the loopback,
+    each rank's output teed to log_dir -> (return code, stdout). On a timeout the whole process
+    group is stopped (torchrun's workers start sessions of their own and would otherwise keep
+    loading the cores); on failure the error is each rank's stderr log, failing ranks first,
+    because torchrun's own output ends in the other ranks' shutdown noise."""
+    import glob
+    import signal
+    import subprocess
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "--local-addr=127.0.0.1", f"--log-dir={log_dir}",
+           "--tee=3", os.path.join(ROOT, "meta_train.py"), *args]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            out, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+        err = f"timed out after {timeout} s\n{err}"
+    if p.returncode != 0:
+        logs = sorted(glob.glob(os.path.join(str(log_dir), "**", "stderr.log"), recursive=True))
+        tails = [(open(f).read()[-2000:], f) for f in logs]
+        tails.sort(key=lambda t: "Traceback" not in t[0] and "error" not in t[0].lower())
+        err = err[-2000:] + "".join(f"\n--- {f}\n{t}" for t, f in tails)
+    return p.returncode, out, err

@@ -18,7 +18,7 @@ import common
 import meta_train
 import prepare
 from common import ConfigError, configure
-from conftest import ROOT, make_tiny_encoding
+from conftest import ROOT, make_tiny_encoding, torchrun
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 PAPER = {"11m.py", "65m.py", "181m.py", "570m.py"}
@@ -124,20 +124,19 @@ def test_eight_ranks_on_the_paper_layout_equal_one_process(words_dir, tmp_path):
     meta step) against 1 process x 8 accumulated micro-batches and all 4 episodes."""
     args = REHEARSAL + [f"--data_dir={words_dir}"]
     meta_train.train(config(*args, f"--out_dir={tmp_path / 'one'}"))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8",
-           os.path.join(ROOT, "meta_train.py"), *args, f"--out_dir={tmp_path / 'eight'}"]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "32 micro-batch x 1 accumulation x 8 ranks" in p.stdout
-    assert "4 smlmt episodes (1 on ranks 0-3, 0 on ranks 4-7)" in p.stdout
+    code, out, err = torchrun(8, [*args, f"--out_dir={tmp_path / 'eight'}"], tmp_path / "logs")
+    assert code == 0, err
+    assert "32 micro-batch x 1 accumulation x 8 ranks" in out
+    assert "4 smlmt episodes (1 on ranks 0-3, 0 on ranks 4-7)" in out
     logs = [[json.loads(line) for line in open(tmp_path / d / "log.jsonl")]
             for d in ("one", "eight")]
     keys = ("grad_norm", "ar_loss", "meta_loss", "support_acc", "query_acc")
     rows = [[[r[k] for k in keys] for r in log if r["val_loss"] is None] for log in logs]
     assert [r[1] is not None for r in rows[0]] == [True, True, False]  # AR, AR, meta
     for a, b in zip(*rows):
-        assert a == [pytest.approx(v, rel=1e-4) if v is not None else None for v in b]
+        # an accuracy is a count: an argmax tie resolved the other way moves it by one example
+        assert a == [None if v is None else pytest.approx(v, abs=0.02) if k.endswith("acc")
+                     else pytest.approx(v, rel=1e-4) for k, v in zip(keys, b)]
     assert logs[0][-1]["val_loss"] == pytest.approx(logs[1][-1]["val_loss"], abs=1e-4)
     one, eight = (weights(tmp_path / d / "ckpt.pt") for d in ("one", "eight"))
     assert one.keys() == eight.keys()

@@ -18,7 +18,7 @@ import common
 import data
 import meta_train
 import prepare
-from conftest import ROOT, make_tiny_encoding
+from conftest import ROOT, make_tiny_encoding, torchrun
 from common import ConfigError, configure
 
 # Topic documents: each is about one target word and otherwise made of that topic's two cue
@@ -231,13 +231,10 @@ def test_data_parallel_matches_one_process(data_dir, tmp_path):
     args = ["--meta_ratio=0.5", "--max_steps=6", "--eval_interval=6", "--save_interval=6",
 ]
     run(data_dir, tmp_path / "one", *args)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "meta_train.py"), *TINY, f"--data_dir={data_dir}",
-           f"--out_dir={tmp_path / 'two'}", *args]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "2 rank(s)" in p.stdout and "1 accumulation x 2 ranks" in p.stdout
+    code, out, err = torchrun(2, [*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'two'}",
+                                  *args], tmp_path / "logs")
+    assert code == 0, err
+    assert "2 rank(s)" in out and "1 accumulation x 2 ranks" in out
     one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     kinds = {r["ar_loss"] is not None for r in one if r["val_loss"] is None}
     assert kinds == {True, False}  # both AR and meta steps were taken
@@ -250,7 +247,9 @@ def test_data_parallel_matches_one_process(data_dir, tmp_path):
     train_rows = lambda log: [[r[k] for k in keys] for r in log if r["val_loss"] is None]
     assert len(train_rows(one)) == 6
     for a, b in zip(train_rows(one), train_rows(two)):
-        assert a == [pytest.approx(v, rel=1e-4) if v is not None else None for v in b]
+        # an accuracy is a count: an argmax tie resolved the other way moves it by one example
+        assert a == [None if v is None else pytest.approx(v, abs=0.02) if k.endswith("acc")
+                     else pytest.approx(v, rel=1e-4) for k, v in zip(keys, b)]
 
 
 @pytest.mark.parametrize("override, words", [
