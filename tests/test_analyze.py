@@ -536,3 +536,24 @@ def test_summary_lines_by_hand():
     assert line("entropy_norm", 1, 10, 0.2, 0.9, 0.5, "yes") in text
     assert "  weight_per: layer 0 (step 10)" in text and "  entropy_norm: layer 1 (step 10)" in text
     assert "  grad_per: none" in text
+
+
+def test_probe_loss_counts_every_target_token_id_zero_included():
+    # token id 0 is an ordinary token ('!' in GPT-2): a probe target of 0 counts in the loss
+    model = tiny_model()
+    x = torch.tensor([[5, 0, 7, 0, 9, 11], [0, 3, 0, 0, 2, 8]])
+    y = torch.tensor([[0, 7, 0, 9, 11, 0], [3, 0, 0, 2, 8, 0]])
+    loss, *_ = analyze.probe_pass(model, x, y)
+    with torch.no_grad():
+        logp = model(x)[0].float().log_softmax(-1)
+    ref = -sum(logp[b, t, y[b, t]].item() for b in range(2) for t in range(6)) / 12
+    assert loss == pytest.approx(ref, rel=1e-5)
+
+
+def test_probe_windows_at_the_length_limit():
+    # exactly seq_len + 1 tokens: every window is the whole array
+    w = analyze.probe_windows(np.arange(10, 20), 3, 9, "x")
+    assert w.tolist() == [list(range(10, 20))] * 3
+    # one token fewer is refused, saying how many a window needs
+    with pytest.raises(ValueError, match=r"^short.txt has 9 tokens; a probe window needs 10$"):
+        analyze.probe_windows(np.arange(9), 3, 9, "short.txt")
