@@ -984,3 +984,54 @@ def test_runs_of_a_checkpoint(tmp_path, tiny_enc, monkeypatch):
     with pytest.raises(SystemExit, match=f"tokenizer tiny has {tiny_enc.n_vocab} tokens but the "
                        f"model {tiny_enc.n_vocab - 1}; name the checkpoint's with --tokenizer"):
         ner_eval.evaluate_checkpoint(str(tmp_path / "small.pt"), uner, args)
+
+
+def fine_tune_watched(monkeypatch, tiny_enc, regime, grad_clip):
+    """fine_tune on 10 sentences, 2 epochs in batches of 4 -> (result, the training labels of
+    each step, the gradient norm the optimizer stepped on at each step)."""
+    enc = lambda sents: ner_eval.encode_sentences(sents, tiny_enc, 64)
+    train, dev = enc(synthetic(10, 0)), enc(synthetic(4, 1))
+    labels, norms = [], []
+    real_ce, real_adamw = torch.nn.functional.cross_entropy, torch.optim.AdamW
+
+    class F:  # ner_eval's torch.nn.functional, with the training loss watched
+        def __getattr__(self, name):
+            return getattr(torch.nn.functional, name)
+
+        def cross_entropy(self, logits, y, **kw):
+            labels.append(y.tolist())
+            return real_ce(logits, y, **kw)
+
+    def adamw(params, **kw):
+        opt = real_adamw(params, **kw)
+        opt.register_step_pre_hook(lambda o, args, kwargs: norms.append(torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.grad) for g in o.param_groups
+                         for p in g["params"] if p.grad is not None])).item()))
+        return opt
+
+    monkeypatch.setattr(ner_eval, "F", F())
+    monkeypatch.setattr(ner_eval.torch.optim, "AdamW", adamw)
+    res = ner_eval.fine_tune(tiny_model(tiny_enc), train, dev, {"syn": dev}, regime, settings(
+        epochs=2, batch_size=4, lr=1e-3, head_lr=3e-2, grad_clip=grad_clip))
+    return res, train, labels, norms
+
+
+@pytest.mark.parametrize("regime", ["head", "full"])
+def test_each_epoch_trains_on_every_sentence_once(monkeypatch, tiny_enc, regime):
+    res, train, labels, _ = fine_tune_watched(monkeypatch, tiny_enc, regime, 1.0)
+    every = sorted(k for e in train for k in e["labels"] if k != IGNORE)
+    # 10 sentences in batches of 4: 4 + 4 + 2 sentences an epoch, together all of them
+    assert res["steps"] == 6 and len(labels) == 6
+    for epoch in (labels[:3], labels[3:]):
+        assert sorted(sum(epoch, [])) == every
+    assert labels[:3] != labels[3:]  # reshuffled every epoch
+
+
+@pytest.mark.parametrize("regime", ["head", "full"])
+def test_grad_clip_bounds_the_norm_stepped_on(monkeypatch, tiny_enc, regime):
+    # the first step's gradient is the same in both runs (same head init, same first batch)
+    _, _, _, free = fine_tune_watched(monkeypatch, tiny_enc, regime, 0.0)  # 0: off
+    clip = min(0.5 * min(free), 0.9)  # below 1: the default clip, 1.0, is on too
+    _, _, _, clipped = fine_tune_watched(monkeypatch, tiny_enc, regime, clip)
+    assert free[0] > clip and clipped[0] == pytest.approx(clip, rel=1e-4)
+    assert max(clipped) <= clip * (1 + 1e-4)
