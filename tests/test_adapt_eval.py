@@ -194,3 +194,30 @@ def test_defaults_and_argument_checks(ckpt, tmp_path, monkeypatch):
         with pytest.raises(SystemExit) as e:
             adapt_eval.main([ckpt] + bad)
         assert str(e.value.code).startswith(f"adapt_eval.py: error: {bad[0]} must be at least"), bad
+
+
+def test_val_span_starts_are_spread_over_each_document(tmp_path):
+    enc = make_tiny_encoding()
+    eot = enc.eot_token
+    # 6 documents of 40 distinct tokens (+ <|endoftext|>): a token names its document and position.
+    # A 13-token span fits at 41 - 13 + 1 = 29 starts of each, its last token the <|endoftext|> at
+    # the last of them
+    docs = [list(range(40 * d, 40 * d + 40)) + [eot] for d in range(6)]
+    d = write_data_dir(tmp_path / "d", enc, {"train": [[1, 2, eot]],
+                                              "val": [sum(docs[:4], []), sum(docs[4:], [])]})
+    offsets = []
+    for seed in range(20):
+        for span in adapt_eval.spans_from_split(d, 3, 4, 6, seed=seed).tolist():
+            doc, off = divmod(span[0], 40)
+            assert span == docs[doc][off:off + 13]  # 13 consecutive tokens of one doc
+            offsets.append(off)
+    # 120 draws, uniform over 0..28: near the expected spread, not piled at the document start
+    assert 0 <= min(offsets) and max(offsets) <= 28 and len(set(offsets)) >= 20
+    assert abs(sum(offsets) / len(offsets) - 14) < 3 and offsets.count(0) < 15
+
+
+def test_table_of_one_k_and_one_step_by_hand():
+    lines = adapt_eval.format_tables({"A": {"curves": {4: {2: [1.0, 3.0]}}}}, [4], [2])
+    assert lines.splitlines() == [
+        "A: query next-token loss, mean +- standard error over 2 documents",
+        f"{'steps':>6}{'k=4':>18}", f"{2:>6}{2.0:>11.4f} +-{1.0:.4f}"]
