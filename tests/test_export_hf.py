@@ -128,6 +128,13 @@ def test_bytes_to_unicode_is_gpt2s_table():
     # the others in byte order from 256: 0..32, then 127..160, then 173 (the soft hyphen)
     assert (m[0], m[ord(" ")], m[ord("\n")]) == (chr(256), "Ġ", "Ċ")
     assert (m[127], m[160], m[0xAD]) == (chr(256 + 33), chr(256 + 33 + 33), chr(256 + 67))
+    # every byte by the table's rule: the printable characters of Latin-1 but the space (so not
+    # 0x80..0xA0, nor the soft hyphen 0xAD) stand for themselves, the others take 256, 257, ...
+    own = [b for b in range(256) if chr(b).isprintable() and b != ord(" ")]
+    assert len(own) == 188 and 0xAE in own and 0xAD not in own and 0xA0 not in own
+    others = [b for b in range(256) if b not in own]
+    assert m == {**{b: chr(b) for b in own}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+    assert m[0xAE] == "\xae"  # the registered sign, right after the soft hyphen
 
 
 def test_bpe_merges_by_hand():
