@@ -1,5 +1,7 @@
 """bench.py: its timing helper, its table on a tiny model without data, and the Hugging Face peer
 (only where transformers is installed; it is an optional extra)."""
+import io
+import json
 import os
 import subprocess
 import sys
@@ -223,3 +225,78 @@ def test_cli_defaults_and_datasheet_basis(tmp_path, monkeypatch, capsys):
     assert facts["mfu_basis"] == "datasheet bf16 peak, 989 TFLOP/s"
     ar = next(r for r in rows if r["name"].startswith("AR micro-step"))
     assert ar["mfu"] == pytest.approx(ar["flop_s"] / 989e12) and ar["met"] is None
+
+
+def test_median_ms_against_a_known_clock(monkeypatch):
+    # a clock that only the steps move: a takes 3, 1, 2 ms after a 7 ms warm-up, b 0.5 ms; a's
+    # setup takes a second, which is not a's time
+    clock = [100.0]
+    durations = iter([7e-3, 3e-3, 1e-3, 2e-3])
+
+    def tick(s):
+        clock[0] += s
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    ms = bench.median_ms({"a": (lambda: tick(1.0), lambda: tick(next(durations))),
+                          "b": (None, lambda: tick(5e-4))}, reps=3, warmup=1)
+    assert ms == {"a": pytest.approx(2.0, rel=1e-9), "b": pytest.approx(0.5, rel=1e-9)}
+
+
+def test_matmul_peak_times_the_matrix_product(monkeypatch):
+    made, products = [], []
+    real_randn = torch.randn
+    monkeypatch.setattr(bench.torch, "randn", lambda *a, **kw: made.append(
+        real_randn(*a, **kw)) or made[-1])
+    monkeypatch.setattr(bench, "median_ms", lambda steps, reps, warmup, sync=None: (
+        products.append(steps["mm"][1]()), {"mm": 4.0})[1])
+    assert bench.matmul_peak(torch.device("cpu"), torch.float64, 5, reps=2, warmup=1) == \
+        2 * 5 ** 3 / 4e-3
+    a, b = made
+    ref = [[sum(a[i, k].item() * b[k, j].item() for k in range(5)) for j in range(5)]
+           for i in range(5)]  # row times column, by loops
+    assert len(products) == 2
+    for p in products:
+        assert p.shape == (5, 5) and torch.allclose(p, torch.tensor(ref, dtype=torch.float64))
+
+
+def test_json_goes_into_an_existing_or_a_new_folder(tmp_path, monkeypatch):
+    row = {**dict.fromkeys(ROW_KEYS), "name": "r", "ms": 1.5, "ratio_of": "", "target": ""}
+    monkeypatch.setattr(bench, "run", lambda cfg, *a: ({"notes": [], "device": "d"}, [row]))
+    for path in (tmp_path / "b.json", tmp_path / "new" / "deeper" / "b.json"):
+        bench.main([f"--data_dir={tmp_path}", "--no_compile", f"--json={path}"])
+        saved = json.loads(path.read_text())
+        assert saved["rows"] == [row] and saved["facts"]["device"] == "d"
+
+
+def test_cpu_name_comes_from_cpuinfo(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    monkeypatch.setattr(bench, "median_ms", lambda steps, reps, warmup, sync=None: {
+        k: 1.0 for k in steps})
+    monkeypatch.setattr(bench, "matmul_peak", lambda dev, dtype, n, reps, warmup: 1e9)
+    monkeypatch.setattr(bench, "peak_memory", lambda fn, dev, setup=None: None)
+    cpuinfo = ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n"
+               "model\t\t: 85\nmodel name\t: Intel(R) Xeon(R) CPU @ 2.20GHz\nstepping\t: 7\n\n"
+               "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) CPU @ 2.20GHz\n")
+    real_open, real_exists = open, os.path.exists
+    monkeypatch.setattr(bench, "open", lambda path, *a, **kw: io.StringIO(cpuinfo)
+                        if path == "/proc/cpuinfo" else real_open(path, *a, **kw), raising=False)
+    monkeypatch.setattr(bench.os.path, "exists", lambda p: p == "/proc/cpuinfo" or real_exists(p))
+    facts, _ = bench.run(tiny_cfg(tmp_path), reps=1, warmup=0, compile=False, peak_n=8, text=())
+    assert facts["device"] == "CPU: Intel(R) Xeon(R) CPU @ 2.20GHz"
+
+
+def test_peak_memory_on_cpu_reads_kilobytes_from_proc_status(monkeypatch):
+    # VmRSS before the step 1000 kB, VmHWM after it 5096 kB: the step needed 4096 kB (4 MiB)
+    status = iter(["Name:\tpython\nVmHWM:\t 999 kB\nVmRSS:\t    1000 kB\n",
+                   "Name:\tpython\nVmHWM:\t    5096 kB\nVmRSS:\t 1200 kB\n"])
+    real_open = open
+
+    def fake_open(path, *a, **kw):
+        if path == "/proc/self/status":
+            return io.StringIO(next(status))
+        if path == "/proc/self/clear_refs":
+            return io.StringIO()
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(bench, "open", fake_open, raising=False)
+    assert bench.peak_memory(lambda: None, torch.device("cpu")) == 4 * 2 ** 20
