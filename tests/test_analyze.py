@@ -557,3 +557,74 @@ def test_probe_windows_at_the_length_limit():
     # one token fewer is refused, saying how many a window needs
     with pytest.raises(ValueError, match=r"^short.txt has 9 tokens; a probe window needs 10$"):
         analyze.probe_windows(np.arange(9), 3, 9, "short.txt")
+
+
+def logs_with_meta():
+    """Run A without meta numbers; B with meta numbers that change from eval to eval (none at the
+    first), reaching A's final val loss at its very first eval."""
+    nan = float("nan")
+    a = {"val_loss": np.array([5.0, 4.0, 3.5]), "step": np.array([0.0, 100, 200]),
+         "tokens": np.array([0.0, 1e5, 2e5]), "flops": np.array([0.0, 1e12, 2e12]),
+         "time": np.array([0.0, 10, 20])}
+    b = {"val_loss": np.array([3.4, 3.2, 3.0]), "step": np.array([0.0, 100, 200]),
+         "tokens": np.array([0.0, 2e5, 4e5]), "flops": np.array([0.0, 2e12, 4e12]),
+         "time": np.array([0.0, 40, 80])}
+    for i, name in enumerate(analyze.META_ACCS):  # nan where none, as read_log gives them
+        a[name] = a[name + "_se"] = np.full(3, nan)
+        b[name] = np.array([nan, 0.1 + 0.1 * i, 0.15 + 0.2 * i])
+        b[name + "_se"] = np.array([nan, 0.05, 0.01 * (i + 1)])
+    b["val_support_acc"][-1] = b["val_support_acc_se"][-1] = nan  # none at the last eval
+    return a, b
+
+
+def test_compare_table_meta_numbers_of_the_last_eval_and_a_target_met_at_once():
+    a, b = logs_with_meta()
+    lines = analyze.compare_table(["A", "B"], [a, b]).splitlines()
+    # B is at A's final loss from its first eval, at step 0: 0 x A's budget on every axis
+    i = lines.index("reaches the target at this fraction of the first run's budget (speedup):")
+    assert lines[i + 2] == f"{'B':<30} " + " ".join(f"{'0.00':>15}" for _ in analyze.AXES)
+    # the meta numbers are the last eval's, each with its own standard error; A has none
+    assert lines[-1].split() == ["B", "0.150", "+-0.010", "0.350", "+-0.020", "0.550", "+-0.030",
+                                 "n/a"]
+    assert not any(l.startswith("A ") and "+-" in l for l in lines)
+
+
+def test_compare_plot_panels_show_what_they_name(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    figs, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: figs.append(fig))
+    a, b = logs_with_meta()
+    assert analyze.plot_compare(["A", "B"], [a, b], str(tmp_path / "c.png"))
+    (fig,) = figs
+    assert [ax.get_subplotspec().get_geometry()[:2] for ax in fig.axes] == [(3, 2)] * 6
+    for ax, axis in zip(fig.axes[:4], analyze.AXES):  # val loss against each axis, per run
+        assert ax.get_xlabel() == axis
+        lines = {l.get_label(): l for l in ax.get_lines()}
+        for run, log in (("A", a), ("B", b)):
+            assert lines[run].get_xdata().tolist() == log[axis].tolist()
+            assert lines[run].get_ydata().tolist() == log["val_loss"].tolist()
+        target = [l for l in ax.get_lines() if l.get_linestyle() == "--"]
+        assert len(target) == 1 and list(target[0].get_ydata()) == [3.5, 3.5]  # A's final
+    # bottom row: B's meta accuracies (A has none), each labelled with its run and name
+    for ax, names, words in ((fig.axes[4], analyze.META_ACCS[:2], "query"),
+                             (fig.axes[5], analyze.META_ACCS[2:], "nearest support class mean")):
+        assert words in ax.get_title()
+        shown = {c.get_label(): c.lines[0].get_ydata() for c in ax.containers}
+        assert set(shown) == {f"B {n[len('val_'):]}" for n in names}
+        for n in names:
+            np.testing.assert_array_equal(shown[f"B {n[len('val_'):]}"], b[n])
+    close(fig)
+    # without meta numbers: the four loss panels only, 2 x 2
+    assert analyze.plot_compare(["A", "A2"], [a, a], str(tmp_path / "c.png"))
+    assert [ax.get_subplotspec().get_geometry()[:2] for ax in figs[1].axes] == [(2, 2)] * 4
+    close(figs[1])
+
+
+@pytest.mark.parametrize("flag", ["--probe_batch=1", "--probe_len=1", "--tol=0"])
+def test_the_lowest_allowed_values_are_accepted(tmp_path, monkeypatch, flag):
+    seen = []
+    monkeypatch.setattr(analyze, "analyze_run", lambda *a, **kw: seen.append(kw) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # the arguments passed their checks
+        analyze.main([str(tmp_path), flag])
+    assert len(seen) == 1
