@@ -48,6 +48,11 @@ def test_read_iob2_traps(tmp_path):
                      (["#", "Vlada", "RH"], ["O", "I-ORG", "O"])]
 
 
+def test_read_iob2_three_columns_are_enough(tmp_path):
+    sents = read_iob2(write(tmp_path / "x.iob2", "1\tcat\tB-PER\n2\tdog\tO\n\n1\tbird\tB-LOC\n"))
+    assert sents == [(["cat", "dog"], ["B-PER", "O"]), (["bird"], ["B-LOC"])]
+
+
 def test_read_iob2_crlf(tmp_path):
     sents = read_iob2(write(tmp_path / "x.iob2", "1\tcat\tB-PER\t-\t-\r\n2\tdog\tO\t-\t-\r\n\r\n"))
     assert sents == [(["cat", "dog"], ["B-PER", "O"])]
@@ -352,7 +357,13 @@ def test_cli_end_to_end(tmp_path, tiny_enc, monkeypatch, capsys):
     monkeypatch.setattr(ner_eval.common, "get_encoding", lambda name: tiny_enc)
     common = ["--data_dir", str(data), "--train_sets", "xx_one", "--epochs", "2", "--device", "cpu",
               "--max_train_sentences", "40", "--max_len", "6"]
-    ner_eval.main([str(tmp_path / "a")] + common)  # a run directory: its ckpt.pt
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        ner_eval.main([str(tmp_path / "a")] + common)  # a run directory: its ckpt.pt
+        assert torch.get_num_threads() == 2  # without --threads, the process's count is kept
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     res = json.loads((tmp_path / "a" / "ner_ckpt.json").read_text())
     assert res["test_sets"] == ["xx_one", "yy_pud"]  # the test-only set is found too
@@ -456,6 +467,12 @@ def test_lr_schedule():
     assert ner_eval.lr_at(0, 1, 1.0, paper) == 1.0  # a single step trains at the peak
     with pytest.raises(SystemExit):
         ner_eval.get_args(["c.pt", "--warmup_ratio", "-0.1"])
+
+
+def test_train_sizes_of_one_sentence_are_allowed():
+    assert ner_eval.get_args(["c.pt", "--train_sizes", "1", "7"]).train_sizes == [1, 7]
+    with pytest.raises(SystemExit):
+        ner_eval.get_args(["c.pt", "--train_sizes", "0", "7"])
 
 
 def test_train_set_names_all_and_paper(tmp_path):
