@@ -221,3 +221,27 @@ def test_table_of_one_k_and_one_step_by_hand():
     assert lines.splitlines() == [
         "A: query next-token loss, mean +- standard error over 2 documents",
         f"{'steps':>6}{'k=4':>18}", f"{2:>6}{2.0:>11.4f} +-{1.0:.4f}"]
+
+
+def test_boundary_values_accepted_and_the_json_beside_the_first_checkpoint(ckpt, tmp_path,
+                                                                         monkeypatch):
+    seen = {}
+
+    def curves(model, spans, ks, steps, inner, T, env, autocast):
+        seen.update(inner=inner, T=T, docs=len(spans))
+        return {k: {s: [1.0] * len(spans) for s in steps} for k in ks}
+
+    monkeypatch.setattr(adapt_eval, "adaptation_curves", curves)
+    first = tmp_path / "first" / "ckpt.pt"
+    first.parent.mkdir()
+    first.write_bytes(open(ckpt, "rb").read())
+    # the smallest chunk and document count, betas just below 1
+    adapt_eval.main([str(first), ckpt, "--chunk_len", "1", "--docs", "1", "--ks", "1",
+                     "--steps", "0", "--inner_beta1", "0.5", "--inner_beta2", "0.999"])
+    assert (seen["T"], seen["docs"]) == (1, 1)
+    assert (seen["inner"]["inner_beta1"], seen["inner"]["inner_beta2"]) == (0.5, 0.999)
+    saved = json.loads((tmp_path / "first" / "adapt_eval.json").read_text())
+    assert list(saved["runs"]) == [str(first), ckpt]
+    for beta in ("--inner_beta1", "--inner_beta2"):
+        with pytest.raises(SystemExit, match=f"{beta} must be below 1, got 1.0"):
+            adapt_eval.main([ckpt, beta, "1.0"])
