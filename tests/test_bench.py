@@ -300,3 +300,39 @@ def test_peak_memory_on_cpu_reads_kilobytes_from_proc_status(monkeypatch):
 
     monkeypatch.setattr(bench, "open", fake_open, raising=False)
     assert bench.peak_memory(lambda: None, torch.device("cpu")) == 4 * 2 ** 20
+
+
+def test_random_episode_has_a_real_episodes_shapes_and_dtypes(ds):
+    import dataclasses
+
+    import data
+    import numpy as np
+    c = meta_train.SimpleNamespace(n_way=3, k_shot=2, q_query=2, meta_seq_len=8, vocab_size=64)
+    real = data.SMLMTSampler(ds, 3, 2, 2, 8).sample(np.random.default_rng(0))
+    fake = bench.random_episode(c)
+    for f in dataclasses.fields(data.Episode):
+        r, b = getattr(real, f.name), getattr(fake, f.name)
+        if r is None:
+            assert b is None, f.name
+        else:
+            assert (b.shape, b.dtype) == (r.shape, r.dtype), f.name
+
+
+def test_tokenize_rates_against_a_known_clock(tiny_enc, tmp_path, monkeypatch):
+    # bench's clock moves 0.25 s between any two readings: every measurement takes 0.25 s
+    clock = [0.0]
+
+    def now():
+        clock[0] += 0.25
+        return clock[0]
+
+    monkeypatch.setattr(bench, "time", meta_train.SimpleNamespace(time=now,
+                                                                  perf_counter=time.perf_counter))
+    path = tmp_path / "t.txt"
+    path.write_text("\n\n".join(["the cat and the dog", "green tree 42"] * 5) + "\n")
+    tok = bench.bench_tokenize([str(path)], tiny_enc, num_proc=1, repeats=2, batch_chars=16)
+    n = tok["tokens"]
+    assert n == 5 * sum(len(tiny_enc.encode_ordinary(d)) for d in ["the cat and the dog",
+                                                                   "green tree 42"])
+    assert tok["raw_processes_tok_s"] == tok["raw_threads_tok_s"] == tok["pipeline_tok_s"] == 4 * n
+    assert tok["ratio_vs_raw_processes"] == 1.0
