@@ -3,6 +3,7 @@ import copy
 import json
 import math
 import struct
+import time
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -236,12 +237,15 @@ def test_boundary_values_accepted_and_the_json_beside_the_first_checkpoint(ckpt,
     first.parent.mkdir()
     first.write_bytes(open(ckpt, "rb").read())
     # the smallest chunk and document count, betas just below 1
+    t0 = time.time()
     adapt_eval.main([str(first), ckpt, "--chunk_len", "1", "--docs", "1", "--ks", "1",
                      "--steps", "0", "--inner_beta1", "0.5", "--inner_beta2", "0.999"])
+    wall = time.time() - t0
     assert (seen["T"], seen["docs"]) == (1, 1)
     assert (seen["inner"]["inner_beta1"], seen["inner"]["inner_beta2"]) == (0.5, 0.999)
     saved = json.loads((tmp_path / "first" / "adapt_eval.json").read_text())
     assert list(saved["runs"]) == [str(first), ckpt]
+    assert all(0 <= r["seconds"] <= wall for r in saved["runs"].values())
     for beta in ("--inner_beta1", "--inner_beta2"):
         with pytest.raises(SystemExit, match=f"{beta} must be below 1, got 1.0"):
             adapt_eval.main([ckpt, beta, "1.0"])

@@ -220,6 +220,8 @@ def test_speedup_of_curves_with_a_known_ratio(tmp_path, capsys):
     write_log(tmp_path / "b", steps, 5 - 0.0032 * steps, 1000 * steps, 1.25e12 * steps, 0.6 * steps)
     a, b = analyze.read_log(tmp_path / "a"), analyze.read_log(tmp_path / "b")
     assert len(a["step"]) == len(steps)  # eval lines only
+    # tokens: AR plus meta tokens, a null count (a run without meta steps) counting 0
+    assert a["tokens"].tolist() == (1000 * steps).tolist() == b["tokens"].tolist()
     sp = analyze.speedup(a, b)
     assert sp == pytest.approx({"step": 0.625, "tokens": 0.625, "flops": 0.78125, "time": 0.75})
     assert analyze.speedup(a, a) == pytest.approx({ax: 1.0 for ax in analyze.AXES})
