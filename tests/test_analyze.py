@@ -608,6 +608,7 @@ def test_compare_plot_panels_show_what_they_name(tmp_path, monkeypatch):
             assert lines[run].get_ydata().tolist() == log["val_loss"].tolist()
         target = [l for l in ax.get_lines() if l.get_linestyle() == "--"]
         assert len(target) == 1 and list(target[0].get_ydata()) == [3.5, 3.5]  # A's final
+        assert target[0].get_linewidth() > 0 and target[0].get_visible()
     # bottom row: B's meta accuracies (A has none), each labelled with its run and name
     for ax, names, words in ((fig.axes[4], analyze.META_ACCS[:2], "query"),
                              (fig.axes[5], analyze.META_ACCS[2:], "nearest support class mean")):
@@ -630,3 +631,18 @@ def test_the_lowest_allowed_values_are_accepted(tmp_path, monkeypatch, flag):
     with pytest.raises(ZeroDivisionError):  # the arguments passed their checks
         analyze.main([str(tmp_path), flag])
     assert len(seen) == 1
+
+
+def test_metric_plots_of_a_one_layer_model(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    figs, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: figs.append(fig))
+    rows = [(step, 0, comp, "weight_per", v) for step, vals in ((0, (0.2, 0.4)), (10, (0.3, 0.1)))
+            for comp, v in zip(("wq", "wk"), vals)]
+    paths = analyze.plot_metrics(rows, str(tmp_path))
+    assert paths == [str(tmp_path / "weight_per.png")] and os.path.getsize(paths[0]) > 0
+    (ax,) = figs[0].axes  # one panel, with the legend of its components
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["wq", "wk"]
+    assert [list(l.get_ydata()) for l in ax.get_lines()] == [[0.2, 0.3], [0.4, 0.1]]
+    close(figs[0])
