@@ -225,7 +225,7 @@ def test_table_of_one_k_and_one_step_by_hand():
 
 
 def test_boundary_values_accepted_and_the_json_beside_the_first_checkpoint(ckpt, tmp_path,
-                                                                         monkeypatch):
+                                                                         monkeypatch, capsys):
     seen = {}
 
     def curves(model, spans, ks, steps, inner, T, env, autocast):
@@ -241,6 +241,13 @@ def test_boundary_values_accepted_and_the_json_beside_the_first_checkpoint(ckpt,
     adapt_eval.main([str(first), ckpt, "--chunk_len", "1", "--docs", "1", "--ks", "1",
                      "--steps", "0", "--inner_beta1", "0.5", "--inner_beta2", "0.999"])
     wall = time.time() - t0
+    out = capsys.readouterr().out
+    for path in (first, ckpt):  # each checkpoint's line: its step and the seconds it took
+        line = next(l for l in out.splitlines() if l.startswith(f"{path}: step "))
+        assert 0 <= int(line.split(", ")[-1][:-len(" s")]) <= wall + 1
+    json_path = tmp_path / "first" / "adapt_eval.json"
+    png = tmp_path / "first" / "adapt_eval.png"
+    assert f"wrote {json_path} and {png}" in out and png.stat().st_size > 0
     assert (seen["T"], seen["docs"]) == (1, 1)
     assert (seen["inner"]["inner_beta1"], seen["inner"]["inner_beta2"]) == (0.5, 0.999)
     saved = json.loads((tmp_path / "first" / "adapt_eval.json").read_text())
@@ -249,3 +256,15 @@ def test_boundary_values_accepted_and_the_json_beside_the_first_checkpoint(ckpt,
     for beta in ("--inner_beta1", "--inner_beta2"):
         with pytest.raises(SystemExit, match=f"{beta} must be below 1, got 1.0"):
             adapt_eval.main([ckpt, beta, "1.0"])
+
+
+def test_checkpoints_of_two_tokenizers_are_refused_naming_both(ckpt, tmp_path):
+    other = torch.load(ckpt, weights_only=False)
+    other["tokenizer"] = "gpt2"
+    b = str(tmp_path / "b.pt")
+    torch.save(other, b)
+    with pytest.raises(SystemExit) as e:
+        adapt_eval.main([ckpt, b])
+    assert str(e.value.code) == (
+        f"adapt_eval.py: error: {b} uses tokenizer 'gpt2', {ckpt} 'tiny': their losses are not "
+        f"comparable; compare checkpoints of one tokenizer")
