@@ -1,5 +1,6 @@
 """bench.py: its timing helper, its table on a tiny model without data, and the Hugging Face peer
 (only where transformers is installed; it is an optional extra)."""
+import copy
 import io
 import json
 import os
@@ -340,26 +341,60 @@ def test_tokenize_rates_against_a_known_clock(tiny_enc, tmp_path, monkeypatch):
     assert tok["ratio_vs_raw_processes"] == 1.0
 
 
-def test_compiled_rows_and_the_first_call_note(tmp_path, monkeypatch):
-    # torch.compile replaced by the identity: what is checked is the bookkeeping around it
-    monkeypatch.setitem(sys.modules, "transformers", None)
+class FakePeer(torch.nn.Module):
+    """Stands in for transformers' LlamaForCausalLM: our model behind its call signature (HF
+    shifts the labels inside)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, input_ids, labels=None):
+        logits = self.m(input_ids)[0]
+        loss = None if labels is None else torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        return meta_train.SimpleNamespace(logits=logits, loss=loss)
+
+
+@pytest.mark.parametrize("mfu, met, peer_ms", [(0.45, True, 4.0), (0.2998, False, 6.0)])
+def test_compiled_and_peer_rows_and_the_first_call_note(tmp_path, monkeypatch, mfu, met,
+                                                        peer_ms):
+    # torch.compile replaced by the identity and the peer by our own model behind HF's call: what
+    # is checked is the bookkeeping around them
+    monkeypatch.setattr(bench, "hf_peer", lambda model: (FakePeer(copy.deepcopy(model)), "fake"))
     monkeypatch.setattr(bench.torch, "compile", lambda m, **kw: m)
-    times = {"ar": 4.0, "head": 12.0, "all": 40.0, "ar_c": 2.5}
+    times = {"ar": 4.0, "head": 12.0, "all": 40.0, "peer": peer_ms, "ar_c": 2.5, "peer_c": 3.5}
     monkeypatch.setattr(bench, "median_ms", lambda steps, reps, warmup, sync=None: {
         k: times[k] for k in steps})
     cfg = tiny_cfg(tmp_path)
     ar_flops = 2 * 8 * Llama(common.model_args(meta_train.SimpleNamespace(**cfg))).flops_per_token(8)
-    # a peak that puts the eager AR step at 45% MFU: over the 30% target
+    # a peak that puts the eager AR step at this MFU, against the 30% target
     monkeypatch.setattr(bench, "matmul_peak", lambda dev, dtype, n, reps, warmup: (
-        ar_flops / 4e-3 / 0.45))
+        ar_flops / 4e-3 / mfu))
     monkeypatch.setattr(bench, "peak_memory", lambda fn, dev, setup=None: None)
     facts, rows = bench.run(cfg, reps=1, warmup=0, compile=True, peak_n=8, text=())
+    by = {r["name"]: r for r in rows}
     ar = next(r for r in rows if r["name"].startswith("AR micro-step 2x8"))
-    assert ar["mfu"] == pytest.approx(0.45) and ar["met"] is True
-    c = next(r for r in rows if r["name"].startswith("AR micro-step (ours, compiled)"))
+    assert ar["mfu"] == pytest.approx(mfu) and ar["met"] is met
+    c = by["AR micro-step (ours, compiled)"]
     assert c["ms"] == 2.5 and c["ratio"] == 4.0 / 2.5 and c["ratio_of"] == "eager/compiled"
-    # the first (compiling) call of a tiny model takes well under a second
-    assert "first call, compiling: ours 0 s (less with a warm inductor cache)" in facts["notes"]
+    # the peer computes our function: a logit difference of 0; as fast as ours (4 ms) or slower
+    # meets 'ours >= peer'
+    assert facts["peer"] == "fake, sdpa attention, our weights (largest logit difference 0.0e+00)"
+    peer = by["peer: HF LlamaForCausalLM, eager"]
+    assert (peer["ms"], peer["ratio"], peer["met"]) == (peer_ms, peer_ms / 4.0, True)
+    peer_c = by["peer: HF LlamaForCausalLM, compiled"]
+    assert (peer_c["ratio"], peer_c["met"]) == (3.5 / 2.5, True)
+    # the first (compiling) calls of a tiny model take well under a second
+    assert "first call, compiling: ours 0 s, peer 0 s (less with a warm inductor cache)" in \
+        facts["notes"]
+
+
+def test_warmup_0_is_allowed(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench, "run", lambda cfg, *a: seen.append(a) or ({"notes": []}, []))
+    bench.main([f"--data_dir={tmp_path}", "--no_compile", "--warmup=0", "--reps=1"])
+    assert seen[0][:2] == (1, 0)
 
 
 def test_table_columns_by_hand():
