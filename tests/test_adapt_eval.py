@@ -3,6 +3,7 @@ import copy
 import json
 import math
 import struct
+import sys
 import time
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -268,3 +269,23 @@ def test_checkpoints_of_two_tokenizers_are_refused_naming_both(ckpt, tmp_path):
     assert str(e.value.code) == (
         f"adapt_eval.py: error: {b} uses tokenizer 'gpt2', {ckpt} 'tiny': their losses are not "
         f"comparable; compare checkpoints of one tokenizer")
+
+
+def test_without_matplotlib_no_plot_is_claimed(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    results = {"A": {"curves": {1: {0: [1.0, 2.0]}}}}
+    assert adapt_eval.plot(results, [1], [0], str(tmp_path / "p.png")) is False
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_data_dir_of_another_tokenizer_is_refused(ckpt, tmp_path):
+    enc = make_tiny_encoding()
+    d = write_data_dir(tmp_path / "d", enc, {"train": [[1, 2, enc.eot_token]],
+                                             "val": [[1, 2, enc.eot_token]]})
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    (tmp_path / "d" / "meta.json").write_text(json.dumps({**meta, "tokenizer": "gpt2"}))
+    with pytest.raises(SystemExit) as e:
+        adapt_eval.main([ckpt, "--data_dir", d])
+    assert str(e.value.code) == (
+        f"adapt_eval.py: error: {d} holds 'gpt2' tokens, the checkpoints read 'tiny'; give "
+        f"--data_dir of their tokenizer or --text FILES")
