@@ -323,6 +323,7 @@ def test_end_to_end_cli_writes_csv_summary_and_plots(tmp_path, monkeypatch, tiny
     assert all(math.isfinite(float(r[4])) for r in rows)
     summary = (out / "summary.txt").read_text()
     assert "3 windows x 12 tokens from" in summary and "probe.txt" in summary
+    assert "by more than 0.01 x the peak" in summary  # the default --tol, as --help states it
     for metric in analyze.SUMMARY_METRICS:
         assert sum(l.startswith(metric) for l in summary.splitlines()) == L
     assert summary in capsys.readouterr().out
