@@ -37,7 +37,7 @@ keys() {  # the config keys of each run
   esac
 }
 # these runs compare the paper's episode (the table predates configs/cpu.py's well-posed keys)
-PAPER_EPISODE=(--meta_read=mask --meta_features=raw --inner_lr=0.1)
+PAPER_EPISODE=(--meta_read=mask --meta_features=raw --inner_lr=0.1 --meta_loss_weight=1.0)
 # the proposal's inner loop for the adaptation test, the same for every checkpoint; 8 documents,
 # 1 or 4 support chunks, 0 or 5 steps keep it to minutes for five checkpoints on 2 cores
 ADAPT=(--inner_optimizer=adamw --inner_lr=1e-3 --inner_lr_schedule=cosine --inner_warmup_steps=2

@@ -76,9 +76,10 @@ train() {  # train RUN KEY=VALUE...: a fresh run, or the rest of an interrupted 
   if compgen -G "$run/ckpt*.pt" > /dev/null; then resume=True; fi
   $PY meta_train.py configs/cpu.py --data_dir="$DATA" --out_dir="$run" --resume=$resume "$@"
 }
-stage "train vanilla -> $OUT/vanilla" "$OUT/vanilla/ckpt_000200.pt" "$DATA/meta.json" \
+final=ckpt_000400.pt  # the checkpoint of configs/cpu.py's max_steps: the run is finished
+stage "train vanilla -> $OUT/vanilla" "$OUT/vanilla/$final" "$DATA/meta.json" \
   train vanilla --meta_ratio=0
-stage "train meta -> $OUT/meta" "$OUT/meta/ckpt_000200.pt" "$DATA/meta.json" train meta
+stage "train meta -> $OUT/meta" "$OUT/meta/$final" "$DATA/meta.json" train meta
 last=$OUT/meta/ckpt.pt  # the newest of what the stages below read
 if [ "$OUT/vanilla/ckpt.pt" -nt "$last" ]; then last=$OUT/vanilla/ckpt.pt; fi
 
