@@ -1,7 +1,9 @@
 """gpu_check.py end to end on the CPU with a tiny model: the script a GPU user runs must work, and
 each of its checks must fail (exit status 1) when its fault is injected."""
 import json
+import os
 import random
+import time
 
 import pytest
 import torch
@@ -196,3 +198,131 @@ def test_tf32_is_off_inside_tf32_off_and_restored_after():
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+# The orchestration with every stage's work faked (issue 26): what check() does with the figures
+# the stages return, and main's arguments, in milliseconds
+
+def test_build_data_stops_at_4_chars_a_token_and_makes_every_tenth_document_val(tmp_path,
+                                                                                 monkeypatch):
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"document{i:02d}" for i in range(30)))  # 10 characters each
+    seen = {}
+
+    def write_shards(train, enc, out, val_tokens, val_docs, progress, index_args):
+        seen.update(train=list(train), val=list(val_docs), index_args=index_args)
+        with open(os.path.join(out, "meta.json"), "w") as f:
+            json.dump({"made": True}, f)
+
+    monkeypatch.setattr(gpu_check.prepare, "write_shards", write_shards)
+    monkeypatch.setattr(gpu_check.data, "read_meta", lambda out: json.load(
+        open(os.path.join(out, "meta.json"))))
+    out = tmp_path / "data"
+    out.mkdir()
+    # 50 tokens at 4 characters each: the 20 documents up to 200 characters, the 20th included
+    assert gpu_check.build_data([str(text)], None, str(out), 50) == {"made": True}
+    docs = [f"document{i:02d}" for i in range(20)]
+    assert seen["val"] == ["document00", "document10"]
+    assert seen["train"] == [d for d in docs if d not in seen["val"]]
+    assert seen["index_args"] == {"source": f"--text {text}"}
+
+
+class FakeStages:
+    """gpu_check's stages with their work faked: weights that move by known amounts, a training
+    log of 2 steps, inner-loop losses and a bench table; records how bench was called."""
+
+    def __init__(self, monkeypatch, train_error=None):
+        self.resumed, self.bench, self.train_error, self.data = False, [], train_error, []
+        monkeypatch.setattr(gpu_check, "build_data", lambda *a: self.data.append(a) or {
+            "train_tokens": 1000, "val_tokens": 100, "index": {"n_words": 7}})
+        monkeypatch.setattr(gpu_check, "train_run", self.train_run)
+        monkeypatch.setattr(gpu_check, "weights", self.weights)
+        monkeypatch.setattr(gpu_check, "inner_loop_check", lambda *a: {
+            "run autocast, 0 inner steps": 3.0, "run autocast, 5 inner steps": 2.0,
+            "fp32, 0 inner steps": 3.0, "fp32, 5 inner steps": 1.5})
+        monkeypatch.setattr(gpu_check.bench, "run", lambda *a, **kw: self.bench.append(kw) or (
+            {}, []))
+        monkeypatch.setattr(gpu_check.bench, "format_table",
+                            lambda facts, rows, tera: f"tera {tera}")
+
+    def train_run(self, cfg, out_dir, copy_at=None, copy_to=None, resume=False):
+        if self.train_error:
+            raise self.train_error
+        rows = [{"step": s, "ar_loss": 1.0, "meta_loss": None, "tok_per_s": 10.0, "mfu": None,
+                 "ar_ms": 5.0, "meta_ms": None, "val_loss": None} for s in (1, 2)]
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "log.jsonl"), "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+        torch.save({}, os.path.join(out_dir, "ckpt.pt"))
+        if copy_to:
+            torch.save({}, os.path.join(copy_to, "ckpt.pt"))
+        self.resumed = self.resumed or resume
+        return rows, {"graphs": 1, "graph_breaks": 0, "break_reasons": [], "recompiles": 0}
+
+    def weights(self, path):
+        # the full run moves w from (1, -3) to (1, 1) over the resumed steps (norm 4); the resumed
+        # run ends 0.02 away from it: 0.5% of the movement
+        if "resumed" in path:
+            return {"w": torch.tensor([1.0, 1.02 if self.resumed else -3.0])}
+        return {"w": torch.tensor([1.0, 1.0])}
+
+
+def fake_check(tmp_path, steps=4):
+    return gpu_check.check(["unused.txt"], None, str(tmp_path), "configs/cpu.py", [
+        "--device=cpu", "--dtype=float32", "--meta_task=smlmt", "--meta_ratio=0.5",
+        "--inner_steps=5"], steps=steps)
+
+
+def test_check_turns_the_stages_figures_into_verdicts(tmp_path, monkeypatch):
+    stages = FakeStages(monkeypatch)
+    t0 = time.time()
+    r = fake_check(tmp_path)
+    assert r["errors"] == {}
+    # check()'s own default: 5M tokens of text, as main's
+    assert stages.data == [(["unused.txt"], None, str(tmp_path / "data"), 5_000_000, None)]
+    assert r["checks"]["resume"]["value"] == pytest.approx(0.02 / 4)
+    assert r["checks"]["resume"]["ok"] and r["resume_max_abs_diff"] == pytest.approx(0.02)
+    drop = r["checks"]["inner steps lower the query loss under the run's autocast"]
+    # the autocast drop 1.0 against fp32's 1.5: at least half of it
+    assert drop["value"] == 1.0 and drop["ok"] and drop["threshold"].startswith(">= 0.5 x")
+    gap = r["checks"]["run autocast agrees with fp32 after adaptation"]
+    assert gap["value"] == 0.5 and not gap["ok"]
+    assert 0 <= r["train"]["seconds"] <= r["seconds"] <= time.time() - t0
+    assert stages.bench == [{"reps": 5, "warmup": 2, "compile": True}] and r["bench"] == \
+        "tera False"
+    assert gpu_check.failed(r) == ["run autocast agrees with fp32 after adaptation"]
+    lines = gpu_check.format_report(r).splitlines()
+    assert lines[:4] == ["device: cpu", f"torch: {torch.__version__}",
+                         "config: configs/cpu.py --device=cpu --dtype=float32 --meta_task=smlmt "
+                         "--meta_ratio=0.5 --inner_steps=5",
+                         "data: 1,000 train + 100 val tokens, 7 candidate words"]
+    assert lines[4].startswith("train: 2 steps in ")
+    assert not list(tmp_path.glob("*/*.pt"))
+
+
+def test_a_training_stage_that_raises_is_recorded_and_skips_the_rest(tmp_path, monkeypatch):
+    FakeStages(monkeypatch, train_error=RuntimeError("out of memory"))
+    r = fake_check(tmp_path)
+    assert r["errors"] == {"train": "RuntimeError: out of memory",
+                           **{s: "skipped: an earlier stage failed"
+                              for s in ("resume", "inner loop", "bench")}}
+    FakeStages(monkeypatch, train_error=common.ConfigError("bad key"))
+    with pytest.raises(common.ConfigError, match="bad key"):  # bad input: a one-line error
+        fake_check(tmp_path)
+
+
+def test_main_passes_its_defaults_and_refuses_an_odd_step_count(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(common, "get_encoding", lambda name: name)
+    monkeypatch.setattr(gpu_check, "check", lambda *a: calls.append(a) or {
+        "checks": {}, "errors": {}, "seconds": 1.0})
+    gpu_check.main(["--text", "a.txt", "--allow_cpu", "--work", str(tmp_path)])
+    assert calls == [(["a.txt"], "gpt2", str(tmp_path), "configs/570m.py", [], 6, 5_000_000,
+                      True)]
+    assert "every check passed" in capsys.readouterr().out
+    for steps in ("3", "0", "1"):
+        with pytest.raises(SystemExit) as e:
+            gpu_check.main(["--text", "a.txt", "--allow_cpu", "--steps", steps])
+        assert e.value.code == 2
+    assert "--steps must be even and at least 2" in capsys.readouterr().err
+    assert len(calls) == 1
