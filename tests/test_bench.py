@@ -407,3 +407,51 @@ def test_table_columns_by_hand():
                                                          "12.3%", "4"]
     line = bench.format_table(facts, [{**row, "flop_s": 2.5e12}], tera=True).splitlines()[-1]
     assert [c.strip() for c in line.split("|")][3] == "2.50"
+
+
+def test_random_episode_draws_every_token_id_and_distinct_words():
+    # a vocabulary of 3 and 4 x (4 + 4) windows of 16 tokens: each id appears (a draw that
+    # leaves out id 0 would miss it with probability < 1e-40), labels class-major
+    c = meta_train.SimpleNamespace(n_way=4, k_shot=4, q_query=4, meta_seq_len=16, vocab_size=3)
+    ep = bench.random_episode(c)
+    for x in (ep.support_x, ep.query_x):
+        assert set(x.flatten().tolist()) == {0, 1, 2}
+    assert ep.support_y.tolist() == [i for i in range(4) for _ in range(4)] == ep.query_y.tolist()
+    c.vocab_size = 4
+    words = bench.random_episode(c).word_ids.tolist()
+    assert sorted(words) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("dev, given, n", [("cuda", None, 8192), ("cpu", None, 2048),
+                                           ("cuda", 96, 96), ("cpu", 96, 96)])
+def test_the_peak_matmul_size_of_each_device(tmp_path, monkeypatch, dev, given, n):
+    # 8192^3 keeps a GPU's tensor cores busy; 2048^3 takes a CPU about a second
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def matmul_peak(device, dtype, size, reps, warmup):
+        seen.append((device.type, size))
+        raise Stop
+
+    monkeypatch.setattr(bench, "data_rows", lambda c, text, num_proc: [])
+    monkeypatch.setattr(common, "init_device", lambda device: meta_train.SimpleNamespace(dev=dev))
+    monkeypatch.setattr(common, "autocast", lambda dtype, kind: (None, kind == "cuda"))
+    monkeypatch.setattr(bench, "matmul_peak", matmul_peak)
+    with pytest.raises(Stop):
+        bench.run(tiny_cfg(tmp_path), peak_n=given)
+    assert seen == [(dev, n)]
+
+
+def test_tokenize_keeps_the_best_of_3_by_default(tiny_enc, tmp_path, monkeypatch):
+    # data_rows' note says "best of 3, as bench_tokenize measures"
+    runs = []
+    write = bench.prepare.write_shards
+    monkeypatch.setattr(bench.prepare, "write_shards", lambda *a, **kw: runs.append(1) or write(
+        *a, **kw))
+    path = tmp_path / "t.txt"
+    path.write_text("the cat and the dog\n\ngreen tree 42\n")
+    tok = bench.bench_tokenize([str(path)], tiny_enc, num_proc=1)
+    assert len(runs) == 3 and tok["tokens"] == sum(len(tiny_enc.encode_ordinary(d)) for d in [
+        "the cat and the dog", "green tree 42"])
