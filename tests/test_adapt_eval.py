@@ -196,7 +196,8 @@ def test_defaults_and_argument_checks(ckpt, tmp_path, monkeypatch):
     assert seen["T"] == 32 and seen["docs"] == 1
     with pytest.raises(SystemExit, match="chunks of 33 tokens > its max_seq_len 32"):
         adapt_eval.main([ckpt, "--text", str(text), "--ks", "1", "--chunk_len", "33"])
-    for bad in (["--ks", "0", "2"], ["--steps", "-1"], ["--docs", "0"]):
+    # --chunk_len 0 too: refused, not read as "not given" (the checkpoint's meta_seq_len)
+    for bad in (["--ks", "0", "2"], ["--steps", "-1"], ["--docs", "0"], ["--chunk_len", "0"]):
         with pytest.raises(SystemExit) as e:
             adapt_eval.main([ckpt] + bad)
         assert str(e.value.code).startswith(f"adapt_eval.py: error: {bad[0]} must be at least"), bad
@@ -293,3 +294,28 @@ def test_a_data_dir_of_another_tokenizer_is_refused(ckpt, tmp_path):
     assert str(e.value.code) == (
         f"adapt_eval.py: error: {d} holds 'gpt2' tokens, the checkpoints read 'tiny'; give "
         f"--data_dir of their tokenizer or --text FILES")
+
+
+def test_a_document_of_exactly_the_span_length_is_used_and_one_token_less_is_not(tmp_path):
+    enc = make_tiny_encoding()
+    # 2 chunks of 3 tokens + 1: 7 tokens; a word of one letter repeated is one byte token a letter
+    assert len(enc.encode_ordinary("c" * 7)) == 7
+    text = tmp_path / "t.txt"
+    text.write_text("b" * 6 + "\n\n" + "c" * 7 + "\n\n" + "d" * 10 + "\n")
+    spans = adapt_eval.spans_from_text([str(text)], enc, 2, 3, 5)
+    assert spans.tolist() == [enc.encode_ordinary("c" * 7), enc.encode_ordinary("d" * 7)]
+
+
+def test_plot_legend_and_size(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    figs = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: figs.append(fig) or close(fig))
+    results = {"A": {"curves": {1: {0: [1.0, 2.0], 3: [0.5, 1.0]}}},
+               "B": {"curves": {1: {0: [1.5, 2.0], 3: [0.7, 1.0]}}}}
+    assert adapt_eval.plot(results, [1], [0, 3], str(tmp_path / "p.png"))
+    (fig,) = figs
+    legend = fig.axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["A", "B"]
+    assert {t.get_fontsize() for t in legend.get_texts()} == {8.0}  # small: run paths are long
+    assert fig.axes[1].get_legend() is None and tuple(fig.get_size_inches()) == (10.0, 4.0)

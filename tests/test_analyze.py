@@ -647,3 +647,39 @@ def test_metric_plots_of_a_one_layer_model(tmp_path, monkeypatch):
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["wq", "wk"]
     assert [list(l.get_ydata()) for l in ax.get_lines()] == [[0.2, 0.3], [0.4, 0.1]]
     close(figs[0])
+
+
+def test_peak_that_rises_or_falls_by_exactly_the_margin_does_not_turn():
+    # "by more than tol x |maximum|": a change of exactly the margin (here 0.5 x 2 = 1, exact in
+    # binary) is not enough, on either side
+    s = [0, 10, 20]
+    assert analyze.peak(s, [0.0, 2.0, 1.0], 0.5) == (10, 2.0, False)
+    assert analyze.peak(s, [1.0, 2.0, 0.0], 0.5) == (10, 2.0, False)
+    assert analyze.peak(s, [0.0, 2.0, 0.75], 0.5) == (10, 2.0, True)
+
+
+def test_a_maximum_at_either_end_never_turns_whatever_the_tolerance():
+    # "the maximum lies strictly inside the step range": independent of tol, even a negative one
+    s = [0, 10, 20]
+    assert analyze.peak(s, [0.0, 1.0, 2.0], -1.0) == (20, 2.0, False)
+    assert analyze.peak(s, [2.0, 1.0, 0.0], -1.0) == (0, 2.0, False)
+    assert analyze.peak(s, [0.0, 2.0, 1.0], -1.0) == (10, 2.0, True)
+
+
+def test_compare_plot_text_sizes(tmp_path, monkeypatch):
+    # the small print that keeps six panels readable at 10 x 10.5 inches
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    figs, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: figs.append(fig))
+    a, b = logs_with_meta()
+    assert analyze.plot_compare(["A", "B"], [a, b], str(tmp_path / "c.png"))
+    (fig,) = figs
+    assert fig._suptitle.get_text().startswith("validation loss")
+    assert fig._suptitle.get_fontsize() == 10
+    assert {t.get_fontsize() for t in fig.axes[0].get_legend().get_texts()} == {8}
+    for ax in fig.axes[4:]:
+        assert {t.get_fontsize() for t in ax.get_legend().get_texts()} == {7}
+        assert ax.title.get_fontsize() == 9
+    assert tuple(fig.get_size_inches()) == (10.0, 10.5)
+    close(fig)

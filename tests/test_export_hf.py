@@ -215,3 +215,26 @@ def test_tokenizer_json_fields_are_gpt2s(tmp_path):
     conf = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert (conf["tokenizer_class"], conf["add_prefix_space"],
             conf["clean_up_tokenization_spaces"]) == ("GPT2TokenizerFast", False, False)
+
+
+def test_config_json_by_hand(tmp_path, monkeypatch):
+    # every key Hugging Face reads, with its JSON type: a float head_dim (8.0) would equal 8 in
+    # Python but not load as a size
+    enc = make_tiny_encoding()
+    model, ckpt = tiny_ckpt(enc)
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    monkeypatch.setattr(export_hf.common, "get_encoding", lambda name: enc)
+    export_hf.main([str(tmp_path), str(tmp_path / "hf")])
+    text = (tmp_path / "hf" / "config.json").read_text()
+    cfg = json.loads(text)
+    a = model.args
+    want = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 320,
+            "hidden_size": 32, "intermediate_size": a.hidden_dim, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+            "hidden_act": "silu", "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta,
+            "max_position_embeddings": 16, "tie_word_embeddings": False,
+            "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02,
+            "bos_token_id": enc.eot_token, "eos_token_id": enc.eot_token,
+            "torch_dtype": "float32"}
+    assert cfg == want
+    assert {k: type(v) for k, v in cfg.items()} == {k: type(v) for k, v in want.items()}

@@ -1068,3 +1068,23 @@ def test_grad_clip_bounds_the_norm_stepped_on(monkeypatch, tiny_enc, regime):
     _, _, _, clipped = fine_tune_watched(monkeypatch, tiny_enc, regime, clip)
     assert free[0] > clip and clipped[0] == pytest.approx(clip, rel=1e-4)
     assert max(clipped) <= clip * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("regime", ["head", "full"])
+def test_train_loss_of_an_epoch_is_the_mean_of_its_steps_losses(monkeypatch, tiny_enc, regime,
+                                                                 capsys):
+    losses = []
+
+    def cross_entropy(logits, y):  # the loss fine_tune steps on, as it computes it
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        losses.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(ner_eval, "F", Namespace(cross_entropy=cross_entropy))
+    res, _, _, _ = fine_tune_spied(monkeypatch, tiny_enc, regime, [0.2, 0.6], 2)
+    # 10 sentences in batches of 4: 3 steps an epoch
+    assert len(losses) == 6 and len(set(losses)) == 6
+    for epoch, step_losses in zip(res["epochs"], (losses[:3], losses[3:])):
+        assert epoch["train_loss"] == pytest.approx(sum(step_losses) / 3, rel=1e-12)
+    out = capsys.readouterr().out
+    assert f"ner epoch 2/2: train loss {sum(losses[3:]) / 3:.4f}, dev F1 60.0 (" in out
