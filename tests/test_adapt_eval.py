@@ -307,6 +307,7 @@ def test_a_document_of_exactly_the_span_length_is_used_and_one_token_less_is_not
 
 
 def test_plot_legend_and_size(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
     figs = []
     close = plt.close
