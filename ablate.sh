@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The README's ablation table: configs/cpu.py for 1000 steps each, five ways, then the speedup
+# The ablation table: configs/cpu.py for STEPS steps (default 1000) five ways, then the speedup
 # against vanilla, adaptation to new text and en_ewt NER of every final checkpoint.
 #   bash ablate.sh                       # after run_cpu.sh has built DATA (default data/cpu)
-#   UNER=path/to/uner bash ablate.sh     # the README's table (about 80 min on 2 cores)
+#   STEPS=500 RUNS="vanilla smlmt smlmt-inner0 positions" UNER=path/to/uner bash ablate.sh
+#                                        # RESULTS.md's table (about 25 min on 2 cores)
 # Results go to OUT (default out/ablate). A rerun skips what is done; a rerun with a larger STEPS
 # extends the finished runs exactly (the lr does not decay to max_steps) and redoes the results.
 set -euo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job in one command, about 12 minutes on 2 CPU cores with local data: set up, build the
+# The main job in one command, about 18 minutes on 2 CPU cores with local data: set up, build the
 # data, train the vanilla and the meta run of configs/cpu.py, read their learning dynamics, compare
 # them, fine-tune both on Universal NER, test how fast each adapts to new text, sample from both,
 # and report.

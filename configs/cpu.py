@@ -3,11 +3,11 @@
 # (and the output projection is most of the compute). The paper's recipe otherwise, scaled down:
 # smaller batches, 400 steps with 20 of warm-up at a higher lr, 8-way episodes of 64-token windows
 # instead of the paper's 32-way x 128. Its episodes are made well-posed (issue 24; the paper's
-# read-out stays at chance here, see the README's table): the state before the masked word,
+# read-out stays at chance here, see RESULTS.md): the state before the masked word,
 # centred and scaled per episode by the support set, and an inner lr that suits such features.
-# Their query loss is far steeper than the next-token loss (gradient norm ~10x an AR step's): at
+# Their query loss is far steeper than the next-token loss (gradient norm 10-20x an AR step's): at
 # full weight the outer loop shrinks the features and stalls the LM at the unigram level, so the
-# meta loss enters at 1/100 (the README's mechanism table).
+# meta loss enters at 1/100 (RESULTS.md's mechanism table).
 #   python meta_train.py configs/cpu.py                                   # meta run
 #   python meta_train.py configs/cpu.py --meta_ratio=0 --out_dir=out/cpu-vanilla
 out_dir = "out/cpu-meta"
@@ -35,5 +35,5 @@ inner_lr = 0.3
 meta_read = "before"
 meta_features = "center"
 meta_loss_weight = 0.01
-init = "gpt2"  # the README's CPU results were measured with it (the paper configs: "pytorch")
+init = "gpt2"  # the CPU results in RESULTS.md were measured with it (the paper configs: "pytorch")
 compile = False  # compiling costs more than it saves in a few-minute CPU run
