@@ -15,12 +15,14 @@ import json
 import os
 import re
 import tempfile
+import time
 import traceback
 from contextlib import contextmanager, nullcontext
 from types import ModuleType, SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -557,3 +559,45 @@ class RunDir:
         if os.path.exists(self.log):
             keep = [json.dumps(row) + "\n" for row in read_log(self.log) if row["step"] <= step]
             atomic_write(self.log, lambda f: f.write("".join(keep).encode()))
+
+
+class RunLog:
+    """What a training run reports while it trains: log.jsonl rows (and Weights & Biases, imported
+    only when on), the progress bar and its lines, the last checkpoint known good, and the two
+    clocks: counters["time"], training only, which the loop sums, and "wall", everything since
+    train() started, summed over resumed runs, so that a whole run's throughput, checkpoint stalls
+    included, can be read honestly."""
+
+    def __init__(self, run, c, master, counters, start_step, t_start, last_good=None,
+                 clock=time.time):
+        self.run, self.master, self.counters, self.last_good = run, master, counters, last_good
+        # clock: the one t_start was read from
+        self.wall0, self.t_start, self.clock = counters.get("wall", 0.0), t_start, clock
+        self.wandb = None
+        if c.wandb_log and master:
+            import wandb
+            wandb.init(project=c.wandb_project, config=vars(c),
+                       name=c.wandb_run_name or os.path.basename(os.path.abspath(c.out_dir)))
+            self.wandb = wandb
+        self.bar = tqdm(total=c.max_steps, initial=start_step, disable=not master, unit="step",
+                        dynamic_ncols=True)
+
+    def stamp(self):
+        """The counters, with the wall clock brought up to now."""
+        self.counters["wall"] = self.wall0 + self.clock() - self.t_start
+        return self.counters
+
+    def log(self, **row):
+        self.run.append_log(row)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if v is not None}, step=row["step"])
+
+    def write(self, line):
+        self.bar.write(line)
+
+    def stop(self, what):
+        """Stop the run on a fault, saying which checkpoint is left to resume from."""
+        self.bar.close()
+        where = (f"the last good checkpoint is {self.last_good}, left intact" if self.last_good
+                 else "no checkpoint was written yet")
+        raise SystemExit(f"{what}; stopping: {where}")

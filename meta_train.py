@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common
 import data
@@ -742,15 +741,10 @@ def describe(c, model, head, env, p, start_step, bf16, peak):
     return "\n".join(lines)
 
 
-def train(c):
-    t_start = time.time()
-    env = common.init_device(c.device)
-    say = print if env.master else (lambda *a, **k: None)
-    common.check_config(c, env.world_size)  # resolves episodes_per_step 0: checkpoints hold it
-    meta, train_reader, val, sampler, val_sampler = load_data(c)
-    common.init_process_group(env)
-
-    torch.manual_seed(c.seed)  # the same seed on every rank: identical initial weights
+def build(c, env):
+    """The model, the meta head (None for vanilla and LM-task runs) and AdamW over both, from
+    one seed on every rank: identical initial weights -> (model, head, params, optimizer)."""
+    torch.manual_seed(c.seed)
     model = Llama(common.model_args(c)).to(env.dev)
     head = None
     if c.meta_ratio > 0 and c.meta_task != "lm":
@@ -762,126 +756,126 @@ def train(c):
               {"params": [p for p in params if not decayed(p)], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=c.learning_rate,
                                   betas=(c.beta1, c.beta2), fused=env.type == "cuda")
-    autocast, bf16 = common.autocast(c.dtype, env.type)
+    return model, head, params, optimizer
 
+
+def compile_before_clock(model, head, c, env, reader, sampler, cost, autocast, optimizer):
+    """torch.compile, and every graph compiled now, so that compilation is not logged as training
+    time (which would bias a time comparison against meta runs, which compile more graphs).
+    Weights do not change: no optimizer step, and episodes restore what they adapt."""
+    model.compile(dynamic=False)  # static shapes: AR batches, support and query windows
+    t0, rng_state = time.time(), torch.get_rng_state()
+    x, y = to_device(ar_batch(reader, c, 0, 0, cost.micro), env.dev)
+    with autocast:
+        model(x, y)[1].backward()
+        if sampler:
+            ep = sampler.sample(np.random.default_rng(VAL_SEED))
+            run_episode(model, head, to_device(ep, env.dev), c, 1.0)
+    optimizer.zero_grad(set_to_none=True)
+    torch.set_rng_state(rng_state)
+    return time.time() - t0
+
+
+def forward_backward(model, head, c, env, step, is_meta, cost, reader, sampler, autocast, times):
+    """One optimizer step's micro-batches (AR) or this rank's episodes (meta), their gradients
+    accumulated in .grad -> (5,) sums: AR loss, meta loss, support acc, query acc, count. Data
+    depends on (seed, step, its slot in the step) only: episode slot s goes to rank
+    s % world_size (a rank may have none); AR sequences are split into equal shares
+    (common.layout); losses are scaled by their share of the step, so that the summed gradients
+    over ranks are the step's mean, however it was split. times: a [seconds, slots] pair that
+    each slot's time is added to, or None."""
+    stats = torch.zeros(5, device=env.dev)
+    slots = (range(env.rank, c.episodes_per_step, env.world_size) if is_meta
+             else range(cost.accum))
+    for slot in slots:
+        tm = time.time()
+        if is_meta:
+            ep = to_device(sampler.sample(np.random.default_rng([c.seed, step, slot, 3])), env.dev)
+            with autocast:
+                q_loss, s_acc, q_acc = run_episode(model, head, ep, c,
+                                                   c.meta_loss_weight / c.episodes_per_step)
+            stats[1:4] += torch.stack([q_loss, s_acc, q_acc])
+        else:
+            start = env.rank * cost.per_rank + slot * cost.micro
+            x, y = to_device(ar_batch(reader, c, step, start, cost.micro), env.dev)
+            with autocast:
+                loss = model(x, y)[1]
+            (loss / (cost.accum * env.world_size)).backward()
+            stats[0] += loss.detach()
+        stats[4] += 1
+        if times is not None:
+            if env.type == "cuda":
+                torch.cuda.synchronize()
+            times[0] += time.time() - tm
+            times[1] += 1
+    return stats
+
+
+def train(c):
+    t_start = time.time()
+    env = common.init_device(c.device)
+    say = print if env.master else (lambda *a, **k: None)
+    common.check_config(c, env.world_size)  # resolves episodes_per_step 0: checkpoints hold it
+    meta, train_reader, val, sampler, val_sampler = load_data(c)
+    common.init_process_group(env)
+    model, head, params, optimizer = build(c, env)
+    autocast, bf16 = common.autocast(c.dtype, env.type)
     cost, peak = plan(c, env.world_size, bf16), peak_flops(env.dev)
     with common.RunDir(c.out_dir, env.master, c.resume) as run:
-        start_step, counters = 0, {"ar_tokens": 0, "meta_tokens": 0, "flops": 0.0, "time": 0.0}
-        last_good = None
+        start_step, counters, last_good = 0, {"ar_tokens": 0, "meta_tokens": 0, "flops": 0.0,
+                                              "time": 0.0}, None
         if c.resume:
             start_step, counters, last_good = resume_run(run, c, model, head, optimizer, env.dev)
             if env.master:
                 run.truncate_log(start_step)  # lines the interrupted run wrote after it
         else:
             run.refuse_earlier_run()
-        # "time" is training time (no eval, no checkpoint writes, no compiling); "wall" is
-        # everything since train() started (summed over resumed runs), so that throughput over a
-        # whole run, checkpoint stalls included, can be read honestly
-        wall0 = counters.get("wall", 0.0)
-
-        def stamp():
-            counters["wall"] = wall0 + time.time() - t_start
-            return counters
-
         say(describe(c, model, head, env, cost, start_step, bf16, peak))
         if c.compile:
-            model.compile(dynamic=False)  # static shapes: AR batches, support and query windows
-            # compile every graph now, so that compilation is not logged as training time (which
-            # would bias a time comparison against meta runs, which compile more graphs). Weights
-            # do not change: no optimizer step, and episodes restore what they adapt.
-            t_compile, rng_state = time.time(), torch.get_rng_state()
-            x, y = to_device(ar_batch(train_reader, c, 0, 0, cost.micro), env.dev)
-            with autocast:
-                model(x, y)[1].backward()
-                if sampler:
-                    ep = sampler.sample(np.random.default_rng(VAL_SEED))
-                    run_episode(model, head, to_device(ep, env.dev), c, 1.0)
-            optimizer.zero_grad(set_to_none=True)
-            torch.set_rng_state(rng_state)
-            say(f"compiled in {time.time() - t_compile:.1f} s, before the clock starts")
-
-        if c.wandb_log and env.master:
-            import wandb
-            wandb.init(project=c.wandb_project, config=vars(c),
-                       name=c.wandb_run_name or os.path.basename(os.path.abspath(c.out_dir)))
-
-        def log(**row):
-            run.append_log(row)
-            if c.wandb_log and env.master:
-                wandb.log({k: v for k, v in row.items() if v is not None}, step=row["step"])
-
-        bar = tqdm(total=c.max_steps, initial=start_step, disable=not env.master, unit="step",
-                   dynamic_ncols=True)
+            secs = compile_before_clock(model, head, c, env, train_reader, sampler, cost,
+                                        autocast, optimizer)
+            say(f"compiled in {secs:.1f} s, before the clock starts")
+        out = common.RunLog(run, c, env.master, counters, start_step, t_start, last_good,
+                            time.time)
         window = {"ar": [0.0, 0], "meta": [0.0, 0]}  # micro-step / episode times between logs
 
-        def stop(what):
-            bar.close()
-            where = (f"the last good checkpoint is {last_good}, left intact" if last_good
-                     else "no checkpoint was written yet")
-            raise SystemExit(f"{what}; stopping: {where}")
-
         for step in range(start_step, c.max_steps + 1):
-            # weights here have had `step` updates: evaluate them now, save them below once this
-            # step's loss shows they are finite (a resumed run did both before it stopped)
+            # once in a while: evaluate the weights, which have had `step` updates; they are saved
+            # below once this step's loss shows them finite (a resumed run did both before it
+            # stopped). At max_steps no later loss will vouch for them: they are checked directly.
             fresh = step > start_step or not c.resume
             if fresh and (step % c.eval_interval == 0 or step == c.max_steps):
                 val_loss, val_meta = evaluate(model, head, val, val_sampler, c, env, autocast)
                 if env.master:
-                    log(step=step, val_loss=val_loss, **val_meta, **stamp())
-                    bar.write(f"step {step}: val loss {val_loss:.4f}" + "".join(
+                    out.log(step=step, val_loss=val_loss, **val_meta, **out.stamp())
+                    out.write(f"step {step}: val loss {val_loss:.4f}" + "".join(
                         f", {k[4:]} {val_meta[k]:.3f}+-{val_meta[k + '_se'] or 0:.3f}"
                         for k in VAL_META if val_meta[k] is not None))
             if step == c.max_steps:
-                if fresh:  # no later loss will vouch for these weights: check them directly
+                if fresh:
                     if not (math.isfinite(val_loss) and all(p.isfinite().all() for p in params)):
-                        stop(f"non-finite weights or val loss ({val_loss}) at step {step}")
+                        out.stop(f"non-finite weights or val loss ({val_loss}) at step {step}")
                     if env.master:
-                        save_checkpoint(run, run_state(c, model, head, optimizer, step, stamp(),
-                                                       meta["tokenizer"]), c.keep_checkpoints)
+                        save_checkpoint(run, run_state(c, model, head, optimizer, step,
+                                                       out.stamp(), meta["tokenizer"]),
+                                        c.keep_checkpoints)
                 break
 
+            # an AR or a meta step, drawn from a generator keyed by (seed, step) alone: every
+            # rank takes the same branch without communicating, and a resumed run replays it
             t0 = time.time()
             lr = get_lr(step, c)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            # AR or meta, drawn from a generator keyed by (seed, step) alone: every rank takes the
-            # same branch without communicating, and resuming at any step replays it. Drawn once
-            # per optimizer step, so that a step's data, and so the weights, do not depend on how
-            # it is split over ranks and accumulation.
             is_meta = np.random.default_rng([c.seed, step, 1]).random() < c.meta_ratio
             kind = "meta" if is_meta else "ar"
-            stats = torch.zeros(5, device=env.dev)  # AR loss, meta loss, support acc, query acc, n
-            # per-micro-step times need a device sync on CUDA, which stops the host from running
-            # ahead: take them on every log_interval-th step only
+            # per-slot times need a device sync on CUDA, which stops the host from running ahead:
+            # taken on every log_interval-th step only
             timed = env.type == "cpu" or step % c.log_interval == 0
-            # data depends on (seed, step, its slot in the step) only: episode slot s goes to
-            # rank s % world_size (a rank may have none); AR sequences are split into equal
-            # shares (common.layout); losses are scaled by their share of the step, so that the
-            # summed gradients over ranks are the step's mean, however it was split
-            slots = (range(env.rank, c.episodes_per_step, env.world_size) if is_meta
-                     else range(cost.accum))
-            for slot in slots:
-                tm = time.time()
-                if is_meta:
-                    rng = np.random.default_rng([c.seed, step, slot, 3])
-                    ep = to_device(sampler.sample(rng), env.dev)
-                    with autocast:
-                        q_loss, s_acc, q_acc = run_episode(model, head, ep, c,
-                                                           c.meta_loss_weight / c.episodes_per_step)
-                    stats[1:4] += torch.stack([q_loss, s_acc, q_acc])
-                else:
-                    start = env.rank * cost.per_rank + slot * cost.micro
-                    x, y = to_device(ar_batch(train_reader, c, step, start, cost.micro), env.dev)
-                    with autocast:
-                        loss = model(x, y)[1]
-                    (loss / (cost.accum * env.world_size)).backward()
-                    stats[0] += loss.detach()
-                stats[4] += 1
-                if timed:
-                    if env.type == "cuda":
-                        torch.cuda.synchronize()
-                    window[kind][0] += time.time() - tm
-                    window[kind][1] += 1
+            stats = forward_backward(model, head, c, env, step, is_meta, cost, train_reader,
+                                     sampler, autocast, window[kind] if timed else None)
+
+            # reduce over ranks, clip, check, save, step
             if env.ddp:
                 all_reduce_grads(params)
                 dist.all_reduce(stats)
@@ -891,48 +885,57 @@ def train(c):
             stats /= stats[4].clone()
             loss_now = (stats[1] if is_meta else stats[0]).item()
             if not (math.isfinite(loss_now) and math.isfinite(grad_norm)):
-                stop(f"non-finite {'meta' if is_meta else 'AR'} loss ({loss_now}) or grad norm at "
-                     f"step {step}")
+                out.stop(f"non-finite {'meta' if is_meta else 'AR'} loss ({loss_now}) or grad norm "
+                         f"at step {step}")
             # only now, with a finite loss at these weights, is a checkpoint of them known good
             if fresh and step % c.save_interval == 0:
                 t_save = time.time()
                 if env.master:
-                    save_checkpoint(run, run_state(c, model, head, optimizer, step, stamp(),
+                    save_checkpoint(run, run_state(c, model, head, optimizer, step, out.stamp(),
                                                    meta["tokenizer"]), c.keep_checkpoints)
                 t0 += time.time() - t_save  # "time" is training time: no eval, no checkpoints
-                last_good = f"{run.ckpt} (step {step})"
+                out.last_good = f"{run.ckpt} (step {step})"
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
+            # count and log
             dt = time.time() - t0
             tokens, flops = ((cost.meta_tokens, cost.meta_flops) if is_meta
                              else (cost.ar_tokens, cost.ar_flops))
             counters["time"] += dt
             counters["meta_tokens" if is_meta else "ar_tokens"] += tokens
             counters["flops"] += flops
-            bar.update(1)
+            out.bar.update(1)
             if env.master and ((step + 1) % c.log_interval == 0 or step + 1 == c.max_steps):
-                mfu = estimate_mfu(flops / dt / env.world_size, peak)  # the peak is one device's
-                ms = {k: (1000 * v[0] / v[1] if v[1] else None) for k, v in window.items()}
-                row = dict(step=step + 1, lr=lr, grad_norm=grad_norm, tok_per_s=tokens / dt,
-                           mfu=mfu, ar_ms=ms["ar"], meta_ms=ms["meta"], **stamp())
-                if is_meta:
-                    row.update(meta_loss=loss_now, support_acc=stats[2].item(),
-                               query_acc=stats[3].item())
-                else:
-                    row.update(ar_loss=loss_now)
-                log(**row)
-                what = (f"meta loss {loss_now:.4f} query acc {row['query_acc']:.3f}" if is_meta
-                        else f"loss {loss_now:.4f}")
-                bar.write(f"step {step + 1}: {what} | lr {lr:.2e} | {dt * 1000:.0f} ms | "
-                          f"{tokens / dt:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu else ""))
+                log_step(out, step + 1, lr, grad_norm, dt, tokens, flops, peak, env, window,
+                         stats if is_meta else None, loss_now)
                 window = {"ar": [0.0, 0], "meta": [0.0, 0]}
-        bar.close()
+        out.bar.close()
     say(f"done: {counters['ar_tokens']:,} AR tokens, {counters['meta_tokens']:,} meta tokens, "
         f"{counters['flops']:.3g} FLOPs, {counters['time']:.1f} s of training, "
-        f"{stamp()['wall']:.1f} s in all")
+        f"{out.stamp()['wall']:.1f} s in all")
     if env.ddp:
         dist.destroy_process_group()
     return model, head
+
+
+def log_step(out, step, lr, grad_norm, dt, tokens, flops, peak, env, window, meta_stats, loss):
+    """A training step's log.jsonl row and progress line; meta_stats: the meta step's (5,) mean
+    stats, None for an AR step."""
+    mfu = estimate_mfu(flops / dt / env.world_size, peak)  # the peak is one device's
+    ms = {k: (1000 * v[0] / v[1] if v[1] else None) for k, v in window.items()}
+    row = dict(step=step, lr=lr, grad_norm=grad_norm, tok_per_s=tokens / dt, mfu=mfu,
+               ar_ms=ms["ar"], meta_ms=ms["meta"], **out.stamp())
+    if meta_stats is not None:
+        row.update(meta_loss=loss, support_acc=meta_stats[2].item(),
+                   query_acc=meta_stats[3].item())
+    else:
+        row.update(ar_loss=loss)
+    out.log(**row)
+    what = (f"meta loss {loss:.4f} query acc {row['query_acc']:.3f}" if meta_stats is not None
+            else f"loss {loss:.4f}")
+    out.write(f"step {step}: {what} | lr {lr:.2e} | {dt * 1000:.0f} ms | {tokens / dt:,.0f} tok/s"
+              + (f" | mfu {mfu:.1%}" if mfu else ""))
 
 
 def print_plan(argv):
