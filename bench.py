@@ -205,6 +205,102 @@ def data_rows(c, text, num_proc):
                         met=s["windows_s"] >= 20000)]
 
 
+def timed_steps(cfg, c, model, head, x, y, ep, autocast, dev, reps, warmup, sync, compile):
+    """The AR micro-step, the head- and all-mode episodes and the peer's step (when transformers
+    is installed), eager and (compile=True) compiled, each timed as the median of reps ->
+    (steps: name -> (step, modules whose grads are reset before each run, tokens, FLOPs),
+    ms: name -> median ms, first: name -> seconds of the first, compiling call, peer_info)."""
+    def train_step(loss_fn):  # forward under autocast, then backward, as meta_train does
+        def step():
+            with autocast:
+                loss = loss_fn()
+            loss.backward()
+        return step
+
+    def ar_step(m):
+        return train_step(lambda: m(x, y)[1])
+
+    def peer_step(m):  # HF shifts the labels inside: logits at all B x T positions, as ours
+        return train_step(lambda: m(input_ids=x, labels=x).loss)
+
+    def episode_step(cm):  # with loss_scale, smlmt_episode runs its own backward, in autocast
+        def step():
+            with autocast:
+                meta_train.smlmt_episode(model, head, ep, cm, loss_scale=1.0)
+        return step
+
+    ar_tokens = c.batch_size * c.seq_len
+    ar_flops = ar_tokens * model.flops_per_token(c.seq_len)
+    steps = {"ar": (ar_step(model), [model], ar_tokens, ar_flops)}
+    for mode in ("head", "all"):
+        cm = SimpleNamespace(**{**cfg, "meta_task": "smlmt", "inner_params": mode})
+        tokens_and_flops = meta_train.episode_tokens_and_flops(model, cm)
+        steps[mode] = (episode_step(cm), [model, head], *tokens_and_flops)
+    peer, peer_info = hf_peer(model)
+    if peer is not None:
+        # the same function, or the comparison means nothing; in full fp32 (TF32, which
+        # init_device turns on for CUDA, differs from fp32 by ~5e-3 at the 570m shape)
+        with torch.no_grad(), common.tf32_off():
+            diff = (model(x)[0] - peer(input_ids=x).logits.float()).abs().max().item()
+        assert diff < 1e-3, f"the peer's logits differ from ours by {diff}"
+        peer_info += f", sdpa attention, our weights (largest logit difference {diff:.1e})"
+        steps["peer"] = (peer_step(peer), [peer], ar_tokens, ar_flops)
+
+    def zero(modules):
+        return lambda: [m.zero_grad(set_to_none=True) for m in modules]
+
+    ms, first = median_ms({k: (zero(s[1]), s[0]) for k, s in steps.items()}, reps, warmup, sync), {}
+    if compile:
+        compiled = {}
+        for name, make, m in [("ar_c", ar_step, model), ("peer_c", peer_step, peer)]:
+            if m is not None:
+                compiled[name] = (make(torch.compile(m, dynamic=False)), [m], ar_tokens, ar_flops)
+                t0 = time.perf_counter()
+                compiled[name][0]()  # the compilation, timed alone so that warm-up does not hide it
+                first[name] = time.perf_counter() - t0
+        ms.update(median_ms({k: (zero(s[1]), s[0]) for k, s in compiled.items()}, reps, warmup,
+                            sync))
+        steps.update(compiled)
+    return steps, ms, first, peer_info
+
+
+def finish_rows(rows, notes, peak):
+    """Every row gets every key and its MFU; a row's note becomes a numbered footnote."""
+    for r in rows:
+        if r.get("note"):
+            notes.append(r["note"])
+            r["name"] += f" [{len(notes)}]"
+        r.pop("note", None)
+        for k, v in dict(ms=None, rate=None, unit="tok/s", flop_s=None, mem_bytes=None,
+                         ratio=None, ratio_of="", target="", met=None).items():
+            r.setdefault(k, v)
+        r["mfu"] = estimate_mfu(r["flop_s"], peak) if r["flop_s"] else None
+
+
+def machine_facts(c, env, dev, model, bf16, load, peak, listed, peer_info, reps, warmup, notes):
+    """What a reader needs to trust the table: device, torch, threads, load, dtype, model, MFU
+    basis, peer, data, how memory and time were taken, and the footnotes."""
+    cuda = dev.type == "cuda"
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":")[1].strip() for l in f if "model name" in l), cpu)
+    facts = {"device": torch.cuda.get_device_name(dev) if cuda else f"CPU: {cpu}",
+             "malloc": "glibc keeps freed memory, as meta_train.py" if env.kept_memory
+             else "default",
+             "torch": torch.__version__, "threads": torch.get_num_threads(),
+             "load": f"{load:.2f} (1-minute load average at the start)" if load is not None else "",
+             "dtype": "bf16 autocast" if bf16 else "fp32", "model": model_summary(model),
+             "peak_flop_s": peak, "mfu_basis": f"datasheet bf16 peak, {listed / 1e12:.0f} TFLOP/s"
+             if listed else f"the matmul row, measured in this run", "peer": peer_info,
+             "data": c.data_dir if os.path.isdir(c.data_dir) else "random tokens",
+             "memory": "torch.cuda.max_memory_allocated above the allocation before the step"
+             if cuda else "peak RSS (VmHWM) growth over the RSS before the step, after malloc_trim",
+             "timing": f"median of {reps} after {warmup} warm-up, interleaved; "
+                       "forward + backward, no optimizer step", "notes": notes}
+    return facts
+
+
 def run(cfg, reps=10, warmup=2, compile=True, peak_n=None, text=(), num_proc=1):
     """Measure everything -> (facts, rows). cfg: a meta_train config dict."""
     c = SimpleNamespace(**cfg)
@@ -240,58 +336,13 @@ def run(cfg, reps=10, warmup=2, compile=True, peak_n=None, text=(), num_proc=1):
         x, y, ep = xy[:, :-1].contiguous(), xy[:, 1:].contiguous(), random_episode(c)
     x, y, ep = x.to(dev), y.to(dev), meta_train.to_device(ep, dev)
 
-    def train_step(loss_fn):  # forward under autocast, then backward, as meta_train does
-        def step():
-            with autocast:
-                loss = loss_fn()
-            loss.backward()
-        return step
-
-    def ar_step(m):
-        return train_step(lambda: m(x, y)[1])
-
-    def peer_step(m):  # HF shifts the labels inside: logits at all B x T positions, as ours
-        return train_step(lambda: m(input_ids=x, labels=x).loss)
-
-    def episode_step(cm):  # with loss_scale, smlmt_episode runs its own backward, in autocast
-        def step():
-            with autocast:
-                meta_train.smlmt_episode(model, head, ep, cm, loss_scale=1.0)
-        return step
-
-    # name -> (step, modules whose grads are reset before each run, tokens, FLOPs)
-    ar_tokens = c.batch_size * c.seq_len
-    ar_flops = ar_tokens * model.flops_per_token(c.seq_len)
-    steps = {"ar": (ar_step(model), [model], ar_tokens, ar_flops)}
-    for mode in ("head", "all"):
-        cm = SimpleNamespace(**{**cfg, "meta_task": "smlmt", "inner_params": mode})
-        tokens_and_flops = meta_train.episode_tokens_and_flops(model, cm)
-        steps[mode] = (episode_step(cm), [model, head], *tokens_and_flops)
-    peer, peer_info = hf_peer(model)
-    if peer is not None:
-        # the same function, or the comparison means nothing; in full fp32 (TF32, which
-        # init_device turns on for CUDA, differs from fp32 by ~5e-3 at the 570m shape)
-        with torch.no_grad(), common.tf32_off():
-            diff = (model(x)[0] - peer(input_ids=x).logits.float()).abs().max().item()
-        assert diff < 1e-3, f"the peer's logits differ from ours by {diff}"
-        peer_info += f", sdpa attention, our weights (largest logit difference {diff:.1e})"
-        steps["peer"] = (peer_step(peer), [peer], ar_tokens, ar_flops)
+    steps, ms, first, peer_info = timed_steps(cfg, c, model, head, x, y, ep, autocast, dev, reps,
+                                              warmup, sync, compile)
+    ar_tokens, ar_flops = steps["ar"][2:]
 
     def zero(modules):
         return lambda: [m.zero_grad(set_to_none=True) for m in modules]
 
-    ms = median_ms({k: (zero(s[1]), s[0]) for k, s in steps.items()}, reps, warmup, sync)
-    if compile:
-        compiled, first = {}, {}
-        for name, make, m in [("ar_c", ar_step, model), ("peer_c", peer_step, peer)]:
-            if m is not None:
-                compiled[name] = (make(torch.compile(m, dynamic=False)), [m], ar_tokens, ar_flops)
-                t0 = time.perf_counter()
-                compiled[name][0]()  # the compilation, timed alone so that warm-up does not hide it
-                first[name] = time.perf_counter() - t0
-        ms.update(median_ms({k: (zero(s[1]), s[0]) for k, s in compiled.items()}, reps, warmup,
-                            sync))
-        steps.update(compiled)
     mem = {k: peak_memory(s[0], dev, zero(s[1])) for k, s in steps.items()}
 
     def step_row(key, name, **kw):
@@ -328,33 +379,10 @@ def run(cfg, reps=10, warmup=2, compile=True, peak_n=None, text=(), num_proc=1):
             f"{'ours' if k == 'ar_c' else 'peer'} {s:.0f} s" for k, s in first.items()) +
             " (less with a warm inductor cache)")
     rows += later
-    for r in rows:  # every row has every key; a row's note becomes a numbered footnote
-        if r.get("note"):
-            notes.append(r["note"])
-            r["name"] += f" [{len(notes)}]"
-        r.pop("note", None)
-        for k, v in dict(ms=None, rate=None, unit="tok/s", flop_s=None, mem_bytes=None,
-                         ratio=None, ratio_of="", target="", met=None).items():
-            r.setdefault(k, v)
-        r["mfu"] = estimate_mfu(r["flop_s"], peak) if r["flop_s"] else None
+    finish_rows(rows, notes, peak)
 
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":")[1].strip() for l in f if "model name" in l), cpu)
-    facts = {"device": torch.cuda.get_device_name(dev) if cuda else f"CPU: {cpu}",
-             "malloc": "glibc keeps freed memory, as meta_train.py" if env.kept_memory
-             else "default",
-             "torch": torch.__version__, "threads": torch.get_num_threads(),
-             "load": f"{load:.2f} (1-minute load average at the start)" if load is not None else "",
-             "dtype": "bf16 autocast" if bf16 else "fp32", "model": model_summary(model),
-             "peak_flop_s": peak, "mfu_basis": f"datasheet bf16 peak, {listed / 1e12:.0f} TFLOP/s"
-             if listed else f"the matmul row, measured in this run", "peer": peer_info,
-             "data": c.data_dir if os.path.isdir(c.data_dir) else "random tokens",
-             "memory": "torch.cuda.max_memory_allocated above the allocation before the step"
-             if cuda else "peak RSS (VmHWM) growth over the RSS before the step, after malloc_trim",
-             "timing": f"median of {reps} after {warmup} warm-up, interleaved; "
-                       "forward + backward, no optimizer step", "notes": notes}
+    facts = machine_facts(c, env, dev, model, bf16, load, peak, listed, peer_info, reps, warmup,
+                          notes)
     return facts, rows
 
 
