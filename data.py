@@ -95,7 +95,7 @@ def read_meta(data_dir):
     return meta
 
 
-def _load_split(data_dir, split, meta):
+def load_split(data_dir, split, meta):
     """Memory-map a split's shards, checked against meta.json -> (shards, starts), where starts[i]
     (int64) is the global position of shard i's first token in the concatenation of the split's
     shards."""
@@ -263,7 +263,7 @@ class ShardReader:
 
     def __init__(self, data_dir, split, batch_size, seq_len):
         self.meta = read_meta(data_dir)
-        self.shards, self.shard_starts = _load_split(data_dir, split, self.meta)
+        self.shards, self.shard_starts = load_split(data_dir, split, self.meta)
         self.batch_size, self.seq_len = batch_size, seq_len
         self.n_starts = np.array([max(len(s) - seq_len, 0) for s in self.shards], dtype=np.int64)
         if self.n_starts.sum() == 0:
@@ -321,7 +321,7 @@ class SMLMTSampler:
         self.meta = read_meta(data_dir)
         self.n_way, self.k_shot, self.q_query, self.seq_len = n_way, k_shot, q_query, seq_len
         self.mask_id = self.meta["mask_id"]
-        self.shards, self.shard_starts = _load_split(data_dir, split, self.meta)
+        self.shards, self.shard_starts = load_split(data_dir, split, self.meta)
         self.words, self.offsets, self.positions, docs = _load_index(data_dir, self.meta, split,
                                                                      self.shards, self.shard_starts)
         index = self.meta["index"]
@@ -522,7 +522,7 @@ class LMTaskSampler:
         self.meta = read_meta(data_dir)
         self.k_shot, self.seq_len = k_shot, seq_len
         self.span = (k_shot + 1) * seq_len + 1
-        self.shards, self.shard_starts = _load_split(data_dir, split, self.meta)
+        self.shards, self.shard_starts = load_split(data_dir, split, self.meta)
         begins, n_spans, longest = [], [], 0
         for shard, start in zip(self.shards, self.shard_starts):
             # a document ends after its <|endoftext|>
@@ -621,7 +621,7 @@ def main(argv=None):
     try:
         meta = read_meta(data_dir)
         for split in SPLITS:
-            shards, starts = _load_split(data_dir, split, meta)
+            shards, starts = load_split(data_dir, split, meta)
             line = f"{split}: {sum(len(s) for s in shards):,} tokens in {len(shards)} shard(s)"
             if meta.get("index"):
                 words, offsets, _, docs = _load_index(data_dir, meta, split, shards, starts)

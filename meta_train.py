@@ -492,17 +492,17 @@ def to_device(batch, dev):
 
 def load_data(c):
     """The run's data, opened before any model is built, so that a missing shard, a bad index or
-    n_way larger than the candidate words stop it first -> (meta, train reader, fixed val
-    windows (x, y), train and val episode samplers or None)."""
+    n_way larger than the candidate words stop it first -> (data_info (meta.json), train
+    reader, fixed val windows (x, y), train and val episode samplers or None)."""
     sampler = val_sampler = None
     try:  # data.py's errors name the file; reported like config errors, without a traceback
-        meta = data.read_meta(c.data_dir)
-        if c.meta_ratio > 0 and c.meta_task == "smlmt" and meta.get("index"):
-            if c.meta_seq_len > meta["index"]["context"]:
+        data_info = data.read_meta(c.data_dir)
+        if c.meta_ratio > 0 and c.meta_task == "smlmt" and data_info.get("index"):
+            if c.meta_seq_len > data_info["index"]["context"]:
                 raise ConfigError(f"meta_seq_len {c.meta_seq_len} > the SMLMT index's context "
-                                  f"{meta['index']['context']} in {c.data_dir}; rebuild it with "
-                                  f"`python prepare.py --reindex --context {c.meta_seq_len} --out "
-                                  f"{c.data_dir}` or lower meta_seq_len")
+                                  f"{data_info['index']['context']} in {c.data_dir}; rebuild it "
+                                  f"with `python prepare.py --reindex --context "
+                                  f"{c.meta_seq_len} --out {c.data_dir}` or lower meta_seq_len")
         train_reader = data.ShardReader(c.data_dir, "train", c.batch_size, c.seq_len)
         # the val set: eval_sequences fixed windows, drawn once, the same whatever the batch size
         val = data.ShardReader(c.data_dir, "val", c.eval_sequences, c.seq_len).next_batch(
@@ -522,10 +522,10 @@ def load_data(c):
             val_sampler = data.LMTaskSampler(c.data_dir, c.k_shot, c.meta_seq_len, "val", fix)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
-    if meta["mask_id"] >= c.vocab_size:
+    if data_info["mask_id"] >= c.vocab_size:
         raise ConfigError(f"vocab_size {c.vocab_size} has no room for the mask id "
-                          f"{meta['mask_id']}")
-    return meta, train_reader, val, sampler, val_sampler
+                          f"{data_info['mask_id']}")
+    return data_info, train_reader, val, sampler, val_sampler
 
 
 # the meta numbers of every eval, over the fixed val episodes, each with its standard error
@@ -816,7 +816,7 @@ def train(c):
     env = common.init_device(c.device)
     say = print if env.master else (lambda *a, **k: None)
     common.check_config(c, env.world_size)  # resolves episodes_per_step 0: checkpoints hold it
-    meta, train_reader, val, sampler, val_sampler = load_data(c)
+    data_info, train_reader, val, sampler, val_sampler = load_data(c)
     common.init_process_group(env)
     model, head, params, optimizer = build(c, env)
     autocast, bf16 = common.autocast(c.dtype, env.type)
@@ -857,7 +857,7 @@ def train(c):
                         out.stop(f"non-finite weights or val loss ({val_loss}) at step {step}")
                     if env.master:
                         save_checkpoint(run, run_state(c, model, head, optimizer, step,
-                                                       out.stamp(), meta["tokenizer"]),
+                                                       out.stamp(), data_info["tokenizer"]),
                                         c.keep_checkpoints)
                 break
 
@@ -892,7 +892,7 @@ def train(c):
                 t_save = time.time()
                 if env.master:
                     save_checkpoint(run, run_state(c, model, head, optimizer, step, out.stamp(),
-                                                   meta["tokenizer"]), c.keep_checkpoints)
+                                                   data_info["tokenizer"]), c.keep_checkpoints)
                 t0 += time.time() - t_save  # "time" is training time: no eval, no checkpoints
                 out.last_good = f"{run.ckpt} (step {step})"
             optimizer.step()

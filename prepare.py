@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 import common
-from data import HEADER_INTS, MAGIC, SPLITS, VERSION, _load_split, read_meta, shard_crc32
+from data import HEADER_INTS, MAGIC, SPLITS, VERSION, load_split, read_meta, shard_crc32
 
 DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
 DEFAULT_DATASET_CONFIG = "sample-10BT"
@@ -519,7 +519,7 @@ def build_index(data_dir, enc, min_per_million=DEFAULT_MIN_PER_MILLION,
                          f"{meta['tokenizer']!r}, index asked for with {enc.name!r}")
     _check_band(min_per_million, max_per_million)
     t0 = time.time()
-    shards, _ = _load_split(data_dir, "train", meta)
+    shards, _ = load_split(data_dir, "train", meta)
     kinds = _token_kinds(enc)
     counts = np.zeros(enc.n_vocab, dtype=np.int64)  # whole-word occurrences: what is indexed
     for shard in shards:
@@ -544,7 +544,7 @@ def build_index(data_dir, enc, min_per_million=DEFAULT_MIN_PER_MILLION,
         for i, split in enumerate(SPLITS):
             if not meta["shards"].get(split):
                 continue
-            shards, _ = _load_split(data_dir, split, meta)
+            shards, _ = load_split(data_dir, split, meta)
             offsets, positions, docs = _index_split(shards, words, meta["eot_id"],
                                                     max_occurrences, context,
                                                     np.random.default_rng([seed, i]), kinds)
