@@ -205,6 +205,11 @@ def data_rows(c, text, num_proc):
                         met=s["windows_s"] >= 20000)]
 
 
+def zero(modules):
+    """A function that resets the gradients of modules (before each timed run)."""
+    return lambda: [m.zero_grad(set_to_none=True) for m in modules]
+
+
 def timed_steps(cfg, c, model, head, x, y, ep, autocast, dev, reps, warmup, sync, compile):
     """The AR micro-step, the head- and all-mode episodes and the peer's step (when transformers
     is installed), eager and (compile=True) compiled, each timed as the median of reps ->
@@ -245,9 +250,6 @@ def timed_steps(cfg, c, model, head, x, y, ep, autocast, dev, reps, warmup, sync
         assert diff < 1e-3, f"the peer's logits differ from ours by {diff}"
         peer_info += f", sdpa attention, our weights (largest logit difference {diff:.1e})"
         steps["peer"] = (peer_step(peer), [peer], ar_tokens, ar_flops)
-
-    def zero(modules):
-        return lambda: [m.zero_grad(set_to_none=True) for m in modules]
 
     ms, first = median_ms({k: (zero(s[1]), s[0]) for k, s in steps.items()}, reps, warmup, sync), {}
     if compile:
@@ -339,9 +341,6 @@ def run(cfg, reps=10, warmup=2, compile=True, peak_n=None, text=(), num_proc=1):
     steps, ms, first, peer_info = timed_steps(cfg, c, model, head, x, y, ep, autocast, dev, reps,
                                               warmup, sync, compile)
     ar_tokens, ar_flops = steps["ar"][2:]
-
-    def zero(modules):
-        return lambda: [m.zero_grad(set_to_none=True) for m in modules]
 
     mem = {k: peak_memory(s[0], dev, zero(s[1])) for k, s in steps.items()}
 

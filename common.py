@@ -570,7 +570,7 @@ class RunLog:
 
     def __init__(self, run, c, master, counters, start_step, t_start, last_good=None,
                  clock=time.time):
-        self.run, self.master, self.counters, self.last_good = run, master, counters, last_good
+        self.run, self.counters, self.last_good = run, counters, last_good
         # clock: the one t_start was read from
         self.wall0, self.t_start, self.clock = counters.get("wall", 0.0), t_start, clock
         self.wandb = None

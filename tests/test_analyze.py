@@ -592,7 +592,9 @@ def test_compare_table_meta_numbers_of_the_last_eval_and_a_target_met_at_once():
     assert not any(l.startswith("A ") and "+-" in l for l in lines)
 
 
-def test_compare_plot_panels_show_what_they_name(tmp_path, monkeypatch):
+def compare_figure(tmp_path, monkeypatch):
+    """plot_compare of logs_with_meta's runs A and B, its figure kept open -> (fig, figs (every
+    figure plot_compare closes from now on), the real plt.close, a, b)."""
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
     figs, close = [], plt.close
@@ -600,6 +602,11 @@ def test_compare_plot_panels_show_what_they_name(tmp_path, monkeypatch):
     a, b = logs_with_meta()
     assert analyze.plot_compare(["A", "B"], [a, b], str(tmp_path / "c.png"))
     (fig,) = figs
+    return fig, figs, close, a, b
+
+
+def test_compare_plot_panels_show_what_they_name(tmp_path, monkeypatch):
+    fig, figs, close, a, b = compare_figure(tmp_path, monkeypatch)
     assert [ax.get_subplotspec().get_geometry()[:2] for ax in fig.axes] == [(3, 2)] * 6
     for ax, axis in zip(fig.axes[:4], analyze.AXES):  # val loss against each axis, per run
         assert ax.get_xlabel() == axis
@@ -668,13 +675,7 @@ def test_a_maximum_at_either_end_never_turns_whatever_the_tolerance():
 
 def test_compare_plot_text_sizes(tmp_path, monkeypatch):
     # the small print that keeps six panels readable at 10 x 10.5 inches
-    pytest.importorskip("matplotlib")
-    import matplotlib.pyplot as plt
-    figs, close = [], plt.close
-    monkeypatch.setattr(plt, "close", lambda fig: figs.append(fig))
-    a, b = logs_with_meta()
-    assert analyze.plot_compare(["A", "B"], [a, b], str(tmp_path / "c.png"))
-    (fig,) = figs
+    fig, _, close, _, _ = compare_figure(tmp_path, monkeypatch)
     assert fig._suptitle.get_text().startswith("validation loss")
     assert fig._suptitle.get_fontsize() == 10
     assert {t.get_fontsize() for t in fig.axes[0].get_legend().get_texts()} == {8}

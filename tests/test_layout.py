@@ -268,3 +268,55 @@ def test_wall_time_counts_checkpoint_writes_and_training_time_does_not(words_dir
     assert [(r["step"], r["time"], r["wall"]) for r in rows if r["val_loss"] is None] == [
         (1, pytest.approx(0, abs=1e-3), pytest.approx(10, abs=1e-3)),
         (2, pytest.approx(0, abs=1e-3), pytest.approx(20, abs=1e-3))]
+
+
+def test_the_plan_printed_in_reference_md_is_what_plan_prints(monkeypatch, capsys):
+    # REFERENCE.md shows `python meta_train.py configs/570m.py --plan --world_size=8`, wrapped
+    monkeypatch.chdir(ROOT)
+    meta_train.print_plan(["configs/570m.py", "--plan", "--world_size=8"])
+    printed = capsys.readouterr().out.split()
+    doc = open(os.path.join(ROOT, "REFERENCE.md")).read()
+    block = doc[doc.index("```\nconfigs/570m.py on 8 rank(s)") + 4:]
+    assert printed == block[:block.index("```")].split()
+
+
+# RESULTS.md's mechanism-table and LM-task commands: configs/cpu.py with each row's keys, at the
+# quick start's batch (16 sequences, micro-batch 8) and episode shape (2 episodes of 8-way 4+4),
+# shrunk in width and length only
+NARROW = ["--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--vocab_size=384",
+          "--meta_hidden=32", "--seq_len=16", "--meta_seq_len=16", "--max_steps=4",
+          "--eval_interval=2", "--save_interval=2", "--eval_sequences=8", "--eval_episodes=4",
+          "--log_interval=1"]
+PAPER_READ = ["--meta_read=mask", "--meta_features=raw", "--inner_lr=0.1"]
+RESULTS_RUNS = {
+    "quick start meta": [],
+    "paper": PAPER_READ + ["--meta_loss_weight=1.0"],
+    "paper-w0.01": PAPER_READ,
+    "standardize": ["--meta_features=standardize"],
+    "center-w0.1": ["--meta_loss_weight=0.1"],
+    "center-w1": ["--meta_loss_weight=1.0"],
+    "proto": ["--meta_head_rows=proto"],
+    "lm": ["--meta_task=lm", "--meta_read=mask", "--meta_features=raw", "--inner_params=all",
+           "--inner_optimizer=adamw", "--inner_lr=1e-3", "--inner_lr_schedule=cosine",
+           "--inner_warmup_steps=2", "--meta_loss_weight=1.0", "--max_steps=200",
+           "--meta_seq_len=8"],  # the last shrinks its chunks: 5 x 16 tokens outgrow these docs
+}
+
+
+@pytest.mark.parametrize("name", list(RESULTS_RUNS))
+def test_the_results_commands_run_on_configs_cpu(words_dir, tmp_path, name):
+    keys = RESULTS_RUNS[name]
+    # the row's keys after the narrowing ones, as on its command line (a later flag wins)
+    c = config(os.path.join(ROOT, "configs", "cpu.py"), *NARROW, *keys,
+               f"--data_dir={words_dir}", f"--out_dir={tmp_path}", "--max_steps=4")
+    meta_train.train(c)
+    ckpt = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=False)
+    want = configure(meta_train.DEFAULTS, [os.path.join(ROOT, "configs", "cpu.py"), *keys])
+    for key in ("meta_task", "meta_read", "meta_features", "meta_head_rows", "meta_loss_weight",
+                "inner_lr", "inner_params", "n_way", "k_shot", "q_query", "episodes_per_step",
+                "total_batch_size", "batch_size"):
+        assert ckpt["config"][key] == want[key], key
+    rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert any(r.get("meta_loss") is not None for r in rows)  # a meta step ran
+    last = [r for r in rows if r["val_loss"] is not None][-1]
+    assert last["step"] == 4 and 0.0 <= last["val_query_acc"] <= 1.0
