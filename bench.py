@@ -120,10 +120,12 @@ def random_episode(c):
     """An SMLMT-shaped episode of random tokens, for when there is no data directory."""
     N, K, Q, T, V = c.n_way, c.k_shot, c.q_query, c.meta_seq_len, c.vocab_size
     lab = torch.arange(N)
-    return data.Episode(torch.randint(0, V, (N * K, T)), lab.repeat_interleave(K),
-                        torch.randint(0, V, (N * Q, T)), lab.repeat_interleave(Q),
-                        torch.randperm(V)[:N], torch.zeros(N * K, dtype=torch.long),
-                        torch.zeros(N * Q, dtype=torch.long))
+    return data.Episode(support_x=torch.randint(0, V, (N * K, T)),
+                        support_y=lab.repeat_interleave(K),
+                        query_x=torch.randint(0, V, (N * Q, T)), query_y=lab.repeat_interleave(Q),
+                        word_ids=torch.randperm(V)[:N],
+                        support_pos=torch.zeros(N * K, dtype=torch.long),
+                        query_pos=torch.zeros(N * Q, dtype=torch.long))
 
 
 def _count_tokens(docs):

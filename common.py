@@ -276,8 +276,8 @@ def tf32_off():
 
 def init_process_group(env):
     if env.ddp:
-        # while rank 0 writes a checkpoint (6.9 GB at 570m) the others wait in the next
-        # all-reduce: give a slow disk far longer than NCCL's default 10 minutes
+        # while rank 0 writes a checkpoint the others wait in the next all-reduce: give a large
+        # checkpoint on a slow disk far longer than NCCL's default 10 minutes
         dist.init_process_group(backend="nccl" if env.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=60))
 

@@ -220,36 +220,6 @@ def _load_index(data_dir, meta, split, shards, starts):
     return words, offsets, positions, docs
 
 
-def _room(p, T):
-    """Sorted positions p (m,) -> nxt, room, lists for the scalar loop of _apart. nxt[i] (m) is the
-    first index whose window of T tokens does not overlap i's (position >= p[i] + T); room[i] (m+1)
-    is the most pairwise non-overlapping windows among p[i:] (taking each next window as early as
-    possible is optimal)."""
-    nxt = np.searchsorted(p, p + T).tolist()
-    room = [0] * (len(p) + 1)
-    for i in range(len(p) - 1, -1, -1):
-        room[i] = 1 + room[nxt[i]]
-    return nxt, room
-
-
-def _apart(nxt, room, n, rng):
-    """n random indices of sorted positions whose windows pairwise do not overlap -> (n,) int64, in
-    text order. Selection sampling: scanning left to right, take index i with probability (still
-    wanted) / (indices left), as for a uniform sample, but surely where skipping it would leave too
-    little room, and after taking it jump to nxt[i]. Needs room[0] >= n; then room[i] >= (still
-    wanted) wherever the scan is, so it always ends with n."""
-    u = rng.random(len(nxt)).tolist()
-    picked, i = [], 0
-    while len(picked) < n:
-        wanted = n - len(picked)
-        if room[i + 1] < wanted or u[i] * (len(nxt) - i) < wanted:
-            picked.append(i)
-            i = nxt[i]
-        else:
-            i += 1
-    return np.array(picked, dtype=np.int64)
-
-
 def _tensor(a):
     """numpy int64 -> contiguous CPU torch tensor (the model may .view() it) of its own writable
     memory: a read-only view (an episode's labels with k_shot or q_query 1 are views of one
@@ -284,20 +254,24 @@ class ShardReader:
 
 @dataclass
 class Episode:
-    # SMLMT: support_x (N*K, T) masked windows, class-major (rows c*K..c*K+K-1 are class c),
-    # support_y (N*K,) labels 0..N-1, query_x (N*Q, T), query_y (N*Q,). Positions: support_x and
-    # query_x (B, T), support_y (B*K,), query_y (B,), label -1 for an example left out.
+    """One episode, as every sampler returns it: support and query token windows (rows, T) and the
+    labels of the examples read from them. Where an example is read depends on the task:
+    SMLMT (SMLMTSampler): at each window's last position, the masked occurrence; y (rows,) the
+        class 0..N-1, rows class-major (support rows c*K..c*K+K-1 are class c); support_pos and
+        query_pos (rows,): each window's last position in the split's token stream.
+    positions (PositionsSampler): at positions support_at (K,) and query_at (1,) of each of the B
+        windows; support_y (B*K,) and query_y (B,) in (window, position) order, -1: left out.
+    LM task (LMTaskSampler): at every position, the next token: y (rows, T); no classes.
+    word_ids (N,): each class's token id, whose columns of the meta head give the class logits."""
     support_x: torch.Tensor
     support_y: torch.Tensor
     query_x: torch.Tensor
     query_y: torch.Tensor
-    word_ids: torch.Tensor     # (N,) each class's word id; the meta head's class logits' columns
-    support_pos: torch.Tensor = None  # (N*K,) global position (in the split) of each window's end
-    query_pos: torch.Tensor = None    # (N*Q,)
-    # the positions of a window the examples are read at: None for its last (SMLMT windows end at
-    # the occurrence); a PositionsSampler episode reads K (support) and 1 (query) of them
-    support_at: torch.Tensor = None   # (K,)
-    query_at: torch.Tensor = None     # (1,)
+    word_ids: torch.Tensor = None
+    support_at: torch.Tensor = None
+    query_at: torch.Tensor = None
+    support_pos: torch.Tensor = None
+    query_pos: torch.Tensor = None
 
 
 class SMLMTSampler:
@@ -311,10 +285,8 @@ class SMLMTSampler:
     masked whole: every token of it and every token that continues the word (' President' + 'ial'
     -> [MASK][MASK]), so neither a [MASK] followed by the rest of its word nor another spelling
     gives the class away. The last token is always mask_id; the label is the word's class 0..N-1.
-    A word's occurrences come from k_shot + q_query distinct documents if its indexed occurrences in
-    the split span that many, else from occurrences whose windows do not overlap; a word that allows
-    neither is not usable. (Distinct documents can still give overlapping windows where a window
-    reaches back across a document boundary: 0.0004-0.025% of queries on the wiki data.)
+    A word's occurrences come from k_shot + q_query distinct documents, or where it has fewer, from
+    occurrences whose windows do not overlap (OccurrenceGroups).
     """
 
     def __init__(self, data_dir, n_way, k_shot, q_query, seq_len, split="train"):
@@ -341,25 +313,8 @@ class SMLMTSampler:
                              f"{self.meta['index']['context']}; rebuild it with "
                              f"`python prepare.py --reindex --context {seq_len} --out {data_dir}`")
         n = k_shot + q_query
-        self.counts = np.diff(self.offsets)  # (W,)
-        # An episode takes n distinct groups of a word's occurrences, then one occurrence of each.
-        # The groups are its documents (the index is sorted by word, then position); for a word in
-        # fewer than n documents, its single occurrences, taken so that windows do not overlap.
-        word_of = np.repeat(np.arange(len(self.words)), self.counts)  # (P,)
-        new_doc = np.ones(len(docs), dtype=bool)
-        new_doc[1:] = (docs[1:] != docs[:-1]) | (word_of[1:] != word_of[:-1])
-        few_docs = np.bincount(word_of[new_doc], minlength=len(self.words)) < n  # (W,)
-        self.group_starts = np.flatnonzero(new_doc | few_docs[word_of])  # (G,) into positions
-        self.group_lens = np.diff(np.append(self.group_starts, len(docs)))  # (G,)
-        self.group_offsets = np.searchsorted(self.group_starts, self.offsets)  # (W+1,)
-        self.n_groups = np.diff(self.group_offsets)  # (W,)
-        self.spread = {}  # word index -> _room of its positions, for usable words of few documents
-        for c in np.flatnonzero(few_docs & (self.counts >= n)):
-            nxt, room = _room(self.positions[self.offsets[c]:self.offsets[c + 1]], seq_len)
-            if room[0] >= n:
-                self.spread[c] = (nxt, room)
-        spread = np.array(sorted(self.spread), dtype=np.int64)
-        self.usable = np.union1d(np.flatnonzero(~few_docs), spread)  # indices into words
+        self.groups = OccurrenceGroups(self.offsets, self.positions, docs, n, seq_len)
+        self.usable = self.groups.usable  # (U,) indices into words
         self.n_words = len(self.usable)
         self.spelled = self.spelling[self.words]  # (W,) the candidate whose spellings word i masks
         n_distinct = len(np.unique(self.spelled[self.usable]))
@@ -368,6 +323,28 @@ class SMLMTSampler:
                              f"case and spacing) whose {split} occurrences give k_shot + q_query = "
                              f"{n} windows from distinct documents or windows that do not "
                              f"overlap; lower n_way, k_shot or q_query")
+
+    def sample(self, rng):
+        """-> Episode, drawn from rng, a numpy Generator (as in ShardReader.next_batch)."""
+        N, K, Q, T = self.n_way, self.k_shot, self.q_query, self.seq_len
+        cls = rng.choice(self.usable, N, replace=False)  # (N,) class c is word self.words[cls[c]]
+        while len(np.unique(self.spelled[cls])) < N:  # two spellings of one word (' City', ' city')
+            cls = rng.choice(self.usable, N, replace=False)
+        pos = self.groups.draw(cls, rng)  # (N, K+Q) global positions of the occurrences
+        # A window may reach back across an <|endoftext|> into the document before it. Kept: AR
+        # windows are packed across documents too (nanoGPT-style), so an episode window is the
+        # same kind of input; cutting it at the boundary would need padding and an attention mask.
+        starts = pos.reshape(-1) - T + 1
+        x = _gather(self.shards, self.shard_starts, starts, T).reshape(N, K + Q, T)
+        word_ids = self.words[cls].astype(np.int64)
+        x[self._masked(x, self.spelled[cls])] = self.mask_id
+        labels = np.broadcast_to(np.arange(N)[:, None], (N, K + Q))
+        return Episode(support_x=_tensor(x[:, :K].reshape(N * K, T)),
+                       support_y=_tensor(labels[:, :K].reshape(-1)),
+                       query_x=_tensor(x[:, K:].reshape(N * Q, T)),
+                       query_y=_tensor(labels[:, K:].reshape(-1)),
+                       word_ids=_tensor(word_ids), support_pos=_tensor(pos[:, :K].reshape(-1)),
+                       query_pos=_tensor(pos[:, K:].reshape(-1)))
 
     def _masked(self, x, spelled):
         """x (N, M, T) windows, spelled (N,) the candidate whose spellings class n masks ->
@@ -414,40 +391,78 @@ class SMLMTSampler:
             masked[n, m, t] = True
         return masked
 
-    def sample(self, rng):
-        """-> Episode, drawn from rng, a numpy Generator (as in ShardReader.next_batch)."""
-        N, K, Q, T = self.n_way, self.k_shot, self.q_query, self.seq_len
-        cls = rng.choice(self.usable, N, replace=False)  # (N,) class c is word self.words[cls[c]]
-        while len(np.unique(self.spelled[cls])) < N:  # two spellings of one word (' City', ' city')
-            cls = rng.choice(self.usable, N, replace=False)
-        picks = np.empty((N, K + Q), dtype=np.int64)  # K+Q of each class's groups
-        for j, c in enumerate(cls):
+
+class OccurrenceGroups:
+    """Where an episode's k_shot + q_query = n occurrences of a word come from. A word's
+    occurrences are grouped by document (the index is sorted by word, then position); an episode
+    takes n distinct groups of each class's word, then one occurrence of each group, uniformly,
+    so that a document that repeats the word does not outweigh the others. A word in fewer than n
+    documents is taken from single occurrences whose windows of seq_len tokens do not overlap
+    (_apart), if it has n such; a word that allows neither is not usable."""
+
+    def __init__(self, offsets, positions, docs, n, seq_len):
+        self.positions, self.n = positions, n
+        counts = np.diff(offsets)  # (W,)
+        word_of = np.repeat(np.arange(len(counts)), counts)  # (P,)
+        new_doc = np.ones(len(docs), dtype=bool)
+        new_doc[1:] = (docs[1:] != docs[:-1]) | (word_of[1:] != word_of[:-1])
+        few_docs = np.bincount(word_of[new_doc], minlength=len(counts)) < n  # (W,)
+        # a word of few documents: each occurrence its own group
+        self.starts = np.flatnonzero(new_doc | few_docs[word_of])  # (G,) into positions
+        self.lens = np.diff(np.append(self.starts, len(docs)))  # (G,)
+        self.offsets = np.searchsorted(self.starts, offsets)  # (W+1,) word i: groups offsets[i]..
+        self.n_groups = np.diff(self.offsets)  # (W,)
+        self.spread = {}  # word index -> _room of its positions, for usable words of few documents
+        for c in np.flatnonzero(few_docs & (counts >= n)):
+            nxt, room = _room(positions[offsets[c]:offsets[c + 1]], seq_len)
+            if room[0] >= n:
+                self.spread[c] = (nxt, room)
+        spread = np.array(sorted(self.spread), dtype=np.int64)
+        self.usable = np.union1d(np.flatnonzero(~few_docs), spread)  # (U,) indices into words
+
+    def draw(self, words, rng):
+        """n occurrences of each of the usable words (N,), drawn from rng -> (N, n) their global
+        positions, in random order."""
+        picks = np.empty((len(words), self.n), dtype=np.int64)  # n of each word's groups
+        for j, c in enumerate(words):
             if c in self.spread:  # shuffled: _apart returns them in text order
-                picks[j] = rng.permutation(_apart(*self.spread[c], K + Q, rng))
+                picks[j] = rng.permutation(_apart(*self.spread[c], self.n, rng))
             else:
-                picks[j] = rng.choice(self.n_groups[c], K + Q, replace=False)
-        g = self.group_offsets[cls, None] + picks  # (N, K+Q) indices into the groups
-        # one occurrence of each group, uniformly (u * len < len for u < 1): documents are drawn
-        # uniformly, so one that repeats the word does not outweigh the others
-        occ = self.group_starts[g] + (rng.random(g.shape) * self.group_lens[g]).astype(np.int64)
-        pos = self.positions[occ]  # (N, K+Q) global positions of the occurrences
-        # A window may hold an <|endoftext|> and the end of the document before it (wiki: 26% of
-        # 128-token windows, 14% of 64-token ones). Kept: AR windows are packed across documents
-        # too (nanoGPT-style), so the backbone learns <|endoftext|> as a context reset and an
-        # episode window is the same kind of input as an AR window; cutting windows at the
-        # boundary would need left padding and an attention mask, another input distribution
-        # without SDPA's causal fast path.
-        starts = pos.reshape(-1) - T + 1
-        x = _gather(self.shards, self.shard_starts, starts, T).reshape(N, K + Q, T)
-        word_ids = self.words[cls].astype(np.int64)
-        x[self._masked(x, self.spelled[cls])] = self.mask_id
-        labels = np.broadcast_to(np.arange(N)[:, None], (N, K + Q))
-        return Episode(support_x=_tensor(x[:, :K].reshape(N * K, T)),
-                       support_y=_tensor(labels[:, :K].reshape(-1)),
-                       query_x=_tensor(x[:, K:].reshape(N * Q, T)),
-                       query_y=_tensor(labels[:, K:].reshape(-1)),
-                       word_ids=_tensor(word_ids), support_pos=_tensor(pos[:, :K].reshape(-1)),
-                       query_pos=_tensor(pos[:, K:].reshape(-1)))
+                picks[j] = rng.choice(self.n_groups[c], self.n, replace=False)
+        g = self.offsets[words, None] + picks  # (N, n) indices into the groups
+        # one occurrence of each group, uniformly (u * len < len for u < 1)
+        occ = self.starts[g] + (rng.random(g.shape) * self.lens[g]).astype(np.int64)
+        return self.positions[occ]
+
+
+def _room(p, T):
+    """Sorted positions p (m,) -> nxt, room, lists for the scalar loop of _apart. nxt[i] (m) is the
+    first index whose window of T tokens does not overlap i's (position >= p[i] + T); room[i] (m+1)
+    is the most pairwise non-overlapping windows among p[i:] (taking each next window as early as
+    possible is optimal)."""
+    nxt = np.searchsorted(p, p + T).tolist()
+    room = [0] * (len(p) + 1)
+    for i in range(len(p) - 1, -1, -1):
+        room[i] = 1 + room[nxt[i]]
+    return nxt, room
+
+
+def _apart(nxt, room, n, rng):
+    """n random indices of sorted positions whose windows pairwise do not overlap -> (n,) int64, in
+    text order. Selection sampling: scanning left to right, take index i with probability (still
+    wanted) / (indices left), as for a uniform sample, but surely where skipping it would leave too
+    little room, and after taking it jump to nxt[i]. Needs room[0] >= n; then room[i] >= (still
+    wanted) wherever the scan is, so it always ends with n."""
+    u = rng.random(len(nxt)).tolist()
+    picked, i = [], 0
+    while len(picked) < n:
+        wanted = n - len(picked)
+        if room[i + 1] < wanted or u[i] * (len(nxt) - i) < wanted:
+            picked.append(i)
+            i = nxt[i]
+        else:
+            i += 1
+    return np.array(picked, dtype=np.int64)
 
 
 class PositionsSampler:
@@ -544,7 +559,7 @@ class LMTaskSampler:
         self.cum_spans = np.cumsum(self.n_spans)
 
     def sample(self, rng):
-        """-> support_x (K, T), support_y (K, T), query_x (1, T), query_y (1, T), drawn from rng, a
+        """-> Episode: support_x, support_y (K, T), query_x, query_y (1, T), drawn from rng, a
         numpy Generator (as in ShardReader.next_batch)."""
         K, T = self.k_shot, self.seq_len
         r = rng.integers(0, self.cum_spans[-1])
@@ -553,7 +568,8 @@ class LMTaskSampler:
         # the (K+1)*T + 1 consecutive tokens of the episode
         span = _gather(self.shards, self.shard_starts, np.array([start]), self.span)[0]
         x, y = span[:-1].reshape(K + 1, T), span[1:].reshape(K + 1, T)
-        return _tensor(x[:K]), _tensor(y[:K]), _tensor(x[K:]), _tensor(y[K:])
+        return Episode(support_x=_tensor(x[:K]), support_y=_tensor(y[:K]),
+                       query_x=_tensor(x[K:]), query_y=_tensor(y[K:]))
 
 
 def audit(data_dir, enc, n_episodes=500, n_way=32, k_shot=4, q_query=4, seq_len=128):

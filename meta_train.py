@@ -9,13 +9,15 @@ MAML (FOMAML) episodes, in one loop. meta_ratio = 0 is the vanilla baseline.
 
 The defaults below are the paper's meta-run settings; a config file of assignments overrides
 them, and --key=value overrides both. An unknown key or a value of the wrong type is an error.
+The file reads top down: the defaults, one episode (run_episode), the training loop (train),
+then setting up, saving and planning a run.
 """
 import math
 import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, fields, replace
 from types import SimpleNamespace
 
@@ -32,83 +34,97 @@ from model import Llama, estimate_mfu, model_summary, peak_flops
 
 # I/O
 out_dir = "out"
-data_dir = "data/wiki"  # shards + SMLMT index written by prepare.py
+data_dir = "data/wiki"  # shards and SMLMT index, written by prepare.py
 eval_interval = 250
-eval_sequences = 640  # fixed val sequences of seq_len for the next-token val loss
-eval_episodes = 10  # fixed val episodes for meta query accuracy
+eval_sequences = 640  # fixed val windows of seq_len for the next-token val loss
+eval_episodes = 10  # fixed val episodes for the meta accuracies
 log_interval = 10
 save_interval = 250
-keep_checkpoints = True  # numbered ckpt_NNNNNN.pt copies (weights, no optimizer) for analyze.py
+keep_checkpoints = True  # numbered weight-only copies ckpt_NNNNNN.pt for analyze.py, ner_eval.py
 resume = False  # continue out_dir exactly; max_steps may grow unless the lr decays to it
 seed = 42
-# model: the paper configs change only dim
+
+# model (the paper's configs change only dim)
 dim = 96
 n_layers = 12
 n_heads = 12
 n_kv_heads = 4
 vocab_size = 50304
-init = "pytorch"  # "pytorch": PyTorch's module defaults, as the paper's code; "gpt2": N(0, 0.02)
-# batch: total_batch_size sequences per AR step, an equal share per rank, taken in micro-batches of
-# at most batch_size (a memory ceiling; common.layout picks the micro-batch and accumulation)
+init = "pytorch"  # PyTorch's module defaults (the paper's code), or "gpt2": N(0, 0.02)
+
+# batch: total_batch_size sequences per AR step, an equal share per rank, in micro-batches of at
+# most batch_size (a memory ceiling: common.layout picks the micro-batch and accumulation)
 seq_len = 512
 batch_size = 32
 total_batch_size = 256
-# AdamW; lr: linear warm-up, then linear or cosine decay to min_lr, reached at lr_decay_steps
+
+# AdamW; lr: linear warm-up, then decay to min_lr, reached at lr_decay_steps (0: max_steps)
 learning_rate = 3e-4
 warmup_steps = 2500
 max_steps = 6000
-lr_schedule = "linear"  # "linear" (the paper's code), "cosine" (its text, nanoGPT) or "constant"
-lr_decay_steps = 10_000_000  # the paper's code: 0 at 10M steps, so ~3e-4 throughout; 0: max_steps
+lr_schedule = "linear"  # the paper's code; or "cosine" (its text, nanoGPT), or "constant"
+lr_decay_steps = 10_000_000  # the paper's code: 0 only at 10M steps, so ~3e-4 throughout
 min_lr = 0.0
 weight_decay = 0.01
-decay_params = "all"  # "all" (the paper) or "matrices" (no decay on norms and biases)
+decay_params = "all"  # the paper; or "matrices": no decay on norms and biases (nanoGPT)
 beta1 = 0.9
 beta2 = 0.999
 grad_clip = 0.0  # max gradient norm after the all-reduce; 0: off (the paper)
-# meta-learning
+
+# meta steps
 meta_ratio = 0.5  # probability that an optimizer step is made of meta episodes
-meta_task = "smlmt"  # "smlmt": masked-word classification episodes; "lm": learn-this-text
-# episodes; "positions": the paper code's tasks, from random positions of a pretraining micro-batch
-inner_params = "head"  # "head": adapt the meta head only (ANIL); "all": adapt every weight
-head_grad = "fomaml"  # the head's outer gradient: "fomaml", or "paper": as the paper's code left
-# it (the last support gradient plus the query gradient of the rank's last episode of the step)
-# 0 ("auto"): a meta step reads as many tokens as an AR step, as in the paper (where every
-# micro-batch of the same 256 x 512 sequences was either AR or meta): SMLMT 4 x 32 x 8 x 128 =
-# 256 x 512; positions total_batch_size / positions_batch = 32 episodes of 8 x 512
-episodes_per_step = 0  # over all ranks, split among them; independent of batch_size
+# "smlmt": masked-word classification episodes; "lm": learn-this-text episodes; "positions": the
+# paper code's tasks, from random positions of a pretraining micro-batch
+meta_task = "smlmt"
+# episodes per meta step, over all ranks. 0: as many tokens as an AR step, as in the paper
+# (SMLMT: 4 episodes of 32 x 8 windows of 128 = 256 x 512; positions: 256 / positions_batch)
+episodes_per_step = 0
+meta_loss_weight = 1.0  # the query loss's weight against the AR loss
+
+# an episode
 n_way = 32
 k_shot = 4
 q_query = 4
-meta_seq_len = 128  # an SMLMT window reads one position, so short windows suffice
+meta_seq_len = 128  # an SMLMT window is read at one position: short windows suffice
 positions_batch = 8  # "positions": sequences of seq_len per episode (the paper's micro-batch)
-positions_unknown = "class0"  # "positions": a label outside the classes is class 0 (the paper's
-# code; it inflates query accuracy), or "drop": such examples are left out
+# "positions": a label outside the classes is class 0 ("class0", the paper's code; it inflates
+# query accuracy), or left out ("drop")
+positions_unknown = "class0"
+
+# the inner loop
+inner_params = "head"  # "head": adapt the meta head only (ANIL); "all": every weight
 inner_steps = 10
 inner_lr = 0.01
-inner_optimizer = "sgd"  # "sgd" (the paper), or "adamw": the inner loop trains as LLMs are trained
-inner_lr_schedule = "constant"  # over the inner steps: "constant", or "linear" / "cosine" to 0
+inner_optimizer = "sgd"  # the paper; or "adamw": the inner loop trains as LLMs are trained
+inner_lr_schedule = "constant"  # over the inner steps; or "linear", "cosine" to 0
 inner_warmup_steps = 0
-inner_beta1 = 0.9  # AdamW's, for inner_optimizer = "adamw"
+inner_beta1 = 0.9  # the inner AdamW's
 inner_beta2 = 0.999
 inner_eps = 1e-8
 inner_weight_decay = 0.0
-meta_loss_weight = 1.0
+# the head's outer gradient: "fomaml", or "paper": as the paper's code left it (the last support
+# gradient plus the query gradient of the rank's last episode of the step)
+head_grad = "fomaml"
+
+# the meta head and what it reads (each an ablation, the first value the paper's)
 meta_hidden = 128
-meta_head_init = "xavier"  # "xavier": Xavier-uniform weights (the paper); "default": PyTorch's
-# well-posed episodes (issue 24; each an ablation, the first value the paper's):
-meta_read = "mask"  # SMLMT features at the [MASK] itself, or "before": the state just before it,
-# the one next-token training shapes to predict the word
-meta_features = "raw"  # or "standardize": each episode's features minus the support mean, over
-# the support's per-dimension spread (the raw [MASK] state is mostly one shared direction), or
-# "center": over one spread for all dimensions (keeps the features' geometry)
-meta_head_rows = "words"  # class rows: the output rows of the N word ids (the paper), or "proto":
-# initialised from the support prototypes of the head's last hidden layer (Proto-MAML)
-ar_mask_rate = 0.0  # share of AR input tokens replaced by [MASK] (targets unchanged), so that
-# pretraining sees the token the episodes read
+meta_head_init = "xavier"  # Xavier-uniform weights (the paper), or "default": PyTorch's
+# "mask": the features at the [MASK] itself; "before": the state just before it, the one
+# next-token training shapes to predict the word
+meta_read = "mask"
+# "raw"; "standardize": minus the support mean, over the support's spread per dimension (the raw
+# [MASK] state is mostly one shared direction); "center": over one spread for all dimensions
+meta_features = "raw"
+# the class rows: the output rows of the N word ids (the paper), or "proto": initialised from the
+# support prototypes of the head's last hidden layer (Proto-MAML)
+meta_head_rows = "words"
+ar_mask_rate = 0.0  # share of AR inputs replaced by [MASK], so pretraining sees what episodes read
+
 # system
-device = "auto"  # "auto": cuda when available, else cpu
-dtype = "auto"  # "auto": bfloat16 autocast on cuda, float32 on cpu
+device = "auto"  # cuda when available, else cpu
+dtype = "auto"  # bfloat16 autocast on cuda, float32 on cpu
 compile = True
+
 # logging: every log.jsonl row also to Weights & Biases (imported only when on), as nanoGPT
 wandb_log = False
 wandb_project = "nanomaml"
@@ -123,6 +139,7 @@ RESUME_FREE = {"out_dir", "resume", "eval_interval", "eval_sequences", "eval_epi
 VAL_SEED = 20240101  # val batches and episodes do not depend on the run's seed: runs compare
 
 
+# the method: the meta head, then one episode, top down from run_episode
 class MetaHead(nn.Module):
     """The paper's meta head: Linear(d,128)-ReLU-Linear(128,128)-ReLU-Linear(128,128)-ReLU-
     Linear(128,vocab). An N-way episode's class logits are the columns of its N word ids, so an
@@ -177,42 +194,129 @@ def head_logits(params, h):
     return F.linear(h, w_out, b_out)
 
 
+def run_episode(model, head, ep, c, loss_scale=None, probe=None):
+    """One meta episode, first-order MAML: adapt on the support set, take the query loss at the
+    adapted weights, and (training: loss_scale given) backpropagate loss_scale * query loss into
+    .grad as the original weights' gradient. Every weight ends the episode as it started.
+    probe (eval): a dict that receives what the episode gets with no inner steps (query_acc0) and,
+    for classification episodes, by nearest class mean (centroid_acc).
+    -> (query loss, support accuracy after adaptation, query accuracy)."""
+    if c.meta_task == "lm":
+        return lm_episode(model, ep, c, loss_scale, probe)
+    return smlmt_episode(model, head, ep, c, loss_scale, probe)  # smlmt and positions
+
+
+def smlmt_episode(model, head, ep, c, loss_scale=None, probe=None):
+    """An N-way K-shot classification episode (SMLMT, or the paper code's positions task: the
+    examples are read where data.Episode says), as run_episode describes. inner_params "head"
+    (ANIL) adapts a copy of the head's weights for the N classes; "all" also adapts the
+    backbone, in place, and puts it back."""
+    train = loss_scale is not None
+    n_way = len(ep.word_ids)
+    read = lambda x, at: features(model, x, at, c.meta_read == "before").float()  # noqa: E731
+    s_raw = None  # (N*K, C) support features at the original weights; all mode may need none
+    if (c.inner_params == "head" or c.meta_head_rows == "proto" or probe is not None
+            or c.meta_features != "raw"):
+        with torch.no_grad():
+            s_raw = read(ep.support_x, ep.support_at)
+    norm = feature_norm(s_raw, c.meta_features)
+    s_feat = None if s_raw is None else norm(s_raw)
+    fast, rows = class_weights(head, ep, s_feat, c, train)
+    q_feat = None  # (N*Q, C) query features at the original weights, as the probe read them
+    if probe is not None:
+        with torch.no_grad():
+            q_feat = norm(read(ep.query_x, ep.query_at))
+            probe["query_acc0"] = accuracy(head_logits(fast, q_feat), ep.query_y)
+            probe["centroid_acc"] = centroid_accuracy(s_feat, ep.support_y, q_feat, ep.query_y,
+                                                      n_way)
+    backbone = backbone_weights(model) if c.inner_params == "all" else []
+    with put_back(backbone):
+        # 1. adapt on the support set
+        def support():  # (N*K, N) the support set's class logits at the weights now
+            # ANIL: the backbone is fixed, so the support features computed above serve every step
+            f = norm(read(ep.support_x, ep.support_at)) if backbone else s_feat
+            return head_logits(fast, f)
+
+        last = [] if c.head_grad == "paper" else None
+        s_acc = adapt(backbone + fast,
+                      lambda: F.cross_entropy(support(), ep.support_y, ignore_index=-1), c,
+                      lambda: accuracy(support(), ep.support_y), last)
+        # 2. the query loss at the adapted weights
+        with nullcontext() if train else torch.no_grad():
+            if backbone or q_feat is None:
+                q_feat = norm(read(ep.query_x, ep.query_at))
+            q_logits = head_logits(fast, q_feat)  # (N*Q, N)
+            q_loss = F.cross_entropy(q_logits, ep.query_y, ignore_index=-1)
+        # 3. first order: its gradient at the adapted weights is the original weights' gradient
+        if train:
+            (q_loss * loss_scale).backward()  # the backbone's .grad, and fast's
+            head_outer_grad(head, fast, rows, last, ep.word_ids)
+    return q_loss.detach(), s_acc, accuracy(q_logits, ep.query_y)
+
+
 def features(model, x, at=None, before=False):
-    """Final hidden states at the masked positions: each window's last (SMLMT windows end at the
-    occurrence; before=True: the one before it), or the positions `at` (A,) of every window:
-    (B, T) -> (B, C) or (B * A, C)."""
+    """Final hidden states where an episode's examples are read: each window's last (SMLMT
+    windows end at the occurrence; before=True: the one before it), or the positions `at` (A,)
+    of every window: (B, T) -> (B, C) or (B * A, C)."""
     h = model.hidden(x)  # (B, T, C)
     return h[:, -2 if before else -1] if at is None else h[:, at].flatten(0, 1)
 
 
-def support_stats(s_feat, per_dim=True, eps=1e-5):
-    """Mean and spread of an episode's support features (N*K, C) -> (C,), (C,): the spread per
-    dimension, or (per_dim=False) one for all of them, the root mean square deviation, which
-    keeps the features' geometry (per dimension, a direction the features barely use is scaled up
-    to as much weight as the one that carries the classes)."""
-    mean = s_feat.mean(0)
-    if per_dim:
-        return mean, s_feat.std(0, correction=0) + eps
-    return mean, ((s_feat - mean) ** 2).mean().sqrt().expand_as(mean) + eps
+def feature_norm(s_feat, how):
+    """meta_features as a function of features: "raw" leaves them; "standardize" subtracts the
+    support mean and divides by the support's spread per dimension; "center" by one spread for
+    all dimensions, the root mean square deviation, which keeps the features' geometry (per
+    dimension, a direction the features barely use is scaled up as much as the one that carries
+    the classes). The mean and spread are constants of the episode: no gradient flows through
+    them. s_feat (N*K, C): the raw support features."""
+    if how == "raw":
+        return lambda f: f
+    eps = 1e-5
+    mean = s_feat.mean(0)  # (C,)
+    if how == "standardize":
+        spread = s_feat.std(0, correction=0) + eps
+    else:
+        spread = ((s_feat - mean) ** 2).mean().sqrt().expand_as(mean) + eps
+    return lambda f: (f - mean) / spread
 
 
-def centroid_accuracy(s_feat, support_y, q_feat, query_y, n_way):
-    """Nearest class mean of the support features (Euclidean), the reference any adaptation
-    should beat: s_feat (S, C), q_feat (Q, C), labels -1 left out; a class without support
-    examples is never predicted."""
-    keep = support_y >= 0
-    onehot = F.one_hot(support_y[keep], n_way).to(s_feat.dtype)  # (S', N)
-    counts = onehot.sum(0)  # (N,)
-    mu = onehot.T @ s_feat[keep] / counts.clamp(min=1)[:, None]  # (N, C)
-    d = torch.cdist(q_feat, mu).masked_fill(counts == 0, float("inf"))  # (Q, N)
-    return accuracy(-d, query_y)
+def class_weights(head, ep, s_feat, c, train):
+    """The head's weights for the episode's N classes -> (fast, rows). fast: detached copies,
+    the weights the inner loop adapts (first order: the outer gradient is taken at them).
+    meta_head_rows "words": the class rows are the N words' output rows; "proto" (rows not None):
+    rows built from the support prototypes, a function of the MLP that the outer gradient flows
+    back through (with grad when training)."""
+    params = head.episode_params(ep.word_ids)
+    rows = None
+    if c.meta_head_rows == "proto":
+        with nullcontext() if train else torch.no_grad():
+            rows = head.proto_rows(s_feat, ep.support_y, len(ep.word_ids))
+        params = params[:-2] + list(rows)
+    return [p.detach().clone().requires_grad_() for p in params], rows
 
 
-def weights_changed():
-    """Call after changing weights in place inside an autocast region. Autocast keeps the bf16 copy
-    of every leaf weight it has cast until the region ends, and does not see in-place updates:
-    without this, the next forward would read the weights as they were before the change."""
-    torch.clear_autocast_cache()
+def backbone_weights(model):
+    """The weights an all-mode episode adapts besides the head: every trainable one but the
+    vocabulary projection, which features() never uses (it neither adapts nor needs saving)."""
+    return [p for p in model.parameters() if p.requires_grad and p is not model.output.weight]
+
+
+def head_outer_grad(head, fast, rows, last, word_ids):
+    """After the query backward: the gradients at the adapted copy `fast` go to the head's own
+    weights (first order). rows: Proto-MAML's class rows, whose gradient flows on into the MLP.
+    last: head_grad "paper", the last inner step's gradients (else None)."""
+    grads = [p.grad for p in fast]
+    if last:
+        # the paper's code ran each inner step as zero_grad, support backward, SGD step on the
+        # head's own .grad: the head's gradients from earlier episodes of the step (on this
+        # rank) are wiped, and the last support gradient, unscaled, stays under the query's
+        for p in head.parameters():
+            p.grad = None
+        head.add_grad(last, word_ids)
+    if rows is not None:  # through the prototypes into the MLP; no output row was used
+        torch.autograd.backward(rows, grads[-2:])
+        grads[-2:] = None, None
+    head.add_grad(grads, word_ids)
 
 
 def adapt(params, support_loss, c, support_acc=None, last=None):
@@ -222,13 +326,10 @@ def adapt(params, support_loss, c, support_acc=None, last=None):
     support_loss() -> loss; support_acc() -> accuracy, taken once, at the adapted weights.
     Returns that accuracy (None without support_acc); the list `last`, if given, receives the last
     inner step's gradients (taken before its update)."""
-    schedule = SimpleNamespace(learning_rate=c.inner_lr, warmup_steps=c.inner_warmup_steps,
-                               lr_schedule=c.inner_lr_schedule, lr_decay_steps=c.inner_steps,
-                               max_steps=c.inner_steps, min_lr=0.0)
-    adamw = c.inner_optimizer == "adamw"  # SGD keeps no state: at 570m all-mode that is 4.6 GB
+    adamw = c.inner_optimizer == "adamw"  # SGD keeps no state: no copy of the adapted weights
     moments = [(torch.zeros_like(p), torch.zeros_like(p)) if adamw else None for p in params]
     for t in range(c.inner_steps):
-        lr = get_lr(t, schedule)
+        lr = lr_at(t, c.inner_lr, c.inner_warmup_steps, c.inner_steps, c.inner_lr_schedule, 0.0)
         grads = torch.autograd.grad(support_loss(), params, allow_unused=True)
         if last is not None:
             last[:] = grads
@@ -257,8 +358,41 @@ def adapt(params, support_loss, c, support_acc=None, last=None):
     return acc
 
 
+def lr_at(step, lr, warmup, decay_end, schedule, min_lr):
+    """Linear warm-up over `warmup` steps, then constant, or linear or cosine decay from lr to
+    min_lr, reached at step decay_end and held after it: the outer schedule (get_lr) and the
+    inner loop's, over its steps."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, decay_end - warmup))
+    if schedule == "constant":
+        return lr
+    if schedule == "linear":
+        return lr + progress * (min_lr - lr)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def weights_changed():
+    """Call after changing weights in place inside an autocast region. Autocast keeps the bf16 copy
+    of every leaf weight it has cast until the region ends, and does not see in-place updates:
+    without this, the next forward would read the weights as they were before the change."""
+    torch.clear_autocast_cache()
+
+
+@contextmanager
+def put_back(params):
+    """Weights adapted in place inside the block are put back, bit for bit, when it ends (also when
+    it raises): an episode must leave the model as it found it."""
+    saved = [p.detach().clone() for p in params]
+    try:
+        yield
+    finally:
+        if params:
+            restore(params, saved)
+
+
 def restore(params, saved):
-    """Put the weights an all-mode or LM episode adapted back, bit for bit."""
+    """Copy the saved weights back into params."""
     with torch.no_grad():
         for p, s in zip(params, saved):
             p.copy_(s)
@@ -273,82 +407,36 @@ def accuracy(logits, y):
     return (correct / labelled.sum().clamp(min=1)).float().detach()
 
 
-def smlmt_episode(model, head, ep, c, loss_scale=None, probe=None):
-    """One N-way K-shot SMLMT episode, first-order MAML (also a positions episode, whose examples
-    are read at ep.support_at / ep.query_at; label -1: left out). With loss_scale, loss_scale *
-    query loss is backpropagated: the backbone's .grad gets its ordinary gradient at the adapted
-    weights, the head's .grad the gradient taken at its adapted copy. Without it (eval) nothing is
-    accumulated. Every weight of model and head ends the episode exactly as it started.
-    probe (eval): a dict that receives the same episode's query accuracy with no inner steps
-    (query_acc0) and the nearest-class-mean accuracy of its support features (centroid_acc).
-    Returns (query loss, support accuracy after adaptation, query accuracy)."""
-    before = c.meta_read == "before"
-    proto = c.meta_head_rows == "proto"
-    read = lambda x, at: features(model, x, at, before).float()  # noqa: E731
-    s_raw = None  # (N*K, C) at the original weights; all mode without the keys needs none
-    if c.inner_params == "head" or proto or probe is not None or c.meta_features != "raw":
-        with torch.no_grad():
-            s_raw = read(ep.support_x, ep.support_at)
-    stats = None if c.meta_features == "raw" else support_stats(s_raw, c.meta_features ==
-                                                                "standardize")
-    norm = (lambda f: f) if stats is None else (lambda f: (f - stats[0]) / stats[1])  # noqa: E731
-    params = head.episode_params(ep.word_ids)
-    if proto:  # the class rows, a function of the MLP: the outer gradient flows through them
-        with nullcontext() if loss_scale is not None else torch.no_grad():
-            rows = head.proto_rows(norm(s_raw), ep.support_y, len(ep.word_ids))
-        params = params[:-2] + list(rows)
-    fast = [p.detach().clone().requires_grad_() for p in params]
+def centroid_accuracy(s_feat, support_y, q_feat, query_y, n_way):
+    """Nearest class mean of the support features (Euclidean), the reference any adaptation
+    should beat: s_feat (S, C), q_feat (Q, C), labels -1 left out; a class without support
+    examples is never predicted."""
+    keep = support_y >= 0
+    onehot = F.one_hot(support_y[keep], n_way).to(s_feat.dtype)  # (S', N)
+    counts = onehot.sum(0)  # (N,)
+    mu = onehot.T @ s_feat[keep] / counts.clamp(min=1)[:, None]  # (N, C)
+    d = torch.cdist(q_feat, mu).masked_fill(counts == 0, float("inf"))  # (Q, N)
+    return accuracy(-d, query_y)
+
+
+def lm_episode(model, ep, c, loss_scale=None, probe=None):
+    """A learn-this-text episode, as run_episode describes: adapt every weight on K support
+    chunks of a document, take the next-token loss of the chunk that follows (probe: query_acc0,
+    the next-token accuracy there with no inner steps)."""
     if probe is not None:
         with torch.no_grad():
-            q_raw = read(ep.query_x, ep.query_at)
-            q_logits0 = head_logits(fast, norm(q_raw))
-            probe["query_acc0"] = accuracy(q_logits0, ep.query_y)
-            probe["centroid_acc"] = centroid_accuracy(norm(s_raw), ep.support_y, norm(q_raw),
-                                                      ep.query_y, len(ep.word_ids))
-    # 1. adapt on the support set
-    if c.inner_params == "head":
-        # ANIL: the backbone is fixed during adaptation, so its support features are computed
-        # once and the inner loop costs only the tiny head
-        s_feat = norm(s_raw)
-        adapted, saved = fast, None
-        support = lambda: head_logits(fast, s_feat)  # noqa: E731
-    else:
-        # features() never projects onto the vocabulary: the output layer neither adapts nor
-        # needs saving (in configs/cpu.py it is half the backbone)
-        adapted = [p for p in model.parameters()
-                   if p.requires_grad and p is not model.output.weight]
-        saved = [p.detach().clone() for p in adapted]
-        adapted = adapted + fast
-        support = lambda: head_logits(fast, norm(read(ep.support_x, ep.support_at)))  # noqa: E731
-
-    def support_loss():
-        return F.cross_entropy(support(), ep.support_y, ignore_index=-1)  # support(): (N*K, N)
-
-    last = []
-    s_acc = adapt(adapted, support_loss, c, lambda: accuracy(support(), ep.support_y), last)
-    # 2. the query loss at the adapted weights
-    with nullcontext() if loss_scale is not None else torch.no_grad():
-        q_feat = q_raw if probe is not None and saved is None else read(ep.query_x, ep.query_at)
-        q_logits = head_logits(fast, norm(q_feat))  # (N*Q, N)
-        q_loss = F.cross_entropy(q_logits, ep.query_y, ignore_index=-1)
-    # 3. first order: its gradient at the adapted weights is the original weights' gradient
-    if loss_scale is not None:
-        (q_loss * loss_scale).backward()
-        grads = [p.grad for p in fast]
-        if c.head_grad == "paper" and last:
-            # the paper's code ran each inner step as zero_grad, support backward, SGD step on the
-            # head's own .grad: the head's gradients from earlier episodes of the step (on this
-            # rank) are wiped, and the last support gradient, unscaled, stays under the query's
-            for p in head.parameters():
-                p.grad = None
-            head.add_grad(last, ep.word_ids)
-        if proto:  # through the prototypes into the MLP; no output row was used
-            torch.autograd.backward(rows, grads[-2:])
-            grads[-2:] = None, None
-        head.add_grad(grads, ep.word_ids)
-    if saved is not None:
-        restore(adapted[:len(saved)], saved)
-    return q_loss.detach(), s_acc, accuracy(q_logits, ep.query_y)
+            probe["query_acc0"] = lm_loss(model, ep.query_x, ep.query_y)[1]
+    params = [p for p in model.parameters() if p.requires_grad]
+    with put_back(params):
+        # 1. adapt on the support chunks
+        s_acc = adapt(params, lambda: lm_loss(model, ep.support_x, ep.support_y)[0], c,
+                      lambda: lm_loss(model, ep.support_x, ep.support_y)[1])
+        # 2. the query loss at the adapted weights, 3. its gradient there (first order)
+        with nullcontext() if loss_scale is not None else torch.no_grad():
+            q_loss, q_acc = lm_loss(model, ep.query_x, ep.query_y)
+        if loss_scale is not None:
+            (q_loss * loss_scale).backward()
+    return q_loss.detach(), s_acc, q_acc
 
 
 def lm_loss(model, x, y):
@@ -357,51 +445,170 @@ def lm_loss(model, x, y):
     return F.cross_entropy(logits.flatten(0, 1), y.flatten()), accuracy(logits, y)
 
 
-def lm_episode(model, ep, c, loss_scale=None, probe=None):
-    """One learn-this-text episode: adapt every weight on K support chunks of a document, then
-    take the next-token loss of the chunk that follows, at the adapted weights (first order),
-    and restore the weights exactly. Returns as smlmt_episode; probe as there (query_acc0 only)."""
-    support_x, support_y, query_x, query_y = ep
-    if probe is not None:
-        with torch.no_grad():
-            probe["query_acc0"] = lm_loss(model, query_x, query_y)[1]
-    params = [p for p in model.parameters() if p.requires_grad]
-    saved = [p.detach().clone() for p in params]
-    # 1. adapt on the support chunks
-    s_acc = adapt(params, lambda: lm_loss(model, support_x, support_y)[0], c,
-                  lambda: lm_loss(model, support_x, support_y)[1])
-    # 2. the query loss at the adapted weights, 3. its gradient there (first order)
-    with nullcontext() if loss_scale is not None else torch.no_grad():
-        q_loss, q_acc = lm_loss(model, query_x, query_y)
-    if loss_scale is not None:
-        (q_loss * loss_scale).backward()
-    restore(params, saved)
-    return q_loss.detach(), s_acc, q_acc
+# the training loop, then what each step calls
+def train(c):
+    """One run of config c (a SimpleNamespace of every key) -> (model, head)."""
+    t_start = time.time()
+    env = common.init_device(c.device)
+    say = print if env.master else (lambda *a, **k: None)
+    common.check_config(c, env.world_size)  # resolves episodes_per_step 0: checkpoints hold it
+    data_info, train_reader, val, sampler, val_sampler = load_data(c)
+    common.init_process_group(env)
+    model, head, params, optimizer = build(c, env)
+    autocast, bf16 = common.autocast(c.dtype, env.type)
+    cost, peak = plan(c, env.world_size, bf16), peak_flops(env.dev)
+    with common.RunDir(c.out_dir, env.master, c.resume) as run:
+        start_step, counters, last_good = 0, {"ar_tokens": 0, "meta_tokens": 0, "flops": 0.0,
+                                              "time": 0.0}, None
+        if c.resume:
+            start_step, counters, last_good = resume_run(run, c, model, head, optimizer, env.dev)
+            if env.master:
+                run.truncate_log(start_step)  # lines the interrupted run wrote after it
+        else:
+            run.refuse_earlier_run()
+        say(describe(c, model, head, env, cost, start_step, bf16, peak))
+        if c.compile:
+            secs = compile_before_clock(model, head, c, env, train_reader, sampler, cost,
+                                        autocast, optimizer)
+            say(f"compiled in {secs:.1f} s, before the clock starts")
+        out = common.RunLog(run, c, env.master, counters, start_step, t_start, last_good,
+                            time.time)
+        window = {"ar": [0.0, 0], "meta": [0.0, 0]}  # micro-step / episode times between logs
+
+        for step in range(start_step, c.max_steps + 1):
+            # once in a while: evaluate the weights, which have had `step` updates; they are saved
+            # below once this step's loss shows them finite (a resumed run did both before it
+            # stopped). At max_steps no later loss will vouch for them: they are checked directly.
+            fresh = step > start_step or not c.resume
+            if fresh and (step % c.eval_interval == 0 or step == c.max_steps):
+                val_loss, val_meta = evaluate(model, head, val, val_sampler, c, env, autocast)
+                if env.master:
+                    log_eval(out, step, val_loss, val_meta)
+            if step == c.max_steps:
+                if fresh:
+                    if not (math.isfinite(val_loss) and all(p.isfinite().all() for p in params)):
+                        out.stop(f"non-finite weights or val loss ({val_loss}) at step {step}")
+                    if env.master:
+                        save_checkpoint(run, c, model, head, optimizer, step, out.stamp(),
+                                        data_info["tokenizer"])
+                break
+
+            # an AR or a meta step, drawn from a generator keyed by (seed, step) alone: every
+            # rank takes the same branch without communicating, and a resumed run replays it
+            t0 = time.time()
+            lr = get_lr(step, c)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            is_meta = np.random.default_rng([c.seed, step, 1]).random() < c.meta_ratio
+            kind = "meta" if is_meta else "ar"
+            # per-slot times need a device sync on CUDA, which stops the host from running ahead:
+            # taken on every log_interval-th step only
+            timed = env.type == "cpu" or step % c.log_interval == 0
+            stats = forward_backward(model, head, c, env, step, is_meta, cost, train_reader,
+                                     sampler, autocast, window[kind] if timed else None)
+
+            # reduce over ranks, clip, check, save, step
+            if env.ddp:
+                all_reduce_grads(params)
+                dist.all_reduce(stats)
+            with_grad = [p for p in params if p.grad is not None]
+            grad_norm = (torch.nn.utils.clip_grad_norm_(with_grad, c.grad_clip) if c.grad_clip > 0
+                         else torch.nn.utils.get_total_norm([p.grad for p in with_grad])).item()
+            stats /= stats[4].clone()
+            loss_now = (stats[1] if is_meta else stats[0]).item()
+            if not (math.isfinite(loss_now) and math.isfinite(grad_norm)):
+                out.stop(f"non-finite {'meta' if is_meta else 'AR'} loss ({loss_now}) or grad norm "
+                         f"at step {step}")
+            # only now, with a finite loss at these weights, is a checkpoint of them known good
+            if fresh and step % c.save_interval == 0:
+                t_save = time.time()
+                if env.master:
+                    save_checkpoint(run, c, model, head, optimizer, step, out.stamp(),
+                                    data_info["tokenizer"])
+                t0 += time.time() - t_save  # "time" is training time: no eval, no checkpoints
+                out.last_good = f"{run.ckpt} (step {step})"
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            # count and log
+            dt = time.time() - t0
+            tokens, flops = ((cost.meta_tokens, cost.meta_flops) if is_meta
+                             else (cost.ar_tokens, cost.ar_flops))
+            counters["time"] += dt
+            counters["meta_tokens" if is_meta else "ar_tokens"] += tokens
+            counters["flops"] += flops
+            out.bar.update(1)
+            if env.master and ((step + 1) % c.log_interval == 0 or step + 1 == c.max_steps):
+                log_step(out, step + 1, lr, grad_norm, dt, tokens, flops, peak, env, window,
+                         stats if is_meta else None, loss_now)
+                window = {"ar": [0.0, 0], "meta": [0.0, 0]}
+        out.bar.close()
+    say(f"done: {counters['ar_tokens']:,} AR tokens, {counters['meta_tokens']:,} meta tokens, "
+        f"{counters['flops']:.3g} FLOPs, {counters['time']:.1f} s of training, "
+        f"{out.stamp()['wall']:.1f} s in all")
+    if env.ddp:
+        # leave together: a rank that tore down gloo while rank 0 still wrote the last
+        # checkpoint aborted once (std::terminate) in the 8-rank test
+        dist.barrier()
+        dist.destroy_process_group()
+    return model, head
 
 
-def run_episode(model, head, ep, c, loss_scale=None, probe=None):
-    if c.meta_task == "lm":
-        return lm_episode(model, ep, c, loss_scale, probe)
-    return smlmt_episode(model, head, ep, c, loss_scale, probe)  # smlmt and positions
+def forward_backward(model, head, c, env, step, is_meta, cost, reader, sampler, autocast, times):
+    """One optimizer step's micro-batches (AR) or this rank's episodes (meta), their gradients
+    accumulated in .grad -> (5,) sums: AR loss, meta loss, support acc, query acc, count. Data
+    depends on (seed, step, its slot in the step) only: episode slot s goes to rank
+    s % world_size (a rank may have none); AR sequences are split into equal shares
+    (common.layout); losses are scaled by their share of the step, so that the summed gradients
+    over ranks are the step's mean, however it was split. times: a [seconds, slots] pair that
+    each slot's time is added to, or None."""
+    stats = torch.zeros(5, device=env.dev)
+    slots = (range(env.rank, c.episodes_per_step, env.world_size) if is_meta
+             else range(cost.accum))
+    for slot in slots:
+        tm = time.time()
+        if is_meta:
+            ep = to_device(sampler.sample(np.random.default_rng([c.seed, step, slot, 3])), env.dev)
+            with autocast:
+                q_loss, s_acc, q_acc = run_episode(model, head, ep, c,
+                                                   c.meta_loss_weight / c.episodes_per_step)
+            stats[1:4] += torch.stack([q_loss, s_acc, q_acc])
+        else:
+            start = env.rank * cost.per_rank + slot * cost.micro
+            x, y = to_device(ar_batch(reader, c, step, start, cost.micro), env.dev)
+            with autocast:
+                loss = model(x, y)[1]
+            (loss / (cost.accum * env.world_size)).backward()
+            stats[0] += loss.detach()
+        stats[4] += 1
+        if times is not None:
+            if env.type == "cuda":
+                torch.cuda.synchronize()
+            times[0] += time.time() - tm
+            times[1] += 1
+    return stats
 
 
-def episode_tokens_and_flops(model, c):
-    """Tokens one meta episode reads and its training FLOPs: the inner loop, the support forward
-    that measures the accuracy after adaptation, and the query pass with its backward. A forward
-    is a third of flops_per_token; the meta head's own FLOPs (a 128-wide MLP on N*(K+Q) vectors)
-    are left out."""
-    if c.meta_task == "smlmt":
-        support, query = c.n_way * c.k_shot * c.meta_seq_len, c.n_way * c.q_query * c.meta_seq_len
-        tokens, f = support + query, model.flops_per_token(c.meta_seq_len, output=False)
-    elif c.meta_task == "positions":  # the support and query passes read the same B x T tokens
-        support = query = tokens = c.positions_batch * c.seq_len
-        f = model.flops_per_token(c.seq_len, output=False)
-    else:
-        support, query = c.k_shot * c.meta_seq_len, c.meta_seq_len
-        tokens, f = support + query, model.flops_per_token(c.meta_seq_len)
-    # head mode: one support forward (the features); all mode: inner steps, then one more forward
-    inner = support * f / 3 if c.inner_params == "head" else (c.inner_steps + 1 / 3) * support * f
-    return tokens, inner + query * f
+def get_lr(step, c):
+    """The outer (AdamW) lr at `step`: lr_at with the run's schedule, decayed by lr_decay_steps
+    (0: by max_steps)."""
+    return lr_at(step, c.learning_rate, c.warmup_steps, c.lr_decay_steps or c.max_steps,
+                 c.lr_schedule, c.min_lr)
+
+
+def ar_batch(reader, c, step, start, n):
+    """Sequences start..start+n-1 (x, y: (n, T)) of step's AR batch. The batch is drawn in blocks
+    of batch_size sequences, block b from a generator keyed by (seed, step, b), so its data does
+    not depend on how ranks, micro-batches and accumulation split it."""
+    xs, ys = [], []
+    for b in range(start // c.batch_size, (start + n - 1) // c.batch_size + 1):
+        rng = np.random.default_rng([c.seed, step, b, 2])
+        x, y = reader.next_batch(rng)
+        x = mask_inputs(x, rng, c.ar_mask_rate, reader.meta["mask_id"])
+        lo, hi = max(start - b * c.batch_size, 0), min(start + n - b * c.batch_size, c.batch_size)
+        xs.append(x[lo:hi])
+        ys.append(y[lo:hi])
+    return (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys))
 
 
 def mask_inputs(x, rng, rate, mask_id):
@@ -412,21 +619,6 @@ def mask_inputs(x, rng, rate, mask_id):
     x = x.clone()
     x[torch.from_numpy(rng.random(tuple(x.shape)) < rate)] = mask_id
     return x
-
-
-def get_lr(step, c):
-    """Linear warm-up over warmup_steps, then constant, or linear or cosine decay from
-    learning_rate to min_lr, reached at lr_decay_steps (0: at max_steps) and held after it. The
-    inner loop's schedule is the same function over the inner steps."""
-    if step < c.warmup_steps:
-        return c.learning_rate * (step + 1) / c.warmup_steps
-    end = c.lr_decay_steps or c.max_steps
-    progress = min(1.0, (step - c.warmup_steps) / max(1, end - c.warmup_steps))
-    if c.lr_schedule == "constant":
-        return c.learning_rate
-    if c.lr_schedule == "linear":
-        return c.learning_rate + progress * (c.min_lr - c.learning_rate)
-    return c.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (c.learning_rate - c.min_lr)
 
 
 def all_reduce_grads(params, bucket_numel=2 ** 25):
@@ -462,21 +654,6 @@ def all_reduce_grads(params, bucket_numel=2 ** 25):
             bucket, size = [], 0
 
 
-def ar_batch(reader, c, step, start, n):
-    """Sequences start..start+n-1 (x, y: (n, T)) of step's AR batch. The batch is drawn in blocks
-    of batch_size sequences, block b from a generator keyed by (seed, step, b), so its data does
-    not depend on how ranks, micro-batches and accumulation split it."""
-    xs, ys = [], []
-    for b in range(start // c.batch_size, (start + n - 1) // c.batch_size + 1):
-        rng = np.random.default_rng([c.seed, step, b, 2])
-        x, y = reader.next_batch(rng)
-        x = mask_inputs(x, rng, c.ar_mask_rate, reader.meta["mask_id"])
-        lo, hi = max(start - b * c.batch_size, 0), min(start + n - b * c.batch_size, c.batch_size)
-        xs.append(x[lo:hi])
-        ys.append(y[lo:hi])
-    return (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys))
-
-
 def to_device(batch, dev):
     """Move a tensor, a tuple of them or an Episode to the device. On CUDA through pinned host
     memory, so that the copy is asynchronous (non_blocking from pageable memory is not)."""
@@ -490,42 +667,31 @@ def to_device(batch, dev):
                              if getattr(batch, f.name) is not None})
 
 
-def load_data(c):
-    """The run's data, opened before any model is built, so that a missing shard, a bad index or
-    n_way larger than the candidate words stop it first -> (data_info (meta.json), train
-    reader, fixed val windows (x, y), train and val episode samplers or None)."""
-    sampler = val_sampler = None
-    try:  # data.py's errors name the file; reported like config errors, without a traceback
-        data_info = data.read_meta(c.data_dir)
-        if c.meta_ratio > 0 and c.meta_task == "smlmt" and data_info.get("index"):
-            if c.meta_seq_len > data_info["index"]["context"]:
-                raise ConfigError(f"meta_seq_len {c.meta_seq_len} > the SMLMT index's context "
-                                  f"{data_info['index']['context']} in {c.data_dir}; rebuild it "
-                                  f"with `python prepare.py --reindex --context "
-                                  f"{c.meta_seq_len} --out {c.data_dir}` or lower meta_seq_len")
-        train_reader = data.ShardReader(c.data_dir, "train", c.batch_size, c.seq_len)
-        # the val set: eval_sequences fixed windows, drawn once, the same whatever the batch size
-        val = data.ShardReader(c.data_dir, "val", c.eval_sequences, c.seq_len).next_batch(
-            np.random.default_rng(VAL_SEED))
-        if c.meta_ratio > 0 and c.meta_task == "smlmt":
-            args = dict(n_way=c.n_way, k_shot=c.k_shot, q_query=c.q_query, seq_len=c.meta_seq_len)
-            sampler = data.SMLMTSampler(c.data_dir, split="train", **args)
-            val_sampler = data.SMLMTSampler(c.data_dir, split="val", **args)
-        elif c.meta_ratio > 0 and c.meta_task == "positions":
-            args = dict(batch_size=c.positions_batch, seq_len=c.seq_len, k_shot=c.k_shot,
-                        n_way=c.n_way, unknown=c.positions_unknown)
-            sampler = data.PositionsSampler(c.data_dir, "train", **args)
-            val_sampler = data.PositionsSampler(c.data_dir, "val", **args)
-        elif c.meta_ratio > 0:
-            fix = "lower k_shot or meta_seq_len"
-            sampler = data.LMTaskSampler(c.data_dir, c.k_shot, c.meta_seq_len, "train", fix)
-            val_sampler = data.LMTaskSampler(c.data_dir, c.k_shot, c.meta_seq_len, "val", fix)
-    except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(str(e)) from e
-    if data_info["mask_id"] >= c.vocab_size:
-        raise ConfigError(f"vocab_size {c.vocab_size} has no room for the mask id "
-                          f"{data_info['mask_id']}")
-    return data_info, train_reader, val, sampler, val_sampler
+def log_step(out, step, lr, grad_norm, dt, tokens, flops, peak, env, window, meta_stats, loss):
+    """A training step's log.jsonl row and progress line; meta_stats: the meta step's (5,) mean
+    stats, None for an AR step."""
+    mfu = estimate_mfu(flops / dt / env.world_size, peak)  # the peak is one device's
+    ms = {k: (1000 * v[0] / v[1] if v[1] else None) for k, v in window.items()}
+    row = dict(step=step, lr=lr, grad_norm=grad_norm, tok_per_s=tokens / dt, mfu=mfu,
+               ar_ms=ms["ar"], meta_ms=ms["meta"], **out.stamp())
+    if meta_stats is not None:
+        row.update(meta_loss=loss, support_acc=meta_stats[2].item(),
+                   query_acc=meta_stats[3].item())
+    else:
+        row.update(ar_loss=loss)
+    out.log(**row)
+    what = (f"meta loss {loss:.4f} query acc {row['query_acc']:.3f}" if meta_stats is not None
+            else f"loss {loss:.4f}")
+    out.write(f"step {step}: {what} | lr {lr:.2e} | {dt * 1000:.0f} ms | {tokens / dt:,.0f} tok/s"
+              + (f" | mfu {mfu:.1%}" if mfu else ""))
+
+
+def log_eval(out, step, val_loss, val_meta):
+    """An eval's log.jsonl row and progress line."""
+    out.log(step=step, val_loss=val_loss, **val_meta, **out.stamp())
+    out.write(f"step {step}: val loss {val_loss:.4f}" + "".join(
+        f", {k[4:]} {val_meta[k]:.3f}+-{val_meta[k + '_se'] or 0:.3f}"
+        for k in VAL_META if val_meta[k] is not None))
 
 
 # the meta numbers of every eval, over the fixed val episodes, each with its standard error
@@ -572,6 +738,80 @@ def evaluate(model, head, val, val_sampler, c, env, autocast):
     return (stats[0] / stats[1]).item(), out
 
 
+# setting up a run, resuming and saving it
+def load_data(c):
+    """The run's data, opened before any model is built, so that a missing shard, a bad index or
+    n_way larger than the candidate words stop it first -> (data_info (meta.json), train
+    reader, fixed val windows (x, y), train and val episode samplers or None)."""
+    sampler = val_sampler = None
+    try:  # data.py's errors name the file; reported like config errors, without a traceback
+        data_info = data.read_meta(c.data_dir)
+        if c.meta_ratio > 0 and c.meta_task == "smlmt" and data_info.get("index"):
+            if c.meta_seq_len > data_info["index"]["context"]:
+                raise ConfigError(f"meta_seq_len {c.meta_seq_len} > the SMLMT index's context "
+                                  f"{data_info['index']['context']} in {c.data_dir}; rebuild it "
+                                  f"with `python prepare.py --reindex --context "
+                                  f"{c.meta_seq_len} --out {c.data_dir}` or lower meta_seq_len")
+        train_reader = data.ShardReader(c.data_dir, "train", c.batch_size, c.seq_len)
+        # the val set: eval_sequences fixed windows, drawn once, the same whatever the batch size
+        val = data.ShardReader(c.data_dir, "val", c.eval_sequences, c.seq_len).next_batch(
+            np.random.default_rng(VAL_SEED))
+        if c.meta_ratio > 0 and c.meta_task == "smlmt":
+            args = dict(n_way=c.n_way, k_shot=c.k_shot, q_query=c.q_query, seq_len=c.meta_seq_len)
+            sampler = data.SMLMTSampler(c.data_dir, split="train", **args)
+            val_sampler = data.SMLMTSampler(c.data_dir, split="val", **args)
+        elif c.meta_ratio > 0 and c.meta_task == "positions":
+            args = dict(batch_size=c.positions_batch, seq_len=c.seq_len, k_shot=c.k_shot,
+                        n_way=c.n_way, unknown=c.positions_unknown)
+            sampler = data.PositionsSampler(c.data_dir, "train", **args)
+            val_sampler = data.PositionsSampler(c.data_dir, "val", **args)
+        elif c.meta_ratio > 0:
+            fix = "lower k_shot or meta_seq_len"
+            sampler = data.LMTaskSampler(c.data_dir, c.k_shot, c.meta_seq_len, "train", fix)
+            val_sampler = data.LMTaskSampler(c.data_dir, c.k_shot, c.meta_seq_len, "val", fix)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from e
+    if data_info["mask_id"] >= c.vocab_size:
+        raise ConfigError(f"vocab_size {c.vocab_size} has no room for the mask id "
+                          f"{data_info['mask_id']}")
+    return data_info, train_reader, val, sampler, val_sampler
+
+
+def build(c, env):
+    """The model, the meta head (None for vanilla and LM-task runs) and AdamW over both, from
+    one seed on every rank: identical initial weights -> (model, head, params, optimizer)."""
+    torch.manual_seed(c.seed)
+    model = Llama(common.model_args(c)).to(env.dev)
+    head = None
+    if c.meta_ratio > 0 and c.meta_task != "lm":
+        head = MetaHead(c.dim, c.vocab_size, c.meta_hidden, c.meta_head_init).to(env.dev)
+    params = list(model.parameters()) + (list(head.parameters()) if head else [])
+    # the paper decays every weight; "matrices" spares norms and biases, as nanoGPT does
+    decayed = (lambda p: True) if c.decay_params == "all" else (lambda p: p.dim() >= 2)
+    groups = [{"params": [p for p in params if decayed(p)], "weight_decay": c.weight_decay},
+              {"params": [p for p in params if not decayed(p)], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=c.learning_rate,
+                                  betas=(c.beta1, c.beta2), fused=env.type == "cuda")
+    return model, head, params, optimizer
+
+
+def compile_before_clock(model, head, c, env, reader, sampler, cost, autocast, optimizer):
+    """torch.compile, and every graph compiled now, so that compilation is not logged as training
+    time (which would bias a time comparison against meta runs, which compile more graphs).
+    Weights do not change: no optimizer step, and episodes restore what they adapt."""
+    model.compile(dynamic=False)  # static shapes: AR batches, support and query windows
+    t0, rng_state = time.time(), torch.get_rng_state()
+    x, y = to_device(ar_batch(reader, c, 0, 0, cost.micro), env.dev)
+    with autocast:
+        model(x, y)[1].backward()
+        if sampler:
+            ep = sampler.sample(np.random.default_rng(VAL_SEED))
+            run_episode(model, head, to_device(ep, env.dev), c, 1.0)
+    optimizer.zero_grad(set_to_none=True)
+    torch.set_rng_state(rng_state)
+    return time.time() - t0
+
+
 def resume_run(run, c, model, head, optimizer, dev):
     """Restore everything a checkpoint holds into the fresh model, head and optimizer and this
     process's RNGs -> (start step, counters, the checkpoint's path). The config must match but for
@@ -601,27 +841,44 @@ def resume_run(run, c, model, head, optimizer, dev):
     return ckpt["step"], ckpt["counters"], path
 
 
-def run_state(c, model, head, optimizer, step, counters, tokenizer):
+def save_checkpoint(run, c, model, head, optimizer, step, counters, tokenizer):
     """Everything a resumed run needs to continue exactly: the uncompiled weights, optimizer,
-    config, step and counters, every RNG state; the data stream is a function of (seed, step)."""
-    return {"model_args": asdict(model.args), "model": model.state_dict(),
-            "head": head.state_dict() if head is not None else None,
-            "optimizer": optimizer.state_dict(), "step": step, "config": dict(vars(c)),
-            "tokenizer": tokenizer, "counters": dict(counters),
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
-
-
-def save_checkpoint(run, obj, keep_numbered):
-    """The numbered copy analyze.py and ner_eval.py read (no optimizer state: at 570m 2.3 GB
-    instead of 6.9 GB, 25 of them 58 GB, not 173 GB), then ckpt.pt, the only copy with it. Each is
-    written to a temporary name and renamed; in this order a crash between the two leaves ckpt.pt
-    at the step before, so the resumed run writes both again."""
-    if keep_numbered:
-        common.save_checkpoint(os.path.join(run.out_dir, f"ckpt_{obj['step']:06d}.pt"),
+    config, step and counters, every RNG state (the data stream is a function of (seed, step)).
+    Written as the numbered copy analyze.py and ner_eval.py read (without the optimizer state, two
+    thirds of a checkpoint), then as ckpt.pt, the only copy with it. Each is written to a temporary
+    name and renamed; in this order a crash between the two leaves ckpt.pt at the step before, so
+    the resumed run writes both again."""
+    obj = {"model_args": asdict(model.args), "model": model.state_dict(),
+           "head": head.state_dict() if head is not None else None,
+           "optimizer": optimizer.state_dict(), "step": step, "config": dict(vars(c)),
+           "tokenizer": tokenizer, "counters": dict(counters),
+           "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                   "torch": torch.get_rng_state(),
+                   "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
+    if c.keep_checkpoints:
+        common.save_checkpoint(os.path.join(run.out_dir, f"ckpt_{step:06d}.pt"),
                                {k: v for k, v in obj.items() if k != "optimizer"})
     common.save_checkpoint(run.ckpt, obj)
+
+
+# a step's plan: layout, tokens, FLOPs, memory; the lines a run prints at its start
+def episode_tokens_and_flops(model, c):
+    """Tokens one meta episode reads and its training FLOPs: the inner loop, the support forward
+    that measures the accuracy after adaptation, and the query pass with its backward. A forward
+    is a third of flops_per_token; the meta head's own FLOPs (a 128-wide MLP on N*(K+Q) vectors)
+    are left out."""
+    if c.meta_task == "smlmt":
+        support, query = c.n_way * c.k_shot * c.meta_seq_len, c.n_way * c.q_query * c.meta_seq_len
+        tokens, f = support + query, model.flops_per_token(c.meta_seq_len, output=False)
+    elif c.meta_task == "positions":  # the support and query passes read the same B x T tokens
+        support = query = tokens = c.positions_batch * c.seq_len
+        f = model.flops_per_token(c.seq_len, output=False)
+    else:
+        support, query = c.k_shot * c.meta_seq_len, c.meta_seq_len
+        tokens, f = support + query, model.flops_per_token(c.meta_seq_len)
+    # head mode: one support forward (the features); all mode: inner steps, then one more forward
+    inner = support * f / 3 if c.inner_params == "head" else (c.inner_steps + 1 / 3) * support * f
+    return tokens, inner + query * f
 
 
 def plan(c, world_size, bf16=True):
@@ -739,207 +996,6 @@ def describe(c, model, head, env, p, start_step, bf16, peak):
                  f"{c.learning_rate} ({c.lr_schedule} to {c.min_lr} at step "
                  f"{c.lr_decay_steps or c.max_steps})")
     return "\n".join(lines)
-
-
-def build(c, env):
-    """The model, the meta head (None for vanilla and LM-task runs) and AdamW over both, from
-    one seed on every rank: identical initial weights -> (model, head, params, optimizer)."""
-    torch.manual_seed(c.seed)
-    model = Llama(common.model_args(c)).to(env.dev)
-    head = None
-    if c.meta_ratio > 0 and c.meta_task != "lm":
-        head = MetaHead(c.dim, c.vocab_size, c.meta_hidden, c.meta_head_init).to(env.dev)
-    params = list(model.parameters()) + (list(head.parameters()) if head else [])
-    # the paper decays every weight; "matrices" spares norms and biases, as nanoGPT does
-    decayed = (lambda p: True) if c.decay_params == "all" else (lambda p: p.dim() >= 2)
-    groups = [{"params": [p for p in params if decayed(p)], "weight_decay": c.weight_decay},
-              {"params": [p for p in params if not decayed(p)], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=c.learning_rate,
-                                  betas=(c.beta1, c.beta2), fused=env.type == "cuda")
-    return model, head, params, optimizer
-
-
-def compile_before_clock(model, head, c, env, reader, sampler, cost, autocast, optimizer):
-    """torch.compile, and every graph compiled now, so that compilation is not logged as training
-    time (which would bias a time comparison against meta runs, which compile more graphs).
-    Weights do not change: no optimizer step, and episodes restore what they adapt."""
-    model.compile(dynamic=False)  # static shapes: AR batches, support and query windows
-    t0, rng_state = time.time(), torch.get_rng_state()
-    x, y = to_device(ar_batch(reader, c, 0, 0, cost.micro), env.dev)
-    with autocast:
-        model(x, y)[1].backward()
-        if sampler:
-            ep = sampler.sample(np.random.default_rng(VAL_SEED))
-            run_episode(model, head, to_device(ep, env.dev), c, 1.0)
-    optimizer.zero_grad(set_to_none=True)
-    torch.set_rng_state(rng_state)
-    return time.time() - t0
-
-
-def forward_backward(model, head, c, env, step, is_meta, cost, reader, sampler, autocast, times):
-    """One optimizer step's micro-batches (AR) or this rank's episodes (meta), their gradients
-    accumulated in .grad -> (5,) sums: AR loss, meta loss, support acc, query acc, count. Data
-    depends on (seed, step, its slot in the step) only: episode slot s goes to rank
-    s % world_size (a rank may have none); AR sequences are split into equal shares
-    (common.layout); losses are scaled by their share of the step, so that the summed gradients
-    over ranks are the step's mean, however it was split. times: a [seconds, slots] pair that
-    each slot's time is added to, or None."""
-    stats = torch.zeros(5, device=env.dev)
-    slots = (range(env.rank, c.episodes_per_step, env.world_size) if is_meta
-             else range(cost.accum))
-    for slot in slots:
-        tm = time.time()
-        if is_meta:
-            ep = to_device(sampler.sample(np.random.default_rng([c.seed, step, slot, 3])), env.dev)
-            with autocast:
-                q_loss, s_acc, q_acc = run_episode(model, head, ep, c,
-                                                   c.meta_loss_weight / c.episodes_per_step)
-            stats[1:4] += torch.stack([q_loss, s_acc, q_acc])
-        else:
-            start = env.rank * cost.per_rank + slot * cost.micro
-            x, y = to_device(ar_batch(reader, c, step, start, cost.micro), env.dev)
-            with autocast:
-                loss = model(x, y)[1]
-            (loss / (cost.accum * env.world_size)).backward()
-            stats[0] += loss.detach()
-        stats[4] += 1
-        if times is not None:
-            if env.type == "cuda":
-                torch.cuda.synchronize()
-            times[0] += time.time() - tm
-            times[1] += 1
-    return stats
-
-
-def train(c):
-    t_start = time.time()
-    env = common.init_device(c.device)
-    say = print if env.master else (lambda *a, **k: None)
-    common.check_config(c, env.world_size)  # resolves episodes_per_step 0: checkpoints hold it
-    data_info, train_reader, val, sampler, val_sampler = load_data(c)
-    common.init_process_group(env)
-    model, head, params, optimizer = build(c, env)
-    autocast, bf16 = common.autocast(c.dtype, env.type)
-    cost, peak = plan(c, env.world_size, bf16), peak_flops(env.dev)
-    with common.RunDir(c.out_dir, env.master, c.resume) as run:
-        start_step, counters, last_good = 0, {"ar_tokens": 0, "meta_tokens": 0, "flops": 0.0,
-                                              "time": 0.0}, None
-        if c.resume:
-            start_step, counters, last_good = resume_run(run, c, model, head, optimizer, env.dev)
-            if env.master:
-                run.truncate_log(start_step)  # lines the interrupted run wrote after it
-        else:
-            run.refuse_earlier_run()
-        say(describe(c, model, head, env, cost, start_step, bf16, peak))
-        if c.compile:
-            secs = compile_before_clock(model, head, c, env, train_reader, sampler, cost,
-                                        autocast, optimizer)
-            say(f"compiled in {secs:.1f} s, before the clock starts")
-        out = common.RunLog(run, c, env.master, counters, start_step, t_start, last_good,
-                            time.time)
-        window = {"ar": [0.0, 0], "meta": [0.0, 0]}  # micro-step / episode times between logs
-
-        for step in range(start_step, c.max_steps + 1):
-            # once in a while: evaluate the weights, which have had `step` updates; they are saved
-            # below once this step's loss shows them finite (a resumed run did both before it
-            # stopped). At max_steps no later loss will vouch for them: they are checked directly.
-            fresh = step > start_step or not c.resume
-            if fresh and (step % c.eval_interval == 0 or step == c.max_steps):
-                val_loss, val_meta = evaluate(model, head, val, val_sampler, c, env, autocast)
-                if env.master:
-                    out.log(step=step, val_loss=val_loss, **val_meta, **out.stamp())
-                    out.write(f"step {step}: val loss {val_loss:.4f}" + "".join(
-                        f", {k[4:]} {val_meta[k]:.3f}+-{val_meta[k + '_se'] or 0:.3f}"
-                        for k in VAL_META if val_meta[k] is not None))
-            if step == c.max_steps:
-                if fresh:
-                    if not (math.isfinite(val_loss) and all(p.isfinite().all() for p in params)):
-                        out.stop(f"non-finite weights or val loss ({val_loss}) at step {step}")
-                    if env.master:
-                        save_checkpoint(run, run_state(c, model, head, optimizer, step,
-                                                       out.stamp(), data_info["tokenizer"]),
-                                        c.keep_checkpoints)
-                break
-
-            # an AR or a meta step, drawn from a generator keyed by (seed, step) alone: every
-            # rank takes the same branch without communicating, and a resumed run replays it
-            t0 = time.time()
-            lr = get_lr(step, c)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            is_meta = np.random.default_rng([c.seed, step, 1]).random() < c.meta_ratio
-            kind = "meta" if is_meta else "ar"
-            # per-slot times need a device sync on CUDA, which stops the host from running ahead:
-            # taken on every log_interval-th step only
-            timed = env.type == "cpu" or step % c.log_interval == 0
-            stats = forward_backward(model, head, c, env, step, is_meta, cost, train_reader,
-                                     sampler, autocast, window[kind] if timed else None)
-
-            # reduce over ranks, clip, check, save, step
-            if env.ddp:
-                all_reduce_grads(params)
-                dist.all_reduce(stats)
-            with_grad = [p for p in params if p.grad is not None]
-            grad_norm = (torch.nn.utils.clip_grad_norm_(with_grad, c.grad_clip) if c.grad_clip > 0
-                         else torch.nn.utils.get_total_norm([p.grad for p in with_grad])).item()
-            stats /= stats[4].clone()
-            loss_now = (stats[1] if is_meta else stats[0]).item()
-            if not (math.isfinite(loss_now) and math.isfinite(grad_norm)):
-                out.stop(f"non-finite {'meta' if is_meta else 'AR'} loss ({loss_now}) or grad norm "
-                         f"at step {step}")
-            # only now, with a finite loss at these weights, is a checkpoint of them known good
-            if fresh and step % c.save_interval == 0:
-                t_save = time.time()
-                if env.master:
-                    save_checkpoint(run, run_state(c, model, head, optimizer, step, out.stamp(),
-                                                   data_info["tokenizer"]), c.keep_checkpoints)
-                t0 += time.time() - t_save  # "time" is training time: no eval, no checkpoints
-                out.last_good = f"{run.ckpt} (step {step})"
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            # count and log
-            dt = time.time() - t0
-            tokens, flops = ((cost.meta_tokens, cost.meta_flops) if is_meta
-                             else (cost.ar_tokens, cost.ar_flops))
-            counters["time"] += dt
-            counters["meta_tokens" if is_meta else "ar_tokens"] += tokens
-            counters["flops"] += flops
-            out.bar.update(1)
-            if env.master and ((step + 1) % c.log_interval == 0 or step + 1 == c.max_steps):
-                log_step(out, step + 1, lr, grad_norm, dt, tokens, flops, peak, env, window,
-                         stats if is_meta else None, loss_now)
-                window = {"ar": [0.0, 0], "meta": [0.0, 0]}
-        out.bar.close()
-    say(f"done: {counters['ar_tokens']:,} AR tokens, {counters['meta_tokens']:,} meta tokens, "
-        f"{counters['flops']:.3g} FLOPs, {counters['time']:.1f} s of training, "
-        f"{out.stamp()['wall']:.1f} s in all")
-    if env.ddp:
-        # leave together: in the 8-rank test a rank with nothing left to do aborted once in gloo's
-        # teardown (std::terminate) while the others were still finishing, rank 0 writing the
-        # last checkpoint; presumably its connections closed under them
-        dist.barrier()
-        dist.destroy_process_group()
-    return model, head
-
-
-def log_step(out, step, lr, grad_norm, dt, tokens, flops, peak, env, window, meta_stats, loss):
-    """A training step's log.jsonl row and progress line; meta_stats: the meta step's (5,) mean
-    stats, None for an AR step."""
-    mfu = estimate_mfu(flops / dt / env.world_size, peak)  # the peak is one device's
-    ms = {k: (1000 * v[0] / v[1] if v[1] else None) for k, v in window.items()}
-    row = dict(step=step, lr=lr, grad_norm=grad_norm, tok_per_s=tokens / dt, mfu=mfu,
-               ar_ms=ms["ar"], meta_ms=ms["meta"], **out.stamp())
-    if meta_stats is not None:
-        row.update(meta_loss=loss, support_acc=meta_stats[2].item(),
-                   query_acc=meta_stats[3].item())
-    else:
-        row.update(ar_loss=loss)
-    out.log(**row)
-    what = (f"meta loss {loss:.4f} query acc {row['query_acc']:.3f}" if meta_stats is not None
-            else f"loss {loss:.4f}")
-    out.write(f"step {step}: {what} | lr {lr:.2e} | {dt * 1000:.0f} ms | {tokens / dt:,.0f} tok/s"
-              + (f" | mfu {mfu:.1%}" if mfu else ""))
 
 
 def print_plan(argv):

@@ -170,7 +170,7 @@ class Llama(nn.Module):
     def forward(self, idx, targets=None):
         """idx (B, T) -> (logits (B, T, V) in fp32, None); with targets (B, T) (-1 marks padding)
         -> (None, next-token cross-entropy): whoever asks for the loss does not need the logits,
-        and a caller holding them until its next step would keep 3.3 GB alive at 570m."""
+        and a caller holding them until its next step would keep the largest tensor alive."""
         logits = self.output(self.hidden(idx)).float()  # fp32: the loss over 50k classes needs it
         if targets is None:
             return logits, None

@@ -280,7 +280,9 @@ def test_lm_task_episode(ds, tiny_enc):
     stream = split_stream(ds, "train")
     rng = np.random.default_rng(0)
     for _ in range(50):
-        sx, sy, qx, qy = sampler.sample(rng)
+        ep = sampler.sample(rng)
+        assert ep.word_ids is None  # no classes: every position is read
+        sx, sy, qx, qy = ep.support_x, ep.support_y, ep.query_x, ep.query_y
         assert sx.shape == sy.shape == (K, T) and qx.shape == qy.shape == (1, T)
         # ((K+1)*T,) the query chunk right after the support chunks
         x = torch.cat([sx.flatten(), qx.flatten()])
@@ -305,7 +307,8 @@ def test_lm_task_short_documents(tmp_path, tiny_enc):
     tokens = tiny_enc.encode_ordinary(exact) + [tiny_enc.eot_token]
     rng = np.random.default_rng(0)
     for _ in range(3):
-        sx, sy, qx, qy = sampler.sample(rng)
+        ep = sampler.sample(rng)
+        sx, sy, qx, qy = ep.support_x, ep.support_y, ep.query_x, ep.query_y
         assert torch.cat([sx.flatten(), qx.flatten()]).tolist() == tokens[:-1]
         # the last target closes the document
         assert torch.cat([sy.flatten(), qy.flatten()]).tolist() == tokens[1:]
@@ -328,7 +331,8 @@ def test_lm_task_draws_every_span_of_every_document_uniformly(tmp_path, tiny_enc
     rng, n = np.random.default_rng(0), 1800
     counts = {}
     for _ in range(n):
-        sx, sy, qx, qy = sampler.sample(rng)
+        ep = sampler.sample(rng)
+        sx, sy, qx, qy = ep.support_x, ep.support_y, ep.query_x, ep.query_y
         span = tuple(torch.cat([sx.flatten(), qx.flatten()]).tolist()) + (qy[0, -1].item(),)
         counts[span] = counts.get(span, 0) + 1
     assert len(counts) == 9

@@ -178,20 +178,20 @@ def test_lm_episode_gradient_at_adapted_weights_and_restore():
     model, _, _ = setup(2)
     before = snapshot(model)
     x = torch.randint(0, V, (3, 9))
-    ep = (x[:, :-1], x[:, 1:], torch.randint(0, V, (1, 8)), torch.randint(0, V, (1, 8)))
+    ep = data.Episode(x[:, :-1], x[:, 1:], torch.randint(0, V, (1, 8)), torch.randint(0, V, (1, 8)))
     c = cfg(inner_params="all", inner_steps=2, inner_lr=0.2)
     lm_episode(model, ep, c, loss_scale=0.5)
 
     ref = copy.deepcopy(model)
     params = list(ref.parameters())
     for _ in range(c.inner_steps):
-        grads = torch.autograd.grad(ref(ep[0], ep[1])[1], params)
+        grads = torch.autograd.grad(ref(ep.support_x, ep.support_y)[1], params)
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p -= c.inner_lr * g
     for p in params:
         p.grad = None
-    (0.5 * ref(ep[2], ep[3])[1]).backward()
+    (0.5 * ref(ep.query_x, ep.query_y)[1]).backward()
     for (name, p), r in zip(model.named_parameters(), params):
         torch.testing.assert_close(p.grad, r.grad, rtol=1e-4, atol=1e-6, msg=name)
     for p, b in zip(snapshot(model), before):
@@ -283,7 +283,8 @@ def episode_under(dtype, mode, steps, compile=False):
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         if mode.startswith("lm"):
             x = ep.support_x[:3]
-            lm_ep = (x[:, :-1], x[:, 1:], x[:1, :-1], x[:1, 1:])  # query: the first support chunk
+            # query: the first support chunk
+            lm_ep = data.Episode(x[:, :-1], x[:, 1:], x[:1, :-1], x[:1, 1:])
             q_loss = lm_episode(run_model, lm_ep, c, loss_scale=1.0)[0]
         else:
             q_loss = smlmt_episode(run_model, head, ep, c, loss_scale=1.0)[0]
@@ -415,7 +416,7 @@ def test_lm_episode_with_adamw_inner_loop_gradient_and_restore():
     model, _, _ = setup(2)
     before = snapshot(model)
     x = torch.randint(0, V, (3, 9))
-    ep = (x[:, :-1], x[:, 1:], torch.randint(0, V, (1, 8)), torch.randint(0, V, (1, 8)))
+    ep = data.Episode(x[:, :-1], x[:, 1:], torch.randint(0, V, (1, 8)), torch.randint(0, V, (1, 8)))
     c = cfg(inner_params="all", inner_steps=3, inner_lr=0.01, inner_optimizer="adamw",
             inner_lr_schedule="linear", inner_warmup_steps=1, inner_weight_decay=0.1)
     lm_episode(model, ep, c, loss_scale=1.0)
@@ -426,10 +427,10 @@ def test_lm_episode_with_adamw_inner_loop_gradient_and_restore():
     for lr in [0.01, 0.01, 0.005]:
         opt.param_groups[0]["lr"] = lr
         opt.zero_grad()
-        ref(ep[0], ep[1])[1].backward()
+        ref(ep.support_x, ep.support_y)[1].backward()
         opt.step()
     opt.zero_grad()
-    ref(ep[2], ep[3])[1].backward()
+    ref(ep.query_x, ep.query_y)[1].backward()
     for (name, p), r in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, r.grad, rtol=1e-4, atol=1e-6, msg=name)
     for p, b in zip(snapshot(model), before):
@@ -551,22 +552,26 @@ def test_centroid_accuracy_by_hand():
 def test_support_standardisation_invariants():
     torch.manual_seed(0)
     s = torch.randn(12, 5) * torch.tensor([10.0, 0.1, 1.0, 3.0, 0.5]) + 7.0
-    mean, sd = meta_train.support_stats(s)
-    z = (s - mean) / sd
+    assert meta_train.feature_norm(s, "raw")(s) is s
+    z = meta_train.feature_norm(s, "standardize")(s)
     torch.testing.assert_close(z.mean(0), torch.zeros(5), atol=1e-5, rtol=0)
     # eps 1e-5 in the spread: the dimension of spread 0.1 comes out 1e-4 short of 1
     torch.testing.assert_close(z.std(0, correction=0), torch.ones(5), atol=2e-4, rtol=0)
     # per-dimension scale and shift of the features leave the standardised ones as they were
     a, b = torch.tensor([3.0, 0.2, 1.0, 5.0, 2.0]), torch.randn(5)
-    mean2, sd2 = meta_train.support_stats(s * a + b)
-    torch.testing.assert_close((s * a + b - mean2) / sd2, z, atol=1e-3, rtol=2e-3)  # eps again
+    torch.testing.assert_close(meta_train.feature_norm(s * a + b, "standardize")(s * a + b), z,
+                               atol=1e-3, rtol=2e-3)  # eps again
+    # the mean and spread are the support's: other features are moved and scaled by the same
+    q = torch.randn(3, 5)
+    torch.testing.assert_close(meta_train.feature_norm(s, "standardize")(q),
+                               (q - s.mean(0)) / (s.std(0, correction=0) + 1e-5))
     # one spread for all dimensions: centred, mean square 1 over all entries, the geometry kept
-    mean, sd = meta_train.support_stats(s, per_dim=False)
-    z = (s - mean) / sd
+    z = meta_train.feature_norm(s, "center")(s)
+    sd = ((s - s.mean(0)) ** 2).mean().sqrt() + 1e-5
     torch.testing.assert_close((z ** 2).mean(), torch.tensor(1.0), atol=1e-5, rtol=0)
-    torch.testing.assert_close(torch.cdist(z, z) * sd[0], torch.cdist(s, s), rtol=1e-4, atol=1e-4)
-    mean2, sd2 = meta_train.support_stats(3.0 * s + b, per_dim=False)
-    torch.testing.assert_close((3.0 * s + b - mean2) / sd2, z, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.cdist(z, z) * sd, torch.cdist(s, s), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(meta_train.feature_norm(3.0 * s + b, "center")(3.0 * s + b), z,
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_standardised_episode_ignores_the_scale_of_each_feature():
