@@ -174,6 +174,27 @@ def test_fomaml_all_mode_gradients_and_exact_restore():
         assert torch.equal(p, b)  # restored bit-exactly
 
 
+def test_an_episode_that_raises_leaves_the_weights_as_they_were(monkeypatch):
+    # all mode adapts the backbone in place: an error in the middle of the inner loop (an
+    # interrupt, running out of memory) must not leave adapted weights in the model
+    model, head, ep = setup()
+    before = snapshot(model, head)
+    calls, head_logits = [], meta_train.head_logits
+
+    def failing(params, h):
+        calls.append(1)
+        if len(calls) == 3:  # two inner steps have changed the backbone
+            raise RuntimeError("boom")
+        return head_logits(params, h)
+
+    monkeypatch.setattr(meta_train, "head_logits", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        smlmt_episode(model, head, ep, cfg(inner_params="all", inner_steps=5), loss_scale=1.0)
+    assert len(calls) == 3
+    for p, b in zip(snapshot(model, head), before):
+        assert torch.equal(p, b)
+
+
 def test_lm_episode_gradient_at_adapted_weights_and_restore():
     model, _, _ = setup(2)
     before = snapshot(model)
