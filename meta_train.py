@@ -514,8 +514,8 @@ def train(c):
             with_grad = [p for p in params if p.grad is not None]
             grad_norm = (torch.nn.utils.clip_grad_norm_(with_grad, c.grad_clip) if c.grad_clip > 0
                          else torch.nn.utils.get_total_norm([p.grad for p in with_grad])).item()
-            stats /= stats[4].clone()
-            loss_now = (stats[1] if is_meta else stats[0]).item()
+            means = dict(zip(STEP_STATS, (stats / stats[-1]).tolist()))  # over slots and ranks
+            loss_now = means["meta_loss" if is_meta else "ar_loss"]
             if not (math.isfinite(loss_now) and math.isfinite(grad_norm)):
                 out.stop(f"non-finite {'meta' if is_meta else 'AR'} loss ({loss_now}) or grad norm "
                          f"at step {step}")
@@ -540,7 +540,7 @@ def train(c):
             out.bar.update(1)
             if env.master and ((step + 1) % c.log_interval == 0 or step + 1 == c.max_steps):
                 log_step(out, step + 1, lr, grad_norm, dt, tokens, flops, peak, env, window,
-                         stats if is_meta else None, loss_now)
+                         means, is_meta)
                 window = {"ar": [0.0, 0], "meta": [0.0, 0]}
         out.bar.close()
     say(f"done: {counters['ar_tokens']:,} AR tokens, {counters['meta_tokens']:,} meta tokens, "
@@ -554,15 +554,19 @@ def train(c):
     return model, head
 
 
+# what forward_backward sums over a step's slots, in this order, and train over the ranks
+STEP_STATS = ("ar_loss", "meta_loss", "support_acc", "query_acc", "slots")
+
+
 def forward_backward(model, head, c, env, step, is_meta, cost, reader, sampler, autocast, times):
     """One optimizer step's micro-batches (AR) or this rank's episodes (meta), their gradients
-    accumulated in .grad -> (5,) sums: AR loss, meta loss, support acc, query acc, count. Data
+    accumulated in .grad -> (5,) the STEP_STATS sums. Data
     depends on (seed, step, its slot in the step) only: episode slot s goes to rank
     s % world_size (a rank may have none); AR sequences are split into equal shares
     (common.layout); losses are scaled by their share of the step, so that the summed gradients
     over ranks are the step's mean, however it was split. times: a [seconds, slots] pair that
     each slot's time is added to, or None."""
-    stats = torch.zeros(5, device=env.dev)
+    stats = torch.zeros(len(STEP_STATS), device=env.dev)
     slots = (range(env.rank, c.episodes_per_step, env.world_size) if is_meta
              else range(cost.accum))
     for slot in slots:
@@ -572,15 +576,15 @@ def forward_backward(model, head, c, env, step, is_meta, cost, reader, sampler, 
             with autocast:
                 q_loss, s_acc, q_acc = run_episode(model, head, ep, c,
                                                    c.meta_loss_weight / c.episodes_per_step)
-            stats[1:4] += torch.stack([q_loss, s_acc, q_acc])
+            stats[1:4] += torch.stack([q_loss, s_acc, q_acc])  # meta_loss, support_acc, query_acc
         else:
             start = env.rank * cost.per_rank + slot * cost.micro
             x, y = to_device(ar_batch(reader, c, step, start, cost.micro), env.dev)
             with autocast:
                 loss = model(x, y)[1]
             (loss / (cost.accum * env.world_size)).backward()
-            stats[0] += loss.detach()
-        stats[4] += 1
+            stats[0] += loss.detach()  # ar_loss
+        stats[-1] += 1  # slots
         if times is not None:
             if env.type == "cuda":
                 torch.cuda.synchronize()
@@ -667,21 +671,19 @@ def to_device(batch, dev):
                              if getattr(batch, f.name) is not None})
 
 
-def log_step(out, step, lr, grad_norm, dt, tokens, flops, peak, env, window, meta_stats, loss):
-    """A training step's log.jsonl row and progress line; meta_stats: the meta step's (5,) mean
-    stats, None for an AR step."""
+def log_step(out, step, lr, grad_norm, dt, tokens, flops, peak, env, window, means, is_meta):
+    """A training step's log.jsonl row and progress line; means: the step's STEP_STATS means."""
     mfu = estimate_mfu(flops / dt / env.world_size, peak)  # the peak is one device's
     ms = {k: (1000 * v[0] / v[1] if v[1] else None) for k, v in window.items()}
     row = dict(step=step, lr=lr, grad_norm=grad_norm, tok_per_s=tokens / dt, mfu=mfu,
                ar_ms=ms["ar"], meta_ms=ms["meta"], **out.stamp())
-    if meta_stats is not None:
-        row.update(meta_loss=loss, support_acc=meta_stats[2].item(),
-                   query_acc=meta_stats[3].item())
+    if is_meta:
+        row.update({k: means[k] for k in ("meta_loss", "support_acc", "query_acc")})
     else:
-        row.update(ar_loss=loss)
+        row.update(ar_loss=means["ar_loss"])
     out.log(**row)
-    what = (f"meta loss {loss:.4f} query acc {row['query_acc']:.3f}" if meta_stats is not None
-            else f"loss {loss:.4f}")
+    what = (f"meta loss {means['meta_loss']:.4f} query acc {means['query_acc']:.3f}" if is_meta
+            else f"loss {means['ar_loss']:.4f}")
     out.write(f"step {step}: {what} | lr {lr:.2e} | {dt * 1000:.0f} ms | {tokens / dt:,.0f} tok/s"
               + (f" | mfu {mfu:.1%}" if mfu else ""))
 
