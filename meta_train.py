@@ -458,14 +458,7 @@ def train(c):
     autocast, bf16 = common.autocast(c.dtype, env.type)
     cost, peak = plan(c, env.world_size, bf16), peak_flops(env.dev)
     with common.RunDir(c.out_dir, env.master, c.resume) as run:
-        start_step, counters, last_good = 0, {"ar_tokens": 0, "meta_tokens": 0, "flops": 0.0,
-                                              "time": 0.0}, None
-        if c.resume:
-            start_step, counters, last_good = resume_run(run, c, model, head, optimizer, env.dev)
-            if env.master:
-                run.truncate_log(start_step)  # lines the interrupted run wrote after it
-        else:
-            run.refuse_earlier_run()
+        start_step, counters, last_good = start_run(run, c, model, head, optimizer, env)
         say(describe(c, model, head, env, cost, start_step, bf16, peak))
         if c.compile:
             secs = compile_before_clock(model, head, c, env, train_reader, sampler, cost,
@@ -814,11 +807,15 @@ def compile_before_clock(model, head, c, env, reader, sampler, cost, autocast, o
     return time.time() - t0
 
 
-def resume_run(run, c, model, head, optimizer, dev):
-    """Restore everything a checkpoint holds into the fresh model, head and optimizer and this
-    process's RNGs -> (start step, counters, the checkpoint's path). The config must match but for
-    RESUME_FREE keys: anything else would change the run."""
-    ckpt, path = run.load_resume_checkpoint(dev)
+def start_run(run, c, model, head, optimizer, env):
+    """-> (start step, counters, the last good checkpoint or None). A new run refuses an out_dir
+    that holds an earlier run; resume=True restores everything a checkpoint holds into the fresh
+    model, head and optimizer and this process's RNGs, and cuts log.jsonl back to its step. The
+    config must match but for RESUME_FREE keys: anything else would change the run."""
+    if not c.resume:
+        run.refuse_earlier_run()
+        return 0, {"ar_tokens": 0, "meta_tokens": 0, "flops": 0.0, "time": 0.0}, None
+    ckpt, path = run.load_resume_checkpoint(env.dev)
     free = set(RESUME_FREE)
     if c.lr_decay_steps > 0 or c.lr_schedule == "constant":
         free.add("max_steps")  # the lr does not depend on it: a finished run can be extended
@@ -838,8 +835,10 @@ def resume_run(run, c, model, head, optimizer, dev):
     random.setstate(ckpt["rng"]["python"])
     np.random.set_state(ckpt["rng"]["numpy"])
     torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-    if torch.device(dev).type == "cuda" and ckpt["rng"]["cuda"] is not None:
+    if env.type == "cuda" and ckpt["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
+    if env.master:
+        run.truncate_log(ckpt["step"])  # lines the interrupted run wrote after it
     return ckpt["step"], ckpt["counters"], path
 
 
