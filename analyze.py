@@ -77,9 +77,8 @@ METRICS = {
 }
 # the curves the summary reads, one per layer: mean over the matrices, or over the heads
 SUMMARY_METRICS = ["weight_per", "grad_per", "act_per", "entropy_norm"]
-# float64 SVDs: at these sizes they cost tens of milliseconds per checkpoint, next to seconds for
-# the forward and backward pass, and leave no question about the accuracy of the small singular
-# values of nearly low-rank gradients
+# float64 SVDs: cheap next to the forward and backward pass, and no question about the accuracy
+# of the small singular values of nearly low-rank gradients
 SVD_DTYPE = torch.float64
 
 
