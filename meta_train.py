@@ -301,22 +301,24 @@ def backbone_weights(model):
     return [p for p in model.parameters() if p.requires_grad and p is not model.output.weight]
 
 
-def head_outer_grad(head, fast, rows, last, word_ids):
-    """After the query backward: the gradients at the adapted copy `fast` go to the head's own
-    weights (first order). rows: Proto-MAML's class rows, whose gradient flows on into the MLP.
-    last: head_grad "paper", the last inner step's gradients (else None)."""
-    grads = [p.grad for p in fast]
-    if last:
-        # the paper's code ran each inner step as zero_grad, support backward, SGD step on the
-        # head's own .grad: the head's gradients from earlier episodes of the step (on this
-        # rank) are wiped, and the last support gradient, unscaled, stays under the query's
-        for p in head.parameters():
-            p.grad = None
-        head.add_grad(last, word_ids)
-    if rows is not None:  # through the prototypes into the MLP; no output row was used
-        torch.autograd.backward(rows, grads[-2:])
-        grads[-2:] = None, None
-    head.add_grad(grads, word_ids)
+@contextmanager
+def put_back(params):
+    """Weights adapted in place inside the block are put back, bit for bit, when it ends (also when
+    it raises): an episode must leave the model as it found it."""
+    saved = [p.detach().clone() for p in params]
+    try:
+        yield
+    finally:
+        if params:
+            restore(params, saved)
+
+
+def restore(params, saved):
+    """Copy the saved weights back into params."""
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+    weights_changed()
 
 
 def adapt(params, support_loss, c, support_acc=None, last=None):
@@ -379,24 +381,22 @@ def weights_changed():
     torch.clear_autocast_cache()
 
 
-@contextmanager
-def put_back(params):
-    """Weights adapted in place inside the block are put back, bit for bit, when it ends (also when
-    it raises): an episode must leave the model as it found it."""
-    saved = [p.detach().clone() for p in params]
-    try:
-        yield
-    finally:
-        if params:
-            restore(params, saved)
-
-
-def restore(params, saved):
-    """Copy the saved weights back into params."""
-    with torch.no_grad():
-        for p, s in zip(params, saved):
-            p.copy_(s)
-    weights_changed()
+def head_outer_grad(head, fast, rows, last, word_ids):
+    """After the query backward: the gradients at the adapted copy `fast` go to the head's own
+    weights (first order). rows: Proto-MAML's class rows, whose gradient flows on into the MLP.
+    last: head_grad "paper", the last inner step's gradients (else None)."""
+    grads = [p.grad for p in fast]
+    if last:
+        # the paper's code ran each inner step as zero_grad, support backward, SGD step on the
+        # head's own .grad: the head's gradients from earlier episodes of the step (on this
+        # rank) are wiped, and the last support gradient, unscaled, stays under the query's
+        for p in head.parameters():
+            p.grad = None
+        head.add_grad(last, word_ids)
+    if rows is not None:  # through the prototypes into the MLP; no output row was used
+        torch.autograd.backward(rows, grads[-2:])
+        grads[-2:] = None, None
+    head.add_grad(grads, word_ids)
 
 
 def accuracy(logits, y):
