@@ -33,7 +33,7 @@ import os
 import sys
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 import numpy as np
 import torch
@@ -234,6 +234,7 @@ class ShardReader:
 
     def __init__(self, data_dir, split, batch_size, seq_len):
         self.meta = read_meta(data_dir)
+        self.mask_id = self.meta["mask_id"]
         self.shards, self.shard_starts = load_split(data_dir, split, self.meta)
         self.batch_size, self.seq_len = batch_size, seq_len
         self.n_starts = np.array([max(len(s) - seq_len, 0) for s in self.shards], dtype=np.int64)
@@ -268,6 +269,7 @@ class Episode:
     support_y: torch.Tensor
     query_x: torch.Tensor
     query_y: torch.Tensor
+    _: KW_ONLY  # the rest by name only: a positional mix-up would go unnoticed
     word_ids: torch.Tensor = None
     support_at: torch.Tensor = None
     query_at: torch.Tensor = None
@@ -287,7 +289,8 @@ class SMLMTSampler:
     -> [MASK][MASK]), so neither a [MASK] followed by the rest of its word nor another spelling
     gives the class away. The last token is always mask_id; the label is the word's class 0..N-1.
     A word's occurrences come from k_shot + q_query distinct documents, or where it has fewer, from
-    occurrences whose windows do not overlap (OccurrenceGroups).
+    occurrences whose windows do not overlap (OccurrenceGroups); windows from distinct documents
+    can still overlap where one reaches back across a document boundary (rarely).
     """
 
     def __init__(self, data_dir, n_way, k_shot, q_query, seq_len, split="train"):
@@ -482,7 +485,7 @@ class PositionsSampler:
     def __init__(self, data_dir, split, batch_size, seq_len, k_shot, n_way, unknown="class0"):
         self.reader = ShardReader(data_dir, split, batch_size, seq_len)
         self.k_shot, self.n_way, self.unknown = k_shot, n_way, unknown
-        self.mask_id, self.vocab = self.reader.meta["mask_id"], self.reader.meta["vocab_size"]
+        self.mask_id, self.vocab = self.reader.mask_id, self.reader.meta["vocab_size"]
         if n_way > self.vocab:  # an episode's classes are distinct token ids
             raise ValueError(f"n_way {n_way} > the {self.vocab} token ids of tokenizer "
                              f"{self.reader.meta['tokenizer']!r} ({data_dir}); lower n_way")

@@ -221,7 +221,7 @@ def smlmt_episode(model, head, ep, c, loss_scale=None, probe=None):
             s_raw = read(ep.support_x, ep.support_at)
     norm = feature_norm(s_raw, c.meta_features)
     s_feat = None if s_raw is None else norm(s_raw)
-    fast, rows = class_weights(head, ep, s_feat, c, train)
+    fast, rows = episode_head(head, ep, s_feat, c, train)
     q_feat = None  # (N*Q, C) query features at the original weights, as the probe read them
     if probe is not None:
         with torch.no_grad():
@@ -280,12 +280,12 @@ def feature_norm(s_feat, how):
     return lambda f: (f - mean) / spread
 
 
-def class_weights(head, ep, s_feat, c, train):
-    """The head's weights for the episode's N classes -> (fast, rows). fast: detached copies,
-    the weights the inner loop adapts (first order: the outer gradient is taken at them).
-    meta_head_rows "words": the class rows are the N words' output rows; "proto" (rows not None):
-    rows built from the support prototypes, a function of the MLP that the outer gradient flows
-    back through (with grad when training)."""
+def episode_head(head, ep, s_feat, c, train):
+    """The head as this episode uses it, its MLP and N class rows -> (fast, rows). fast: detached
+    copies of episode_params, the weights the inner loop adapts (first order: the outer gradient
+    is taken at them). meta_head_rows "words": the class rows are the N words' output rows;
+    "proto" (rows not None): rows built from the support prototypes, a function of the MLP that
+    the outer gradient flows back through (with grad when training)."""
     params = head.episode_params(ep.word_ids)
     rows = None
     if c.meta_head_rows == "proto":
@@ -293,6 +293,26 @@ def class_weights(head, ep, s_feat, c, train):
             rows = head.proto_rows(s_feat, ep.support_y, len(ep.word_ids))
         params = params[:-2] + list(rows)
     return [p.detach().clone().requires_grad_() for p in params], rows
+
+
+def accuracy(logits, y):
+    """Share of correct predictions among the labelled examples (label -1: left out), as a tensor:
+    no boolean-mask indexing, whose data-dependent shape would make the host wait for the device."""
+    labelled = y >= 0
+    correct = ((logits.argmax(-1) == y) & labelled).sum()
+    return (correct / labelled.sum().clamp(min=1)).float().detach()
+
+
+def centroid_accuracy(s_feat, support_y, q_feat, query_y, n_way):
+    """Nearest class mean of the support features (Euclidean), the reference any adaptation
+    should beat: s_feat (S, C), q_feat (Q, C), labels -1 left out; a class without support
+    examples is never predicted."""
+    keep = support_y >= 0
+    onehot = F.one_hot(support_y[keep], n_way).to(s_feat.dtype)  # (S', N)
+    counts = onehot.sum(0)  # (N,)
+    mu = onehot.T @ s_feat[keep] / counts.clamp(min=1)[:, None]  # (N, C)
+    d = torch.cdist(q_feat, mu).masked_fill(counts == 0, float("inf"))  # (Q, N)
+    return accuracy(-d, query_y)
 
 
 def backbone_weights(model):
@@ -314,7 +334,7 @@ def put_back(params):
 
 
 def restore(params, saved):
-    """Copy the saved weights back into params."""
+    """Copy the saved weights back into params, and drop autocast's casts of the old ones."""
     with torch.no_grad():
         for p, s in zip(params, saved):
             p.copy_(s)
@@ -331,7 +351,8 @@ def adapt(params, support_loss, c, support_acc=None, last=None):
     adamw = c.inner_optimizer == "adamw"  # SGD keeps no state: no copy of the adapted weights
     moments = [(torch.zeros_like(p), torch.zeros_like(p)) if adamw else None for p in params]
     for t in range(c.inner_steps):
-        lr = lr_at(t, c.inner_lr, c.inner_warmup_steps, c.inner_steps, c.inner_lr_schedule, 0.0)
+        lr = scheduled_lr(t, c.inner_lr, c.inner_warmup_steps, c.inner_steps, c.inner_lr_schedule,
+                          0.0)
         grads = torch.autograd.grad(support_loss(), params, allow_unused=True)
         if last is not None:
             last[:] = grads
@@ -360,7 +381,7 @@ def adapt(params, support_loss, c, support_acc=None, last=None):
     return acc
 
 
-def lr_at(step, lr, warmup, decay_end, schedule, min_lr):
+def scheduled_lr(step, lr, warmup, decay_end, schedule, min_lr):
     """Linear warm-up over `warmup` steps, then constant, or linear or cosine decay from lr to
     min_lr, reached at step decay_end and held after it: the outer schedule (get_lr) and the
     inner loop's, over its steps."""
@@ -384,7 +405,8 @@ def weights_changed():
 def head_outer_grad(head, fast, rows, last, word_ids):
     """After the query backward: the gradients at the adapted copy `fast` go to the head's own
     weights (first order). rows: Proto-MAML's class rows, whose gradient flows on into the MLP.
-    last: head_grad "paper", the last inner step's gradients (else None)."""
+    last: head_grad "paper", the last inner step's gradients (None otherwise; empty without inner
+    steps, which leaves plain FOMAML)."""
     grads = [p.grad for p in fast]
     if last:
         # the paper's code ran each inner step as zero_grad, support backward, SGD step on the
@@ -397,26 +419,6 @@ def head_outer_grad(head, fast, rows, last, word_ids):
         torch.autograd.backward(rows, grads[-2:])
         grads[-2:] = None, None
     head.add_grad(grads, word_ids)
-
-
-def accuracy(logits, y):
-    """Share of correct predictions among the labelled examples (label -1: left out), as a tensor:
-    no boolean-mask indexing, whose data-dependent shape would make the host wait for the device."""
-    labelled = y >= 0
-    correct = ((logits.argmax(-1) == y) & labelled).sum()
-    return (correct / labelled.sum().clamp(min=1)).float().detach()
-
-
-def centroid_accuracy(s_feat, support_y, q_feat, query_y, n_way):
-    """Nearest class mean of the support features (Euclidean), the reference any adaptation
-    should beat: s_feat (S, C), q_feat (Q, C), labels -1 left out; a class without support
-    examples is never predicted."""
-    keep = support_y >= 0
-    onehot = F.one_hot(support_y[keep], n_way).to(s_feat.dtype)  # (S', N)
-    counts = onehot.sum(0)  # (N,)
-    mu = onehot.T @ s_feat[keep] / counts.clamp(min=1)[:, None]  # (N, C)
-    d = torch.cdist(q_feat, mu).masked_fill(counts == 0, float("inf"))  # (Q, N)
-    return accuracy(-d, query_y)
 
 
 def lm_episode(model, ep, c, loss_scale=None, probe=None):
@@ -547,148 +549,6 @@ def train(c):
     return model, head
 
 
-# what forward_backward sums over a step's slots, in this order, and train over the ranks
-STEP_STATS = ("ar_loss", "meta_loss", "support_acc", "query_acc", "slots")
-
-
-def forward_backward(model, head, c, env, step, is_meta, cost, reader, sampler, autocast, times):
-    """One optimizer step's micro-batches (AR) or this rank's episodes (meta), their gradients
-    accumulated in .grad -> (5,) the STEP_STATS sums. Data
-    depends on (seed, step, its slot in the step) only: episode slot s goes to rank
-    s % world_size (a rank may have none); AR sequences are split into equal shares
-    (common.layout); losses are scaled by their share of the step, so that the summed gradients
-    over ranks are the step's mean, however it was split. times: a [seconds, slots] pair that
-    each slot's time is added to, or None."""
-    stats = torch.zeros(len(STEP_STATS), device=env.dev)
-    slots = (range(env.rank, c.episodes_per_step, env.world_size) if is_meta
-             else range(cost.accum))
-    for slot in slots:
-        tm = time.time()
-        if is_meta:
-            ep = to_device(sampler.sample(np.random.default_rng([c.seed, step, slot, 3])), env.dev)
-            with autocast:
-                q_loss, s_acc, q_acc = run_episode(model, head, ep, c,
-                                                   c.meta_loss_weight / c.episodes_per_step)
-            stats[1:4] += torch.stack([q_loss, s_acc, q_acc])  # meta_loss, support_acc, query_acc
-        else:
-            start = env.rank * cost.per_rank + slot * cost.micro
-            x, y = to_device(ar_batch(reader, c, step, start, cost.micro), env.dev)
-            with autocast:
-                loss = model(x, y)[1]
-            (loss / (cost.accum * env.world_size)).backward()
-            stats[0] += loss.detach()  # ar_loss
-        stats[-1] += 1  # slots
-        if times is not None:
-            if env.type == "cuda":
-                torch.cuda.synchronize()
-            times[0] += time.time() - tm
-            times[1] += 1
-    return stats
-
-
-def get_lr(step, c):
-    """The outer (AdamW) lr at `step`: lr_at with the run's schedule, decayed by lr_decay_steps
-    (0: by max_steps)."""
-    return lr_at(step, c.learning_rate, c.warmup_steps, c.lr_decay_steps or c.max_steps,
-                 c.lr_schedule, c.min_lr)
-
-
-def ar_batch(reader, c, step, start, n):
-    """Sequences start..start+n-1 (x, y: (n, T)) of step's AR batch. The batch is drawn in blocks
-    of batch_size sequences, block b from a generator keyed by (seed, step, b), so its data does
-    not depend on how ranks, micro-batches and accumulation split it."""
-    xs, ys = [], []
-    for b in range(start // c.batch_size, (start + n - 1) // c.batch_size + 1):
-        rng = np.random.default_rng([c.seed, step, b, 2])
-        x, y = reader.next_batch(rng)
-        x = mask_inputs(x, rng, c.ar_mask_rate, reader.meta["mask_id"])
-        lo, hi = max(start - b * c.batch_size, 0), min(start + n - b * c.batch_size, c.batch_size)
-        xs.append(x[lo:hi])
-        ys.append(y[lo:hi])
-    return (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys))
-
-
-def mask_inputs(x, rng, rate, mask_id):
-    """AR inputs x (B, T) with a share `rate` of tokens, drawn from rng, replaced by mask_id (the
-    targets keep the real tokens): pretraining then sees the token that episodes read."""
-    if rate == 0:
-        return x
-    x = x.clone()
-    x[torch.from_numpy(rng.random(tuple(x.shape)) < rate)] = mask_id
-    return x
-
-
-def all_reduce_grads(params, bucket_numel=2 ** 25):
-    """Sum .grad over ranks in a few large flat buckets; each rank scaled its losses by its share
-    of the step, so the sum is the step's gradient. Explicit all-reduce rather than the DDP
-    wrapper: episodes run the model several times per backward (support, inner loop, query) and
-    use weights that AR steps do not (the meta head) and vice versa, and the inner loop must not
-    communicate; one reduce after accumulation is simple and correct. The ranks first sum which
-    parameters any of them holds a gradient for; the buckets are cut from those, in the parameter
-    list's fixed order, with zeros where a rank holds no gradient (a rank with no episode in a
-    meta step holds none), so every rank sends the same layout. A parameter no rank has a
-    gradient for keeps .grad None, as in one process."""
-    held = torch.tensor([p.grad is not None for p in params], dtype=torch.float32,
-                        device=params[0].device)
-    dist.all_reduce(held)  # how many ranks hold a gradient for each parameter: the same everywhere
-    bucket, size = [], 0
-    for p in [p for p, n in zip(params, held.tolist()) if n > 0] + [None]:
-        if p is not None:
-            bucket.append(p)
-            size += p.numel()
-        if bucket and (p is None or size >= bucket_numel):
-            flat = torch.cat([(q.grad if q.grad is not None else torch.zeros_like(q)).flatten()
-                              for q in bucket])
-            dist.all_reduce(flat)
-            offset = 0
-            for q in bucket:
-                g = flat[offset:offset + q.numel()].view_as(q)
-                offset += q.numel()
-                if q.grad is None:
-                    q.grad = g.clone()
-                else:
-                    q.grad.copy_(g)
-            bucket, size = [], 0
-
-
-def to_device(batch, dev):
-    """Move a tensor, a tuple of them or an Episode to the device. On CUDA through pinned host
-    memory, so that the copy is asynchronous (non_blocking from pageable memory is not)."""
-    if isinstance(batch, torch.Tensor):
-        if torch.device(dev).type == "cuda":
-            batch = batch.pin_memory()
-        return batch.to(dev, non_blocking=True)
-    if isinstance(batch, tuple):
-        return tuple(to_device(t, dev) for t in batch)
-    return replace(batch, **{f.name: to_device(getattr(batch, f.name), dev) for f in fields(batch)
-                             if getattr(batch, f.name) is not None})
-
-
-def log_step(out, step, lr, grad_norm, dt, tokens, flops, peak, env, window, means, is_meta):
-    """A training step's log.jsonl row and progress line; means: the step's STEP_STATS means."""
-    mfu = estimate_mfu(flops / dt / env.world_size, peak)  # the peak is one device's
-    ms = {k: (1000 * v[0] / v[1] if v[1] else None) for k, v in window.items()}
-    row = dict(step=step, lr=lr, grad_norm=grad_norm, tok_per_s=tokens / dt, mfu=mfu,
-               ar_ms=ms["ar"], meta_ms=ms["meta"], **out.stamp())
-    if is_meta:
-        row.update({k: means[k] for k in ("meta_loss", "support_acc", "query_acc")})
-    else:
-        row.update(ar_loss=means["ar_loss"])
-    out.log(**row)
-    what = (f"meta loss {means['meta_loss']:.4f} query acc {means['query_acc']:.3f}" if is_meta
-            else f"loss {means['ar_loss']:.4f}")
-    out.write(f"step {step}: {what} | lr {lr:.2e} | {dt * 1000:.0f} ms | {tokens / dt:,.0f} tok/s"
-              + (f" | mfu {mfu:.1%}" if mfu else ""))
-
-
-def log_eval(out, step, val_loss, val_meta):
-    """An eval's log.jsonl row and progress line."""
-    out.log(step=step, val_loss=val_loss, **val_meta, **out.stamp())
-    out.write(f"step {step}: val loss {val_loss:.4f}" + "".join(
-        f", {k[4:]} {val_meta[k]:.3f}+-{val_meta[k + '_se'] or 0:.3f}"
-        for k in VAL_META if val_meta[k] is not None))
-
-
 # the meta numbers of every eval, over the fixed val episodes, each with its standard error
 # (_se): query accuracy after the inner loop, with no inner steps, by the nearest class mean of the
 # support features (the reference adaptation should beat), support accuracy after the inner loop
@@ -731,6 +591,147 @@ def evaluate(model, head, val, val_sampler, c, env, autocast):
         out[name + "_se"] = (math.sqrt(max(squares / n - mean * mean, 0.0) / (n - 1))
                              if n > 1 else None)
     return (stats[0] / stats[1]).item(), out
+
+
+def log_eval(out, step, val_loss, val_meta):
+    """An eval's log.jsonl row and progress line."""
+    out.log(step=step, val_loss=val_loss, **val_meta, **out.stamp())
+    out.write(f"step {step}: val loss {val_loss:.4f}" + "".join(
+        f", {k[4:]} {val_meta[k]:.3f}+-{val_meta[k + '_se'] or 0:.3f}"
+        for k in VAL_META if val_meta[k] is not None))
+
+
+def get_lr(step, c):
+    """The outer (AdamW) lr at `step`: scheduled_lr with the run's schedule, decayed by
+    lr_decay_steps (0: by max_steps)."""
+    return scheduled_lr(step, c.learning_rate, c.warmup_steps, c.lr_decay_steps or c.max_steps,
+                        c.lr_schedule, c.min_lr)
+
+
+# what forward_backward sums over a step's slots, in this order, and train over the ranks
+STEP_STATS = ("ar_loss", "meta_loss", "support_acc", "query_acc", "slots")
+
+
+def forward_backward(model, head, c, env, step, is_meta, cost, reader, sampler, autocast, times):
+    """One optimizer step's micro-batches (AR) or this rank's episodes (meta), their gradients
+    accumulated in .grad -> (5,) the STEP_STATS sums. Data depends on (seed, step, its slot in
+    the step) only: episode slot s goes to rank s % world_size (a rank may have none); AR
+    sequences are split into equal shares (common.layout); losses are scaled by their share of the
+    step, so that the summed gradients over ranks are the step's mean, however it was split.
+    times: a [seconds, slots] pair that each slot's time is added to, or None."""
+    stats = torch.zeros(len(STEP_STATS), device=env.dev)
+    slots = (range(env.rank, c.episodes_per_step, env.world_size) if is_meta
+             else range(cost.accum))
+    for slot in slots:
+        tm = time.time()
+        if is_meta:
+            ep = to_device(sampler.sample(np.random.default_rng([c.seed, step, slot, 3])), env.dev)
+            with autocast:
+                q_loss, s_acc, q_acc = run_episode(model, head, ep, c,
+                                                   c.meta_loss_weight / c.episodes_per_step)
+            stats[1:4] += torch.stack([q_loss, s_acc, q_acc])  # meta_loss, support_acc, query_acc
+        else:
+            start = env.rank * cost.per_rank + slot * cost.micro
+            x, y = to_device(ar_batch(reader, c, step, start, cost.micro), env.dev)
+            with autocast:
+                loss = model(x, y)[1]
+            (loss / (cost.accum * env.world_size)).backward()
+            stats[0] += loss.detach()  # ar_loss
+        stats[-1] += 1  # slots
+        if times is not None:
+            if env.type == "cuda":
+                torch.cuda.synchronize()
+            times[0] += time.time() - tm
+            times[1] += 1
+    return stats
+
+
+def ar_batch(reader, c, step, start, n):
+    """Sequences start..start+n-1 (x, y: (n, T)) of step's AR batch. The batch is drawn in blocks
+    of batch_size sequences, block b from a generator keyed by (seed, step, b), so its data does
+    not depend on how ranks, micro-batches and accumulation split it."""
+    xs, ys = [], []
+    for b in range(start // c.batch_size, (start + n - 1) // c.batch_size + 1):
+        rng = np.random.default_rng([c.seed, step, b, 2])
+        x, y = reader.next_batch(rng)
+        x = mask_inputs(x, rng, c.ar_mask_rate, reader.mask_id)
+        lo, hi = max(start - b * c.batch_size, 0), min(start + n - b * c.batch_size, c.batch_size)
+        xs.append(x[lo:hi])
+        ys.append(y[lo:hi])
+    return (xs[0], ys[0]) if len(xs) == 1 else (torch.cat(xs), torch.cat(ys))
+
+
+def mask_inputs(x, rng, rate, mask_id):
+    """AR inputs x (B, T) with a share `rate` of tokens, drawn from rng, replaced by mask_id (the
+    targets keep the real tokens): pretraining then sees the token that episodes read."""
+    if rate == 0:
+        return x
+    x = x.clone()
+    x[torch.from_numpy(rng.random(tuple(x.shape)) < rate)] = mask_id
+    return x
+
+
+def to_device(batch, dev):
+    """Move a tensor, a tuple of them or an Episode to the device. On CUDA through pinned host
+    memory, so that the copy is asynchronous (non_blocking from pageable memory is not)."""
+    if isinstance(batch, torch.Tensor):
+        if torch.device(dev).type == "cuda":
+            batch = batch.pin_memory()
+        return batch.to(dev, non_blocking=True)
+    if isinstance(batch, tuple):
+        return tuple(to_device(t, dev) for t in batch)
+    return replace(batch, **{f.name: to_device(getattr(batch, f.name), dev) for f in fields(batch)
+                             if getattr(batch, f.name) is not None})
+
+
+def all_reduce_grads(params, bucket_numel=2 ** 25):
+    """Sum .grad over ranks in a few large flat buckets; each rank scaled its losses by its share
+    of the step, so the sum is the step's gradient. Explicit all-reduce rather than the DDP
+    wrapper: episodes run the model several times per backward (support, inner loop, query) and
+    use weights that AR steps do not (the meta head) and vice versa, and the inner loop must not
+    communicate; one reduce after accumulation is simple and correct. The ranks first sum which
+    parameters any of them holds a gradient for; the buckets are cut from those, in the parameter
+    list's fixed order, with zeros where a rank holds no gradient (a rank with no episode in a
+    meta step holds none), so every rank sends the same layout. A parameter no rank has a
+    gradient for keeps .grad None, as in one process."""
+    held = torch.tensor([p.grad is not None for p in params], dtype=torch.float32,
+                        device=params[0].device)
+    dist.all_reduce(held)  # how many ranks hold a gradient for each parameter: the same everywhere
+    bucket, size = [], 0
+    for p in [p for p, n in zip(params, held.tolist()) if n > 0] + [None]:
+        if p is not None:
+            bucket.append(p)
+            size += p.numel()
+        if bucket and (p is None or size >= bucket_numel):
+            flat = torch.cat([(q.grad if q.grad is not None else torch.zeros_like(q)).flatten()
+                              for q in bucket])
+            dist.all_reduce(flat)
+            offset = 0
+            for q in bucket:
+                g = flat[offset:offset + q.numel()].view_as(q)
+                offset += q.numel()
+                if q.grad is None:
+                    q.grad = g.clone()
+                else:
+                    q.grad.copy_(g)
+            bucket, size = [], 0
+
+
+def log_step(out, step, lr, grad_norm, dt, tokens, flops, peak, env, window, means, is_meta):
+    """A training step's log.jsonl row and progress line; means: the step's STEP_STATS means."""
+    mfu = estimate_mfu(flops / dt / env.world_size, peak)  # the peak is one device's
+    ms = {k: (1000 * v[0] / v[1] if v[1] else None) for k, v in window.items()}
+    row = dict(step=step, lr=lr, grad_norm=grad_norm, tok_per_s=tokens / dt, mfu=mfu,
+               ar_ms=ms["ar"], meta_ms=ms["meta"], **out.stamp())
+    if is_meta:
+        row.update({k: means[k] for k in ("meta_loss", "support_acc", "query_acc")})
+    else:
+        row.update(ar_loss=means["ar_loss"])
+    out.log(**row)
+    what = (f"meta loss {means['meta_loss']:.4f} query acc {means['query_acc']:.3f}" if is_meta
+            else f"loss {means['ar_loss']:.4f}")
+    out.write(f"step {step}: {what} | lr {lr:.2e} | {dt * 1000:.0f} ms | {tokens / dt:,.0f} tok/s"
+              + (f" | mfu {mfu:.1%}" if mfu else ""))
 
 
 # setting up a run, resuming and saving it
@@ -845,10 +846,10 @@ def start_run(run, c, model, head, optimizer, env):
 def save_checkpoint(run, c, model, head, optimizer, step, counters, tokenizer):
     """Everything a resumed run needs to continue exactly: the uncompiled weights, optimizer,
     config, step and counters, every RNG state (the data stream is a function of (seed, step)).
-    Written as the numbered copy analyze.py and ner_eval.py read (without the optimizer state, two
-    thirds of a checkpoint), then as ckpt.pt, the only copy with it. Each is written to a temporary
-    name and renamed; in this order a crash between the two leaves ckpt.pt at the step before, so
-    the resumed run writes both again."""
+    Written as the numbered copy analyze.py and ner_eval.py read (keep_checkpoints; without the
+    optimizer state, two thirds of a checkpoint), then as ckpt.pt, the only copy with it. Each is
+    written to a temporary name and renamed; in this order a crash between the two leaves ckpt.pt
+    at the step before, so the resumed run writes both again."""
     obj = {"model_args": asdict(model.args), "model": model.state_dict(),
            "head": head.state_dict() if head is not None else None,
            "optimizer": optimizer.state_dict(), "step": step, "config": dict(vars(c)),

@@ -181,7 +181,7 @@ def test_defaults_and_argument_checks(ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(adapt_eval, "spans_from_split",
                         lambda *a: seen.update(seed=a[-1]) or spans(*a))
     adapt_eval.main([ckpt, "--chunk_len", "2", "--out", str(tmp_path / "d.json")])
-    assert seen["seed"] == 0  # the val documents the README's adaptation table was measured on
+    assert seen["seed"] == 0  # the val documents RESULTS.md's adaptation table was measured on
     assert (seen["ks"], seen["steps"], seen["docs"], seen["T"]) == ([1, 2, 4, 8],
                                                                     [0, 1, 2, 5, 10], 32, 2)
     # the inner loop of the checkpoint's config (test_meta_train's TINY: SGD at 0.5)

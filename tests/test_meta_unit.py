@@ -376,7 +376,7 @@ def test_meta_head_init():
 
 
 def test_defaults_are_the_papers_meta_run():
-    # the README's table of settings states these; its code configured them so
+    # REFERENCE.md's table of the paper's settings states these; its code configured them so
     d = meta_train.DEFAULTS
     paper = dict(seq_len=512, total_batch_size=256, max_steps=6000, warmup_steps=2500,
                  learning_rate=3e-4, beta1=0.9, beta2=0.999, weight_decay=0.01,
