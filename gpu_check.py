@@ -133,6 +133,94 @@ def verdict(value, ok, threshold):
     return {"value": value, "ok": bool(ok), "threshold": threshold}
 
 
+def data_stage(job):
+    """Build the data directory and configure the run: job gets cfg, c (cfg as attributes) and
+    dev."""
+    meta = build_data(job.text, job.enc, os.path.join(job.work, "data"), job.max_tokens,
+                      job.index_args)
+    job.report["data"] = (f"{meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
+                          f"{meta['index']['n_words']:,} candidate words")
+    # keep_checkpoints=False: the resume check needs ckpt.pt at the middle step and at the
+    # end only (at 570m 6.9 GB each; numbered copies would add 2.3 GB a save)
+    job.cfg = common.configure(meta_train.DEFAULTS, [job.config] + list(job.overrides) + [
+        f"--data_dir={os.path.join(job.work, 'data')}", f"--max_steps={job.steps}",
+        "--log_interval=1", f"--eval_interval={job.steps // 2}",
+        f"--save_interval={job.steps // 2}", "--warmup_steps=2", "--eval_sequences=64",
+        "--eval_episodes=4", "--keep_checkpoints=False"])
+    job.c = SimpleNamespace(**job.cfg)
+    job.dev = common.init_device(job.c.device).dev
+    job.report["device"] = (torch.cuda.get_device_name(job.dev) if job.dev.startswith("cuda")
+                            else "cpu")
+
+
+def train_stage(job):
+    """Train the full run, copying its middle checkpoint to the resumed run's directory; report
+    its steps, peak memory and the graph-break and recompile checks."""
+    report, dev = job.report, job.dev
+    for d in (job.full, job.resumed):
+        shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(job.resumed)
+    if dev.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(dev)
+    t = time.time()
+    log, compiled = train_run(job.cfg, job.full, copy_at=job.steps // 2, copy_to=job.resumed)
+    report["train"] = {"seconds": time.time() - t, **compiled, "steps": [
+        {k: r[k] for k in ("step", "ar_loss", "meta_loss", "tok_per_s", "mfu", "ar_ms",
+                           "meta_ms")}
+        for r in log if r["val_loss"] is None]}
+    if dev.startswith("cuda"):
+        report["train"]["peak_memory_GiB"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
+    report["checks"]["graph breaks"] = verdict(compiled["graph_breaks"],
+                                               compiled["graph_breaks"] == 0, "0")
+    report["checks"]["recompiles after the first step"] = verdict(
+        compiled["recompiles"], compiled["recompiles"] == 0, "0")
+
+
+def resume_stage(job):
+    """Resume from the middle checkpoint and compare its final weights with the full run's."""
+    report, resumed_ckpt = job.report, os.path.join(job.resumed, "ckpt.pt")
+    shutil.copy(os.path.join(job.full, "log.jsonl"), job.resumed)
+    mid = weights(resumed_ckpt)
+    train_run(job.cfg, job.resumed, resume=True)
+    end, again = weights(job.last), weights(resumed_ckpt)
+    norm = lambda a, b: math.sqrt(sum(((a[k].double() - b[k].double()) ** 2).sum().item()
+                                      for k in a))
+    rel = norm(end, again) / max(norm(end, mid), 1e-30)
+    report["resume_max_abs_diff"] = max((end[k] - again[k]).abs().max().item() for k in end)
+    report["checks"]["resume"] = verdict(rel, rel <= RESUME_TOL, f"<= {RESUME_TOL}")
+    os.remove(resumed_ckpt)  # all the later stages need is full's
+
+
+def inner_loop_stage(job):
+    """The inner-loop checks on the full run's last checkpoint: the inner steps lower the query
+    loss under the run's autocast, and it agrees with fp32 after adaptation."""
+    report, c = job.report, job.c
+    if not (c.meta_task == "smlmt" and c.meta_ratio > 0):  # it reads an SMLMT val episode
+        return
+    autocast, _ = common.autocast(c.dtype, torch.device(job.dev).type)
+    inner = report["inner_loop"] = inner_loop_check(job.last, job.cfg, job.dev, autocast)
+    n = c.inner_steps
+    drop = {k: inner[f"{k}, 0 inner steps"] - inner[f"{k}, {n} inner steps"]
+            for k in ("run autocast", "fp32")}
+    report["checks"]["inner steps lower the query loss under the run's autocast"] = verdict(
+        drop["run autocast"], drop["fp32"] > 0 and
+        drop["run autocast"] >= INNER_DROP_SHARE * drop["fp32"],
+        f">= {INNER_DROP_SHARE} x the fp32 drop ({drop['fp32']:.4g}), which is > 0")
+    gap = abs(inner[f"run autocast, {n} inner steps"] - inner[f"fp32, {n} inner steps"])
+    report["checks"]["run autocast agrees with fp32 after adaptation"] = verdict(
+        gap, gap <= BF16_TOL, f"<= {BF16_TOL}")
+
+
+def bench_stage(job):
+    """Remove the last checkpoint, then (with run_bench) bench.py's table at the config's
+    shape."""
+    if os.path.exists(job.last):
+        os.remove(job.last)  # the runs' checkpoints are no longer needed
+    if job.run_bench:
+        facts, rows = bench.run(job.cfg, reps=5, warmup=2, compile=True)
+        job.report["bench"] = bench.format_table(facts, rows, tera=job.dev.startswith("cuda"))
+
+
 def check(text, enc, work, config, overrides, steps=6, max_tokens=5_000_000, run_bench=True,
           index_args=None):
     """Run the stages in order; the report is written to work/gpu_check.json after each, so a
@@ -143,88 +231,18 @@ def check(text, enc, work, config, overrides, steps=6, max_tokens=5_000_000, run
     path = os.path.join(work, "gpu_check.json")
     report = {"torch": torch.__version__, "config": " ".join([config] + list(overrides)),
               "checks": {}, "errors": {}}
-    state = {}
     full, resumed = os.path.join(work, "full"), os.path.join(work, "resumed")
-    last = os.path.join(full, "ckpt.pt")
-
-    def prepare_stage():
-        meta = build_data(text, enc, os.path.join(work, "data"), max_tokens, index_args)
-        report["data"] = (f"{meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
-                          f"{meta['index']['n_words']:,} candidate words")
-        # keep_checkpoints=False: the resume check needs ckpt.pt at the middle step and at the
-        # end only (at 570m 6.9 GB each; numbered copies would add 2.3 GB a save)
-        cfg = common.configure(meta_train.DEFAULTS, [config] + list(overrides) + [
-            f"--data_dir={os.path.join(work, 'data')}", f"--max_steps={steps}",
-            "--log_interval=1", f"--eval_interval={steps // 2}",
-            f"--save_interval={steps // 2}", "--warmup_steps=2", "--eval_sequences=64",
-            "--eval_episodes=4", "--keep_checkpoints=False"])
-        c = SimpleNamespace(**cfg)
-        dev = common.init_device(c.device).dev
-        report["device"] = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else "cpu"
-        state.update(cfg=cfg, c=c, dev=dev)
-
-    def train_stage():
-        cfg, dev = state["cfg"], state["dev"]
-        for d in (full, resumed):
-            shutil.rmtree(d, ignore_errors=True)
-        os.makedirs(resumed)
-        if dev.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats(dev)
-        t = time.time()
-        log, compiled = train_run(cfg, full, copy_at=steps // 2, copy_to=resumed)
-        report["train"] = {"seconds": time.time() - t, **compiled, "steps": [
-            {k: r[k] for k in ("step", "ar_loss", "meta_loss", "tok_per_s", "mfu", "ar_ms",
-                               "meta_ms")}
-            for r in log if r["val_loss"] is None]}
-        if dev.startswith("cuda"):
-            report["train"]["peak_memory_GiB"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
-        report["checks"]["graph breaks"] = verdict(compiled["graph_breaks"],
-                                                   compiled["graph_breaks"] == 0, "0")
-        report["checks"]["recompiles after the first step"] = verdict(
-            compiled["recompiles"], compiled["recompiles"] == 0, "0")
-
-    def resume_stage():
-        shutil.copy(os.path.join(full, "log.jsonl"), resumed)
-        mid = weights(os.path.join(resumed, "ckpt.pt"))
-        train_run(state["cfg"], resumed, resume=True)
-        end, again = weights(last), weights(os.path.join(resumed, "ckpt.pt"))
-        norm = lambda a, b: math.sqrt(sum(((a[k].double() - b[k].double()) ** 2).sum().item()
-                                          for k in a))
-        rel = norm(end, again) / max(norm(end, mid), 1e-30)
-        report["resume_max_abs_diff"] = max((end[k] - again[k]).abs().max().item() for k in end)
-        report["checks"]["resume"] = verdict(rel, rel <= RESUME_TOL, f"<= {RESUME_TOL}")
-        os.remove(os.path.join(resumed, "ckpt.pt"))  # all the later stages need is full's
-
-    def inner_stage():
-        c, cfg, dev = state["c"], state["cfg"], state["dev"]
-        if not (c.meta_task == "smlmt" and c.meta_ratio > 0):  # it reads an SMLMT val episode
-            return
-        autocast, _ = common.autocast(c.dtype, torch.device(dev).type)
-        inner = report["inner_loop"] = inner_loop_check(last, cfg, dev, autocast)
-        n = c.inner_steps
-        drop = {k: inner[f"{k}, 0 inner steps"] - inner[f"{k}, {n} inner steps"]
-                for k in ("run autocast", "fp32")}
-        report["checks"]["inner steps lower the query loss under the run's autocast"] = verdict(
-            drop["run autocast"], drop["fp32"] > 0 and
-            drop["run autocast"] >= INNER_DROP_SHARE * drop["fp32"],
-            f">= {INNER_DROP_SHARE} x the fp32 drop ({drop['fp32']:.4g}), which is > 0")
-        gap = abs(inner[f"run autocast, {n} inner steps"] - inner[f"fp32, {n} inner steps"])
-        report["checks"]["run autocast agrees with fp32 after adaptation"] = verdict(
-            gap, gap <= BF16_TOL, f"<= {BF16_TOL}")
-
-    def bench_stage():
-        if os.path.exists(last):
-            os.remove(last)  # the runs' checkpoints are no longer needed
-        if run_bench:
-            facts, rows = bench.run(state["cfg"], reps=5, warmup=2, compile=True)
-            report["bench"] = bench.format_table(facts, rows, tera=state["dev"].startswith("cuda"))
-
-    stages = [("data", prepare_stage), ("train", train_stage), ("resume", resume_stage),
-              ("inner loop", inner_stage), ("bench", bench_stage)]
+    # what every stage reads; data_stage adds cfg, c and dev for the stages after it
+    job = SimpleNamespace(text=text, enc=enc, work=work, config=config, overrides=overrides,
+                          steps=steps, max_tokens=max_tokens, run_bench=run_bench,
+                          index_args=index_args, report=report, full=full, resumed=resumed,
+                          last=os.path.join(full, "ckpt.pt"))
+    stages = [("data", data_stage), ("train", train_stage), ("resume", resume_stage),
+              ("inner loop", inner_loop_stage), ("bench", bench_stage)]
     try:
         for name, stage in stages:
             try:
-                stage()
+                stage(job)
             # SystemExit too: training stops that way on a non-finite loss, the very fault a
             # bf16 check hunts; recorded, and the later stages that do not need it still run
             except (Exception, SystemExit) as e:
