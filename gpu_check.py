@@ -114,7 +114,7 @@ def inner_loop_check(ckpt_path, cfg, dev, autocast):
     model = Llama.from_checkpoint(ckpt, dev)
     head = meta_train.MetaHead(c.dim, c.vocab_size, c.meta_hidden).to(dev)
     head.load_state_dict(ckpt["head"])
-    del ckpt  # the optimizer state: 4.6 GB at 570m
+    del ckpt  # its optimizer state is twice the weights: free it before the episodes
     sampler = data.SMLMTSampler(c.data_dir, c.n_way, c.k_shot, c.q_query, c.meta_seq_len,
                                 split="val")
     ep = meta_train.to_device(sampler.sample(np.random.default_rng(0)), dev)
@@ -141,7 +141,7 @@ def data_stage(job):
     job.report["data"] = (f"{meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
                           f"{meta['index']['n_words']:,} candidate words")
     # keep_checkpoints=False: the resume check needs ckpt.pt at the middle step and at the
-    # end only (at 570m 6.9 GB each; numbered copies would add 2.3 GB a save)
+    # end only; numbered copies would add gigabytes a save at paper scale
     job.cfg = common.configure(meta_train.DEFAULTS, [job.config] + list(job.overrides) + [
         f"--data_dir={os.path.join(job.work, 'data')}", f"--max_steps={job.steps}",
         "--log_interval=1", f"--eval_interval={job.steps // 2}",
@@ -257,7 +257,7 @@ def check(text, enc, work, config, overrides, steps=6, max_tokens=5_000_000, run
                     break
             report["seconds"] = time.time() - t0
             common.write_json(path, report)
-    finally:  # a failed stage must not leave checkpoints behind (at 570m 7 GB each)
+    finally:  # a failed stage must not leave gigabyte checkpoints behind
         for d in (full, resumed):
             for f in os.listdir(d) if os.path.isdir(d) else []:
                 if ".pt" in f:
