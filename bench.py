@@ -289,20 +289,19 @@ def machine_facts(c, env, dev, model, bf16, load, peak, listed, peer_info, reps,
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((l.split(":")[1].strip() for l in f if "model name" in l), cpu)
-    facts = {"device": torch.cuda.get_device_name(dev) if cuda else f"CPU: {cpu}",
-             "malloc": "glibc keeps freed memory, as meta_train.py" if env.kept_memory
-             else "default",
-             "torch": torch.__version__, "threads": torch.get_num_threads(),
-             "load": f"{load:.2f} (1-minute load average at the start)" if load is not None else "",
-             "dtype": "bf16 autocast" if bf16 else "fp32", "model": model_summary(model),
-             "peak_flop_s": peak, "mfu_basis": f"datasheet bf16 peak, {listed / 1e12:.0f} TFLOP/s"
-             if listed else f"the matmul row, measured in this run", "peer": peer_info,
-             "data": c.data_dir if os.path.isdir(c.data_dir) else "random tokens",
-             "memory": "torch.cuda.max_memory_allocated above the allocation before the step"
-             if cuda else "peak RSS (VmHWM) growth over the RSS before the step, after malloc_trim",
-             "timing": f"median of {reps} after {warmup} warm-up, interleaved; "
-                       "forward + backward, no optimizer step", "notes": notes}
-    return facts
+    return {"device": torch.cuda.get_device_name(dev) if cuda else f"CPU: {cpu}",
+            "malloc": "glibc keeps freed memory, as meta_train.py" if env.kept_memory
+            else "default",
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "load": f"{load:.2f} (1-minute load average at the start)" if load is not None else "",
+            "dtype": "bf16 autocast" if bf16 else "fp32", "model": model_summary(model),
+            "peak_flop_s": peak, "mfu_basis": f"datasheet bf16 peak, {listed / 1e12:.0f} TFLOP/s"
+            if listed else f"the matmul row, measured in this run", "peer": peer_info,
+            "data": c.data_dir if os.path.isdir(c.data_dir) else "random tokens",
+            "memory": "torch.cuda.max_memory_allocated above the allocation before the step"
+            if cuda else "peak RSS (VmHWM) growth over the RSS before the step, after malloc_trim",
+            "timing": f"median of {reps} after {warmup} warm-up, interleaved; "
+                      "forward + backward, no optimizer step", "notes": notes}
 
 
 def run(cfg, reps=10, warmup=2, compile=True, peak_n=None, text=(), num_proc=1):
